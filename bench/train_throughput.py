@@ -1,0 +1,119 @@
+"""Training-step throughput of each model at its recipe's batch size, against the FLOP floor.
+
+    python bench/train_throughput.py [--models seed_cnn vgg16_3block] [--seconds 10] [--rounds 3]
+
+For each model and setting it times full training steps (forward, backward, Adam) on random
+pixels and prints images/s, and the fraction of the machine's peak that the step reaches:
+forward FLOPs × 3 per image × images/s over the peak matmul FLOP/s of the step's dtype,
+measured in the same run. Settings are timed in alternating rounds and the best round is
+kept, since a shared machine's throughput swings between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from training.evaluate import autocast
+from training.hardware import bf16_is_fast, describe
+from training.models import build_model
+from training.recipes import RECIPES
+from training.train import make_optimizer, pick_device
+
+MODELS = {"seed_cnn": "cnn-baseline", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"}
+SETTINGS = {  # name: (bf16 autocast, channels_last)
+    "eager fp32": (False, False),
+    "bf16 + channels_last": (True, True),
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """Best square-matmul rate: the ceiling any convolution can hope for on this device."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def forward_flops(model: torch.nn.Module) -> float:
+    """FLOPs of one forward pass for one 32×32 image (a multiply-add counts as 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    return counter.get_total_flops()
+
+
+def step_throughput(name: str, device: torch.device, bf16: bool, channels_last: bool, seconds: float) -> float:
+    recipe = dict(RECIPES[MODELS[name]], weights="none")
+    model = build_model(name, [0.0] * 3, [255.0] * 3, **({} if name == "seed_cnn" else {"weights": "none"}))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = make_optimizer(model, recipe)
+    batch = recipe["batch_size"]
+    x = (torch.rand(batch, 3, 32, 32, device=device) * 255).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up: kernel selection, allocator
+        step()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per model, setting and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    settings = {k: v for k, v in SETTINGS.items() if not v[0] or bf16_is_fast(device)}
+    peaks = {False: peak_flops(device, torch.float32)}
+    if any(bf16 for bf16, _ in settings.values()):
+        peaks[True] = peak_flops(device, torch.bfloat16)
+    print(f"device: {describe(device)}; torch {torch.__version__}")
+    print("peak matmul: " + ", ".join(f"{'bf16' if k else 'fp32'} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(args.rounds):
+        for name in args.models:
+            for setting, (bf16, channels_last) in settings.items():
+                rate = step_throughput(name, device, bf16, channels_last, args.seconds)
+                best[name, setting] = max(best.get((name, setting), 0.0), rate)
+
+    print(f"\n{'model':13s} {'batch':>5s} {'GFLOP/img':>9s}  {'setting':22s} {'img/s':>7s} {'speed-up':>8s} {'of peak':>7s}")
+    for name in args.models:
+        flops = forward_flops(build_model(name, [0.0] * 3, [255.0] * 3))
+        batch = RECIPES[MODELS[name]]["batch_size"]
+        eager = best[name, "eager fp32"]
+        for setting, (bf16, _) in settings.items():
+            rate = best[name, setting]
+            floor = rate * 3 * flops / peaks[bf16]
+            print(f"{name:13s} {batch:5d} {flops / 1e9:9.3f}  {setting:22s} {rate:7.0f} {rate / eager:7.2f}x {floor:6.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The serving side: loads exported ONNX bundles with onnxruntime. Never imports torch."""

@@ -1,0 +1,63 @@
+"""The command line: one-line errors with a non-zero exit, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from training.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_data_prints_the_facts_and_writes_the_grid(tiny_cifar, tmp_path, capsys):
+    code, out, err = run(capsys, "data", "--data-dir", str(tiny_cifar), "--out", str(tmp_path / "facts"))
+    assert code == 0, err
+    assert "100 train, 20 test" in out and "32×32×3 (RGB, uint8)" in out
+    assert "airplane         10      2" in out
+    png = (tmp_path / "facts" / "samples.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "cnn-nope"], "unknown recipe 'cnn-nope'"),
+        (["train"], "name a recipe"),
+        (["train", "cnn-baseline", "--data-dir", "/nonexistent/cifar"], "CIFAR-10 folder not found"),
+        (["data", "--data-dir", "/nonexistent/cifar"], "--download"),
+        (["train", "cnn-baseline", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(capsys):
+    code, _, err = run(capsys, "train", "cnn-baseline", "--device", "cuda")
+    assert code == 1 and "no CUDA GPU" in err
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path))
+    assert code == 1 and "corrupt" in err
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "elsewhere"))
+    assert code == 1 and "no checkpoint" in err
+
+
+def test_the_console_script_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "train", "cnn-baseline", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "missing CIFAR-10 file" in result.stderr

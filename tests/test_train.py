@@ -1,0 +1,97 @@
+"""Training on a few thousand real CIFAR-10 images: loss goes down, resume and Ctrl-C lose nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from training.data import load_cifar10
+from training.errors import UserError
+from training.recipes import get_recipe, lr_at
+from training.train import load_checkpoint, pick_device, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    return load_cifar10(shared_data)
+
+
+def test_training_lowers_the_loss(cifar, tmp_path):
+    recipe = get_recipe("cnn-baseline", epochs=3, limit=512)
+    train(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert set(history[0]) == {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
+
+
+def test_resume_continues_the_same_history(cifar, tmp_path):
+    recipe = get_recipe("cnn-augment", epochs=2, limit=640)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = train(recipe, cifar, tmp_path / "a", CPU, bf16=True, progress=False)
+    train(dict(recipe, epochs=1), cifar, tmp_path / "b", CPU, bf16=True, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "b")
+    assert checkpoint["position"]["epoch"] == 1
+    resumed = train(recipe, cifar, tmp_path / "b", CPU, bf16=True, resume=checkpoint, progress=False)
+    a = json.loads((tmp_path / "a" / "history.json").read_text())
+    b = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert without_seconds(a) == without_seconds(b)
+    assert resumed["final"] == straight["final"]
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", *args]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp_path):
+    common = ["--data-dir", str(shared_data), "--limit", "6000", "--epochs", "3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    interrupted = subprocess.Popen(_cli("train", "cnn-baseline", *common, "--runs-dir", str(tmp_path / "x")), env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "x").glob("*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first epoch is done: now interrupt the second one
+    interrupted.send_signal(signal.SIGINT)
+    out, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, err
+    assert "resume with: cifar10 train --resume" in err and "Traceback" not in err
+    (run,) = (tmp_path / "x").iterdir()
+    resumed = subprocess.run(_cli("train", "--resume", str(run), "--data-dir", str(shared_data)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    unbroken = subprocess.run(_cli("train", "cnn-baseline", *common, "--runs-dir", str(tmp_path / "y")), capture_output=True, text=True)
+    assert unbroken.returncode == 0, unbroken.stderr
+    (reference,) = (tmp_path / "y").iterdir()
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 3
+    assert without_seconds(history) == without_seconds(json.loads((reference / "history.json").read_text()))
+
+
+def test_the_schedule_reproduces_the_study_elif_that_never_fires():
+    recipe = get_recipe("cnn-schedule")
+    assert [lr_at(recipe, e) for e in (0, 50, 51, 76, 99)] == [1e-3, 1e-3, 5e-4, 5e-4, 5e-4]
+
+
+def test_overrides_and_unknown_recipes():
+    assert get_recipe("vgg16-full", epochs=2, lr=0.01)["epochs"] == 2
+    with pytest.raises(UserError, match="cnn-baseline"):
+        get_recipe("cnn-nope")
+    with pytest.raises(UserError, match="at least 1"):
+        get_recipe("cnn-baseline", epochs=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        pick_device("cuda")

@@ -1,0 +1,134 @@
+"""`cifar10`: the project's one command line.
+
+Subcommands import their heavy dependencies when they run, so `cifar10 --help` is instant and
+commands that need no torch keep working on a serving-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from training.errors import UserError
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from training.data import load_cifar10
+    from training.report import dataset_facts, format_facts, sample_grid
+
+    data = load_cifar10(args.data_dir, download=args.download)
+    print(format_facts(dataset_facts(data)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = sample_grid(data.train, data.classes, per_class=args.per_class, path=out / "samples.png")
+    print(f"\nsample grid: {grid}")
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from training.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        print(
+            f"{name:26s} model={recipe['model']:13s} epochs={recipe['epochs']:<4d} batch={recipe['batch_size']:<4d} "
+            f"lr={recipe['lr']:g} norm={recipe['normalization']} augment={recipe['augment'] or 'none'}"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.data import load_cifar10
+    from training.hardware import bf16_is_fast, describe
+    from training.recipes import get_recipe
+    from training.train import load_checkpoint, new_run_dir, pick_device, train
+
+    device = pick_device(args.device)
+    overrides = dict(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        weights=args.weights, freeze=args.freeze, limit=args.limit,
+    )  # fmt: skip
+    if args.resume:
+        resume = load_checkpoint(Path(args.resume))
+        if args.recipe and args.recipe != resume["recipe"]["name"]:
+            raise UserError(f"{args.resume} is a {resume['recipe']['name']} run, not {args.recipe}")
+        recipe = dict(resume["recipe"], epochs=args.epochs or resume["recipe"]["epochs"])
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    elif args.recipe:
+        resume = None
+        recipe = get_recipe(args.recipe, **overrides)
+    else:
+        raise UserError("name a recipe (see `cifar10 recipes`) or pass --resume RUN_DIR")
+    bf16 = {"auto": bf16_is_fast(device), "bf16": True, "fp32": False}[args.precision]
+    data = load_cifar10(args.data_dir, download=args.download)
+    if resume is None:
+        run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
+    print(f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; run folder {run_dir}")
+    summary = train(recipe, data, run_dir, device, bf16, resume=resume)
+    final = summary["final"]
+    print(
+        f"done in {summary['train_seconds']:.0f}s: train accuracy {final['train']['accuracy']:.4f}, "
+        f"test accuracy {final['test']['accuracy']:.4f} ({run_dir / 'run.json'})"
+    )
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="folder in the official python layout (default: $CIFAR10_DATA_DIR or ./data/cifar-10-batches-py)",
+    )
+    parser.add_argument("--download", action="store_true", help="fetch the official archive if the folder is empty")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar10", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="print the dataset's facts and write a grid of samples per class")
+    add_data_options(data)
+    data.add_argument("--out", default="runs/data", help="folder for samples.png (default: runs/data)")
+    data.add_argument("--per-class", type=int, default=10, help="samples per class in the grid (default: 10)")
+    data.set_defaults(func=cmd_data)
+
+    recipes = sub.add_parser("recipes", help="list the training recipes")
+    recipes.set_defaults(func=cmd_recipes)
+
+    train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
+    train.add_argument("recipe", nargs="?", help="recipe name, e.g. cnn-baseline")
+    add_data_options(train)
+    train.add_argument("--epochs", type=int, help="override the recipe's epochs (with --resume: train on to this many)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="base learning rate (the schedule's later steps are absolute)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--weights", help="VGG recipes: imagenet, none, or a state-dict file")
+    train.add_argument("--freeze", action="store_true", default=None, help="VGG recipes: freeze the pretrained blocks")
+    train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="auto: bf16 autocast where the hardware has fast bf16")  # fmt: skip
+    train.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    train.add_argument("--resume", metavar="RUN", help="continue a run folder (or its checkpoint.pt)")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CIFAR10_DEBUG") == "1"
+    try:
+        args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"cifar10 {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if debug or exc.name not in {"torch", "torchvision", "tqdm", "matplotlib"}:
+            raise
+        print(f"cifar10 {args.command}: error: needs the training extra: pip install 'cifar10-serve[train]'", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

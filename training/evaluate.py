@@ -1,0 +1,41 @@
+"""Inference over a whole split in batches, in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from training.data import Split
+from training.models import Classifier
+
+EVAL_BATCH = 500
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor, device: torch.device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, embeddings) as float32 CPU tensors, for uint8 images [N, 3, 32, 32]."""
+    was_training = model.training
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(images), EVAL_BATCH):
+        x = images[start : start + EVAL_BATCH].to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, bf16):
+            out, emb = model.forward_with_embedding(x)
+        logits.append(out.float().cpu())
+        embeddings.append(emb.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(embeddings)
+
+
+def evaluate(model: Classifier, split: Split, device: torch.device, bf16: bool) -> dict[str, float]:
+    logits, _ = predict(model, split.images, device, bf16)
+    return {
+        "loss": F.cross_entropy(logits, split.labels).item(),
+        "accuracy": (logits.argmax(1) == split.labels).float().mean().item(),
+    }

@@ -1,0 +1,164 @@
+"""The study's networks, each wrapped so that pixels go in and (logits, embedding) come out.
+
+Normalisation is a buffer inside the model, not a step of the data pipeline: the constants
+are saved with the weights and later exported into the ONNX graph, so training and serving
+cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.errors import UserError
+
+NUM_CLASSES = 10
+VGG16_BLOCK3_POOL = 17  # torchvision vgg16().features[:17] ends with block3_pool
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # in pixel units, as the model sees them
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class Normalize(nn.Module):
+    """(pixels - mean) / std per channel, with mean and std in 0..255 units."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """normalise → body (ends at the penultimate layer) → dropout → linear head."""
+
+    def __init__(self, body: nn.Module, embedding_dim: int, dropout: float, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.body = body
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(embedding_dim, NUM_CLASSES)
+        self.embedding_dim = embedding_dim
+
+    def forward_with_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.body(self.normalize(pixels))
+        return self.head(self.dropout(embedding)), embedding
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_embedding(pixels)[0]
+
+
+def _conv_relu_bn(cin: int, cout: int) -> list[nn.Module]:
+    """Keras' Conv2D(activation='relu') followed by BatchNormalization (Keras' eps and momentum)."""
+    return [nn.Conv2d(cin, cout, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+
+
+def seed_cnn(mean, std, dropout: float = 0.25) -> Classifier:
+    """The study's Keras CNN: 81,962 trainable parameters, 384 BatchNorm running statistics."""
+    body = nn.Sequential(
+        *_conv_relu_bn(3, 32), *_conv_relu_bn(32, 32), nn.MaxPool2d(2), nn.Dropout(dropout),
+        *_conv_relu_bn(32, 64), *_conv_relu_bn(64, 64), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )  # fmt: skip
+    model = Classifier(body, embedding_dim=64 * 5 * 5, dropout=dropout, mean=mean, std=std)
+    for m in model.modules():  # Keras initialises kernels with Glorot-uniform and biases with zeros
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def vgg16_3block(mean, std, weights: str = "none", freeze: bool = False) -> Classifier:
+    """VGG16 up to block3_pool (256×4×4) + Dense 256 ReLU + BatchNorm + Dropout 0.5 + Dense 10."""
+    features = load_vgg16_features(weights)[:VGG16_BLOCK3_POOL]
+    return _vgg_classifier(features, 256 * 4 * 4, mean, std, freeze)
+
+
+def vgg16_full(mean, std, weights: str = "none", freeze: bool = False) -> Classifier:
+    """All five VGG16 blocks (512×1×1 on 32×32 inputs) with the same head."""
+    return _vgg_classifier(load_vgg16_features(weights), 512, mean, std, freeze)
+
+
+def _vgg_classifier(features: nn.Sequential, flat: int, mean, std, freeze: bool) -> Classifier:
+    for p in features.parameters():
+        p.requires_grad_(not freeze)
+    body = nn.Sequential(features, nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True), nn.BatchNorm1d(256))
+    return Classifier(body, embedding_dim=256, dropout=0.5, mean=mean, std=std)
+
+
+def load_vgg16_features(weights: str) -> nn.Sequential:
+    """VGG16's convolutional blocks: weights 'none' (random), 'imagenet' or a state-dict path.
+
+    'imagenet' uses torchvision's IMAGENET1K_V1 through the torch hub cache ($TORCH_HOME),
+    downloading only when the file is not there; it never falls back to random weights.
+    """
+    from torchvision.models import VGG16_Weights
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["D"])  # VGG16's blocks, without its 100M-parameter classifier
+    for m in features.modules():  # torchvision's own initialisation of VGG convolutions
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    if weights == "none":
+        return features
+    if weights == "imagenet":
+        state = _imagenet_state_dict(VGG16_Weights.IMAGENET1K_V1)
+    else:
+        state = _state_dict_from_file(Path(weights))
+    try:
+        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+    except RuntimeError as exc:
+        raise UserError(f"weights {weights!r} do not fit torchvision's VGG16 features: {exc}".splitlines()[0]) from exc
+    return features
+
+
+def _imagenet_state_dict(weights) -> dict[str, torch.Tensor]:
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # offline: URLError, socket errors, partial files
+        raise UserError(
+            f"ImageNet VGG16 weights are not available ({type(exc).__name__}: {exc}). Download "
+            f"{weights.url} and save it as {cache} (or set TORCH_HOME), or pass --weights PATH to a "
+            f"state-dict file, or --weights none to train from scratch."
+        ) from exc
+
+
+def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}. Pass --weights imagenet, none, or a state-dict path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read weights file {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    if not any(k.startswith("features.") for k in state):  # a saved `vgg.features` module
+        state = {f"features.{k}": v for k, v in state.items()}
+    return state
+
+
+BUILDERS: dict[str, Callable[..., Classifier]] = {
+    "seed_cnn": seed_cnn,
+    "vgg16_3block": vgg16_3block,
+    "vgg16_full": vgg16_full,
+}
+
+
+def build_model(name: str, mean, std, **options) -> Classifier:
+    if name not in BUILDERS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[name](mean, std, **options)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """The study's table: trainable weights, and BatchNorm running statistics (mean and variance)."""
+    stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen, "bn_statistics": stats, "total": trainable + frozen + stats}
