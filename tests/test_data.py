@@ -96,3 +96,23 @@ def test_augmentation_repeats_with_the_same_seed():
     a = augment(images, torch.Generator().manual_seed(3), **options)
     b = augment(images, torch.Generator().manual_seed(3), **options)
     assert torch.equal(a, b)
+
+
+def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10.*--data-dir"):
+        load_cifar10(tmp_path / "cifar-10-batches-py", download=True)
+    with pytest.raises(DataError, match="ends in cifar-10-batches-py"):
+        load_cifar10(tmp_path / "elsewhere", download=True)
+
+
+def test_download_is_skipped_when_the_data_is_there(tiny_cifar, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", None)  # any call would fail
+    assert len(load_cifar10(tiny_cifar, download=True).test) == 20
