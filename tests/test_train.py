@@ -13,6 +13,7 @@ import torch
 from training.data import load_cifar10
 from training.errors import UserError
 from training.recipes import get_recipe, lr_at
+from training.report import runs_table
 from training.train import load_checkpoint, pick_device, train
 
 CPU = torch.device("cpu")
@@ -25,11 +26,15 @@ def cifar(shared_data):
 
 def test_training_lowers_the_loss(cifar, tmp_path):
     recipe = get_recipe("cnn-baseline", epochs=3, limit=512)
-    train(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
-    history = json.loads((tmp_path / "history.json").read_text())
+    run_dir = tmp_path / "runs" / "first"
+    run_dir.mkdir(parents=True)
+    train(recipe, cifar, run_dir, CPU, bf16=True, progress=False)
+    history = json.loads((run_dir / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
+    table = runs_table(tmp_path / "runs")
+    assert "| first | cnn-baseline (first 512) | 3 |" in table
 
 
 def test_resume_continues_the_same_history(cifar, tmp_path):

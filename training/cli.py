@@ -71,6 +71,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    from training.report import runs_table
+
+    if not Path(args.runs_dir).is_dir():
+        raise UserError(f"no runs folder at {args.runs_dir}; train something first or pass --runs-dir")
+    print(runs_table(Path(args.runs_dir)))
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -92,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = sub.add_parser("recipes", help="list the training recipes")
     recipes.set_defaults(func=cmd_recipes)
+
+    runs = sub.add_parser("runs", help="a markdown table of the finished runs and their results")
+    runs.add_argument("--runs-dir", default="runs", help="where run folders are (default: runs)")
+    runs.set_defaults(func=cmd_runs)
 
     train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
     train.add_argument("recipe", nargs="?", help="recipe name, e.g. cnn-baseline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -64,3 +65,24 @@ def sample_grid(split: Split, classes, per_class: int, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def runs_table(runs_dir: Path) -> str:
+    """A markdown table of every finished run under runs_dir, oldest first."""
+    rows = [
+        "| run | recipe | epochs | train acc | test acc | train time | median s/epoch | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for summary_file in sorted(runs_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime):
+        summary = json.loads(summary_file.read_text())
+        history = json.loads((summary_file.parent / "history.json").read_text())
+        seconds = sorted(row["seconds"] for row in history)
+        final, recipe = summary["final"], summary["recipe"]
+        limit = f" (first {recipe['limit']})" if recipe.get("limit") else ""
+        rows.append(
+            f"| {summary_file.parent.name} | {recipe['name']}{limit} | {len(history)} | "
+            f"{final['train']['accuracy']:.2%} | {final['test']['accuracy']:.2%} | "
+            f"{summary['train_seconds'] / 60:.1f} min | {seconds[len(seconds) // 2]:.0f} | "
+            f"{summary['device_name']}{', bf16' if summary['bf16'] else ''} |"
+        )
+    return "\n".join(rows)
