@@ -51,7 +51,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 1 and "corrupt" in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "elsewhere"))
-    assert code == 1 and "no checkpoint" in err
+    assert code == 1 and "checkpoint not found" in err
 
 
 def test_the_console_script_reports_errors_without_a_traceback(tmp_path):

@@ -129,13 +129,18 @@ def _imagenet_state_dict(weights) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_file(path: Path, what: str, missing_hint: str) -> object:
+    """torch.load without code execution (weights_only); any failure is a one-line UserError."""
     if not path.is_file():
-        raise UserError(f"weights file not found: {path}. Pass --weights imagenet, none, or a state-dict path.")
+        raise UserError(f"{what} not found: {path}. {missing_hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read weights file {path}: {exc}") from exc
+        raise UserError(f"{what} {path} is unreadable ({type(exc).__name__}); it may be truncated or corrupt") from exc
+
+
+def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
+    state = read_torch_file(path, "weights file", "Pass --weights imagenet, none, or a state-dict path.")
     if not isinstance(state, dict):
         raise UserError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     if not any(k.startswith("features.") for k in state):  # a saved `vgg.features` module

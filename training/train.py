@@ -24,7 +24,7 @@ from training.data import Cifar10, augment
 from training.errors import UserError
 from training.evaluate import autocast, evaluate
 from training.hardware import describe
-from training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, count_parameters
+from training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, count_parameters, read_torch_file
 from training.recipes import lr_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -103,12 +103,7 @@ def new_run_dir(runs_root: Path, recipe_name: str) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """A run folder or a checkpoint file; a damaged file is a UserError, not a traceback."""
     file = path / CHECKPOINT if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"no checkpoint at {file}; pass a run folder from runs/ or its {CHECKPOINT}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {file} is unreadable ({type(exc).__name__}); it may be truncated or corrupt") from exc
+    state = read_torch_file(file, "checkpoint", f"Pass a run folder from runs/ or its {CHECKPOINT}.")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{file} is not a checkpoint written by this version of cifar10 train")
     return state
