@@ -31,7 +31,7 @@ _VGG = dict(
     model="vgg16_3block",
     weights="imagenet",  # the study fine-tuned ImageNet weights; --weights none trains from scratch
     normalization="global_zscore",
-    lr=1e-4,  # a fine-tuning rate: 1e-3 wrecks the pretrained filters
+    lr=1e-4,  # a fine-tuning rate, so pretrained filters are adjusted rather than overwritten
 )
 
 RECIPES: dict[str, dict] = {
