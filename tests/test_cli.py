@@ -1,5 +1,6 @@
 """The command line: one-line errors with a non-zero exit, never a traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def test_data_prints_the_facts_and_writes_the_grid(tiny_cifar, tmp_path, capsys)
     assert code == 0, err
     assert "100 train, 20 test" in out and "32×32×3 (RGB, uint8)" in out
     assert "airplane         10      2" in out
+    facts = json.loads((tmp_path / "facts" / "facts.json").read_text())
+    assert facts["train_counts"] == [10] * 10 and facts["value_range"] == [0, 219]
     png = (tmp_path / "facts" / "samples.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

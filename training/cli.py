@@ -7,6 +7,7 @@ commands that need no torch keep working on a serving-only install.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     from training.report import dataset_facts, format_facts, sample_grid
 
     data = load_cifar10(args.data_dir, download=args.download)
-    print(format_facts(dataset_facts(data)))
+    facts = dataset_facts(data)
+    print(format_facts(facts))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     grid = sample_grid(data.train, data.classes, per_class=args.per_class, path=out / "samples.png")
-    print(f"\nsample grid: {grid}")
+    print(f"\nwrote {out / 'facts.json'} and {grid}")
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="print the dataset's facts and write a grid of samples per class")
     add_data_options(data)
-    data.add_argument("--out", default="runs/data", help="folder for samples.png (default: runs/data)")
+    data.add_argument("--out", default="runs/data", help="folder for facts.json and samples.png (default: runs/data)")
     data.add_argument("--per-class", type=int, default=10, help="samples per class in the grid (default: 10)")
     data.set_defaults(func=cmd_data)
 
