@@ -116,3 +116,12 @@ def test_download_is_skipped_when_the_data_is_there(tiny_cifar, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", None)  # any call would fail
     assert len(load_cifar10(tiny_cifar, download=True).test) == 20
+
+
+def test_holdout_is_the_tail_of_the_training_set(tiny_cifar):
+    data = load_cifar10(tiny_cifar)
+    train, held_out, test = data.splits(limit=50, holdout=10)
+    assert (len(train), len(held_out), len(test)) == (40, 10, 20)
+    assert torch.equal(held_out.images, data.train.images[40:50])
+    with pytest.raises(DataError, match="--holdout"):
+        data.splits(holdout=100)

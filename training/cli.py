@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        weights=args.weights, freeze=args.freeze, limit=args.limit,
+        weights=args.weights, freeze=args.freeze, limit=args.limit, holdout=args.holdout,
     )  # fmt: skip
     if args.resume:
         resume = load_checkpoint(Path(args.resume))
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="VGG recipes: imagenet, none, or a state-dict file")
     train.add_argument("--freeze", action="store_true", default=None, help="VGG recipes: freeze the pretrained blocks")
     train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
+    train.add_argument("--holdout", type=int, help="keep the last N training images out of training (for evaluate's choices)")
     train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast where the hardware has fast bf16")  # fmt: skip

@@ -48,6 +48,15 @@ class Cifar10:
     classes: tuple[str, ...]
     source: str  # where the data came from, for provenance
 
+    def splits(self, limit: int | None = None, holdout: int = 0) -> tuple[Split, Split, Split]:
+        """(train, held-out, test): the held-out images are the last `holdout` training images,
+        kept out of training so that choices made after it (k, temperature) never see the test set."""
+        train = self.train.head(limit)
+        if not 0 <= holdout < len(train):
+            raise DataError(f"--holdout must lie in 0..{len(train) - 1}, got {holdout}")
+        cut = len(train) - holdout
+        return Split(train.images[:cut], train.labels[:cut]), Split(train.images[cut:], train.labels[cut:]), self.test.head(limit)
+
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """--data-dir, else $CIFAR10_DATA_DIR, else ./data/cifar-10-batches-py."""

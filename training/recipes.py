@@ -24,6 +24,7 @@ _CNN = dict(
     l2=0.0,
     seed=0,
     limit=None,  # train and test on the first N images only: quick runs and tests
+    holdout=0,  # keep the last N training images out of training, for choices made after it
 )
 
 _VGG = dict(
@@ -53,7 +54,7 @@ RECIPES: dict[str, dict] = {
     "vgg16-full-imagenet-norm": dict(_VGG, model="vgg16_full", normalization="imagenet"),
 }
 
-OVERRIDABLE = ("epochs", "batch_size", "lr", "seed", "weights", "freeze", "limit")
+OVERRIDABLE = ("epochs", "batch_size", "lr", "seed", "weights", "freeze", "limit", "holdout")
 
 
 def get_recipe(name: str, **overrides) -> dict:

@@ -147,7 +147,7 @@ def train(
     progress: bool | None = None,
 ) -> dict:
     """Train to recipe['epochs'], checkpointing every epoch; return the run summary."""
-    train_set, test_set = data.train.head(recipe["limit"]), data.test.head(recipe["limit"])
+    train_set, _, test_set = data.splits(recipe["limit"], recipe.get("holdout", 0))
     if resume is None:
         torch.manual_seed(recipe["seed"])
         mean, std = normalization(recipe["normalization"], train_set.images)
@@ -229,7 +229,7 @@ def train(
     summary = dict(
         recipe=recipe,
         classes=list(data.classes),
-        data=dict(source=data.source, train_images=len(train_set), test_images=len(test_set)),
+        data=dict(source=data.source, train_images=len(train_set), held_out=recipe.get("holdout", 0), test_images=len(test_set)),
         parameters=count_parameters(model),
         device=str(device),
         device_name=describe(device),
