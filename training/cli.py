@@ -82,6 +82,38 @@ def cmd_runs(args: argparse.Namespace) -> None:
     print(runs_table(Path(args.runs_dir)))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.analysis import analyse, load_trained
+    from training.data import load_cifar10
+    from training.hardware import bf16_is_fast
+    from training.report import write_report
+    from training.train import pick_device
+
+    device = pick_device(args.device)
+    data = load_cifar10(args.data_dir, download=args.download)
+    run = load_trained(Path(args.run), data)
+    metrics, arrays = analyse(run, data, device, bf16_is_fast(device))
+    out = Path(args.out) if args.out else Path(args.run if Path(args.run).is_dir() else Path(args.run).parent) / "report"
+    report = write_report(out, metrics, arrays, run.history, command=f"cifar10 evaluate {args.run}")
+    knn = metrics["knn"]
+    print(
+        f"{run.name}: test accuracy {metrics['test']['accuracy']:.2%} (train {metrics['train']['accuracy']:.2%}), "
+        f"KNN k={knn['k']} {knn['metric']} {knn['test_accuracy']:.2%}, test ECE {metrics['test']['ece']:.4f}\n{report}"
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from training.report import compare_table
+
+    folders = []
+    for run in map(Path, args.compare):
+        folder = run if (run / "metrics.json").is_file() else run / "report"
+        if not (folder / "metrics.json").is_file():
+            raise UserError(f"{run} has no evaluation yet; run `cifar10 evaluate {run}` first")
+        folders.append(folder)
+    print(compare_table(folders))
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -107,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="a markdown table of the finished runs and their results")
     runs.add_argument("--runs-dir", default="runs", help="where run folders are (default: runs)")
     runs.set_defaults(func=cmd_runs)
+
+    evaluate = sub.add_parser("evaluate", help="analyse a trained run: metrics, plots, KNN, a Markdown report")
+    evaluate.add_argument("run", help="a run folder (or its checkpoint.pt)")
+    add_data_options(evaluate)
+    evaluate.add_argument("--out", help="report folder (default: RUN/report)")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = sub.add_parser("report", help="compare evaluated runs side by side")
+    report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")
+    report.set_defaults(func=cmd_report)
 
     train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
     train.add_argument("recipe", nargs="?", help="recipe name, e.g. cnn-baseline")

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from training.data import Split
 from training.models import Classifier
@@ -18,12 +19,19 @@ def autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
-def predict(model: Classifier, images: torch.Tensor, device: torch.device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, embeddings) as float32 CPU tensors, for uint8 images [N, 3, 32, 32]."""
+def predict(
+    model: Classifier, images: torch.Tensor, device: torch.device, bf16: bool, progress: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, embeddings) as float32 CPU tensors, for uint8 images [N, 3, 32, 32].
+
+    progress: a label for a progress bar (shown on terminals only), or None for none.
+    """
     was_training = model.training
     model.eval()
     logits, embeddings = [], []
-    for start in range(0, len(images), EVAL_BATCH):
+    starts = range(0, len(images), EVAL_BATCH)
+    bar = tqdm(starts, desc=progress, unit="batch", leave=False, disable=None if progress else True)
+    for start in bar:
         x = images[start : start + EVAL_BATCH].to(device).contiguous(memory_format=torch.channels_last)
         with autocast(device, bf16):
             out, emb = model.forward_with_embedding(x)

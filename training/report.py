@@ -9,9 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from training.analysis import softmax  # noqa: E402
 from training.data import Cifar10, Split  # noqa: E402
+from training.metrics import reliability  # noqa: E402
 
 
 def dataset_facts(data: Cifar10) -> dict:
@@ -61,10 +64,7 @@ def sample_grid(split: Split, classes, per_class: int, path: Path) -> Path:
             if col < len(picks):
                 ax.imshow(split.images[picks[col]].permute(1, 2, 0).numpy(), interpolation="nearest")
         axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def runs_table(runs_dir: Path) -> str:
@@ -84,5 +84,219 @@ def runs_table(runs_dir: Path) -> str:
             f"{final['train']['accuracy']:.2%} | {final['test']['accuracy']:.2%} | "
             f"{summary['train_seconds'] / 60:.1f} min | {seconds[len(seconds) // 2]:.0f} | "
             f"{summary['device_name']}{', bf16' if summary['bf16'] else ''} |"
+        )
+    return "\n".join(rows)
+
+
+def _thumbnail(ax, image: torch.Tensor) -> None:
+    ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_confusion(confusion, classes, title: str, path: Path) -> Path:
+    """Heat map with the count in every cell; rows are true classes."""
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for (t, p), count in np.ndenumerate(confusion):
+        share = count / max(confusion[t].sum(), 1)
+        ax.text(p, t, str(count), ha="center", va="center", fontsize=7, color="white" if share > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Train/test accuracy and loss per epoch, side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in ((acc, "accuracy"), (loss, "loss")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker=".", label="train (running, train mode)")
+        ax.plot(epochs, [row[f"test_{key}"] for row in history], marker=".", label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    acc.legend()
+    return _save(fig, path)
+
+
+def plot_examples(images, labels, probabilities, classes, title: str, path: Path, columns: int = 5) -> Path:
+    """Thumbnails titled 'true → predicted p', green when right, red when wrong."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.1 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, probs in zip(axes.flat, images, labels, probabilities):
+        _thumbnail(ax, image)
+        ax.axis("on")
+        predicted = int(probs.argmax())
+        ax.set_title(f"{classes[label]} → {classes[predicted]}\n{probs[predicted]:.3f}", fontsize=8,
+                     color="green" if predicted == label else "red")  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_reliability(before, after, path: Path) -> Path:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for rel, label in ((before, "as trained"), (after, "temperature-scaled")):
+        if rel is None:
+            continue
+        used = rel.count > 0
+        ax.plot(rel.confidence[used], rel.accuracy[used], marker="o", label=f"{label} (ECE {rel.ece:.3f})")
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_neighbours(queries, query_labels, pool: Split, indices, distances, classes, path: Path) -> Path:
+    """Each row: a test image, then its nearest training images with label and distance."""
+    rows, k = indices.shape
+    fig, axes = plt.subplots(rows, k + 1, figsize=((k + 1) * 1.4, rows * 1.6), squeeze=False)
+    for row in range(rows):
+        _thumbnail(axes[row, 0], queries[row])
+        axes[row, 0].set_title(f"test: {classes[query_labels[row]]}", fontsize=8)
+        for col in range(k):
+            i = int(indices[row, col])
+            _thumbnail(axes[row, col + 1], pool.images[i])
+            axes[row, col + 1].set_title(f"{classes[int(pool.labels[i])]} {distances[row, col]:.2f}", fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+EXAMPLE_TITLES = {
+    "right_most_confident": "Right, most confident",
+    "right_least_confident": "Right, least confident",
+    "wrong_most_confident": "Wrong, most confident",
+    "wrong_least_confident": "Wrong, least confident",
+}
+
+
+def write_report(out: Path, metrics: dict, arrays: dict, history: list[dict], command: str) -> Path:
+    """report.md with its PNGs and metrics.json, all in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    classes, test, knn = metrics["classes"], arrays["test"], metrics["knn"]
+    for split in ("train", "test"):
+        plot_confusion(metrics[split]["confusion"], classes, f"{split} set", out / f"confusion_{split}.png")
+    plot_history(history, out / "curves.png")
+    for key, title in EXAMPLE_TITLES.items():
+        picks = metrics["examples"][key]
+        plot_examples(arrays["test_images"][picks], test.labels[picks], test.probabilities[picks], classes, title,
+                      out / f"{key}.png")  # fmt: skip
+    scaled = None
+    if metrics["temperature"] is not None:
+        scaled = reliability(softmax(test.logits, metrics["temperature"]), test.labels)
+    plot_reliability(reliability(test.probabilities, test.labels), scaled, out / "reliability.png")
+    neighbours = arrays["neighbours"]
+    rows = len(neighbours["indices"])
+    plot_neighbours(arrays["test_images"][:rows], test.labels[:rows], arrays["train_split"], neighbours["indices"],
+                    neighbours["distances"], classes, out / "neighbours.png")  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report = out / "report.md"
+    report.write_text(_markdown(metrics, test, history, command))
+    return report
+
+
+def _markdown(metrics: dict, test, history: list[dict], command: str) -> str:
+    classes, knn, train_m, test_m = metrics["classes"], metrics["knn"], metrics["train"], metrics["test"]
+    scaled = metrics["temperature"] is not None
+    lines = [
+        f"# Evaluation of `{metrics['run']}` ({metrics['recipe']['name']}, {len(history)} epochs)",
+        "",
+        f"Made by `{command}`: {train_m['images']:,} training and {test_m['images']:,} test images.",
+        "",
+        "## Summary",
+        "",
+        "| | network | KNN on embeddings |",
+        "| --- | ---: | ---: |",
+        f"| train accuracy | {train_m['accuracy']:.2%} | {knn['train_accuracy']:.2%} |",
+        f"| test accuracy | {test_m['accuracy']:.2%} | {knn['test_accuracy']:.2%} |",
+        f"| test ECE | {test_m['ece']:.4f}" + (f" ({test_m['ece_scaled']:.4f} at T = {metrics['temperature']:.2f})" if scaled else "") + " | |",
+        "",
+        "Train accuracy is measured after training in eval mode, as the study's `model.evaluate` does.",
+        "",
+        "## Per-class scores (test set)",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    scores = test_m["per_class"]
+    for i, name in enumerate(classes):
+        lines.append(f"| {name} | {scores['precision'][i]:.3f} | {scores['recall'][i]:.3f} | {scores['f1'][i]:.3f} | {scores['support'][i]} |")
+    lines += ["", "## Top confusions (test set, true → predicted)", ""]
+    lines += [f"{n}. {t} → {p}: {count}" for n, (t, p, count) in enumerate(test_m["top_confusions"], 1)]
+    lines += ["", "## Confusion matrices", "", "![train](confusion_train.png) ![test](confusion_test.png)", ""]
+    lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    lines += ["## Examples from the test set", ""]
+    probs = test.probabilities
+    for key, title in EXAMPLE_TITLES.items():
+        lines += [f"### {title}", "", "| test index | predicted | true | probability |", "| ---: | --- | --- | ---: |"]
+        for i in metrics["examples"][key]:
+            lines.append(f"| {i} | {classes[int(probs[i].argmax())]} | {classes[int(test.labels[i])]} | {probs[i].max():.4f} |")
+        lines += ["", f"![{title}]({key}.png)", ""]
+    lines += [
+        "## Calibration",
+        "",
+        f"Expected calibration error (15 equal-width bins) on the test set: {test_m['ece']:.4f}.",
+    ]
+    if scaled:
+        lines.append(
+            f"Temperature scaling fitted on the {metrics['selection_images']}: T = {metrics['temperature']:.3f}, "
+            f"test ECE {test_m['ece_scaled']:.4f} after (accuracy unchanged)."
+        )
+    else:
+        lines.append("No temperature scaling: the run trained on every training image; train with `--holdout N` to fit one.")
+    lines += ["", "![reliability](reliability.png)", "", "## KNN on embeddings", ""]
+    lines += [
+        f"`KNeighborsClassifier` on the {len(test.embeddings[0])}-dimensional penultimate embeddings. k and the "
+        f"distance were chosen on the {metrics['selection_images']} ({knn['validation_images']:,} images; "
+        f"never the test set): **k = {knn['k']}, {knn['metric']}** (validation accuracy "
+        f"{knn['validation_accuracy']:.2%}), then refitted on every training embedding.",
+        "",
+        "| distance | " + " | ".join(f"k={k}" for k in _ks(knn)) + " |",
+        "| --- |" + " ---: |" * len(_ks(knn)),
+    ]
+    for metric in dict.fromkeys(key.split(" k=")[0] for key in knn["validation_scores"]):
+        lines.append(f"| {metric} | " + " | ".join(f"{knn['validation_scores'][f'{metric} k={k}']:.2%}" for k in _ks(knn)) + " |")
+    lines += [
+        "",
+        f"KNN test accuracy {knn['test_accuracy']:.2%} against the network's {test_m['accuracy']:.2%}. "
+        "Nearest training images of the first test images (label and distance):",
+        "",
+        "![neighbours](neighbours.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ks(knn: dict) -> list[int]:
+    return list(dict.fromkeys(int(key.split(" k=")[1]) for key in knn["validation_scores"]))
+
+
+def compare_table(report_dirs: list[Path]) -> str:
+    """The study's narrative, one row per evaluated run, from each report's metrics.json."""
+    rows = [
+        "| run | recipe | epochs | train acc | test acc | KNN test acc | test ECE |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for folder in report_dirs:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        rows.append(
+            f"| {metrics['run']} | {metrics['recipe']['name']} | {metrics['epochs']} | {metrics['train']['accuracy']:.2%} | "
+            f"{metrics['test']['accuracy']:.2%} | {metrics['knn']['test_accuracy']:.2%} | {metrics['test']['ece']:.4f} |"
         )
     return "\n".join(rows)
