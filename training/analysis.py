@@ -17,6 +17,7 @@ from scipy.optimize import minimize_scalar
 from training.data import Cifar10, Split
 from training.errors import UserError
 from training.evaluate import predict
+from training.hardware import describe
 from training.knn import KnnChoice, make_knn, select_knn
 from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, top_confusions
 from training.models import Classifier
@@ -122,6 +123,8 @@ def analyse(run: TrainedRun, data: Cifar10, device: torch.device, bf16: bool) ->
         "run": run.name,
         "epochs": len(run.history),
         "recipe": recipe,
+        "data": data.source,
+        "device": describe(device),
         "classes": classes,
         "train": split_report(train, classes, temperature),
         "test": split_report(test, classes, temperature),

@@ -79,6 +79,8 @@ def runs_table(runs_dir: Path) -> str:
         seconds = sorted(row["seconds"] for row in history)
         final, recipe = summary["final"], summary["recipe"]
         limit = f" (first {recipe['limit']})" if recipe.get("limit") else ""
+        if recipe["model"] != "seed_cnn":
+            limit += f", weights {recipe['weights']}"
         rows.append(
             f"| {summary_file.parent.name} | {recipe['name']}{limit} | {len(history)} | "
             f"{final['train']['accuracy']:.2%} | {final['test']['accuracy']:.2%} | "
@@ -217,7 +219,8 @@ def _markdown(metrics: dict, test, history: list[dict], command: str) -> str:
     lines = [
         f"# Evaluation of `{metrics['run']}` ({metrics['recipe']['name']}, {len(history)} epochs)",
         "",
-        f"Made by `{command}`: {train_m['images']:,} training and {test_m['images']:,} test images.",
+        f"Made by `{command}` on {metrics['device']}: {train_m['images']:,} training and "
+        f"{test_m['images']:,} test images from `{metrics['data']}`.",
         "",
         "## Summary",
         "",
