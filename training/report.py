@@ -293,13 +293,14 @@ def _ks(knn: dict) -> list[int]:
 def compare_table(report_dirs: list[Path]) -> str:
     """The study's narrative, one row per evaluated run, from each report's metrics.json."""
     rows = [
-        "| run | recipe | epochs | train acc | test acc | KNN test acc | test ECE |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | recipe | epochs | train acc | test acc | KNN test acc | KNN choice | test ECE |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for folder in report_dirs:
         metrics = json.loads((folder / "metrics.json").read_text())
         rows.append(
             f"| {metrics['run']} | {metrics['recipe']['name']} | {metrics['epochs']} | {metrics['train']['accuracy']:.2%} | "
-            f"{metrics['test']['accuracy']:.2%} | {metrics['knn']['test_accuracy']:.2%} | {metrics['test']['ece']:.4f} |"
+            f"{metrics['test']['accuracy']:.2%} | {metrics['knn']['test_accuracy']:.2%} | "
+            f"k={metrics['knn']['k']} {metrics['knn']['metric']} | {metrics['test']['ece']:.4f} |"
         )
     return "\n".join(rows)
