@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import write_tiny_cifar
-from training import analysis
+from training import knn
 from training.analysis import fit_temperature, load_trained
 from training.cli import main
 from training.data import load_cifar10
@@ -45,13 +45,13 @@ def tiny_run(cifar, tmp_path_factory):
 
 def test_the_report_has_every_section(tiny_run, shared_data, capsys, monkeypatch):
     seen = {}
-    original = analysis.select_knn
+    original = knn.select_knn
 
     def spy(embeddings, labels, validation_indices, **kwargs):
         seen.update(rows=len(embeddings), validation=np.asarray(validation_indices))
         return original(embeddings, labels, validation_indices, **kwargs)
 
-    monkeypatch.setattr(analysis, "select_knn", spy)
+    monkeypatch.setattr(knn, "select_knn", spy)
     assert main(["evaluate", str(tiny_run), "--data-dir", str(shared_data)]) == 0, capsys.readouterr().err
     report = (tiny_run / "report" / "report.md").read_text()
     for section in SECTIONS:
@@ -123,3 +123,16 @@ def test_temperature_undoes_overconfident_logits():
     probs = np.exp(calibrated) / np.exp(calibrated).sum(1, keepdims=True)
     labels = (probs.cumsum(1) > rng.random((20000, 1))).argmax(1)  # labels drawn from the probabilities
     assert fit_temperature(calibrated * 3, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_a_reduced_head_keeps_its_neighbours_in_the_training_rows():
+    from training.knn import fit_head, neighbours
+
+    rng = np.random.default_rng(1)
+    labels = np.tile(np.arange(10), 50)
+    embeddings = rng.normal(size=(500, 40)) + np.eye(10, 40)[labels] * 6.0
+    head, choice = fit_head(embeddings[:400], labels[:400], embeddings[400:], labels[400:], components=8)
+    assert head["pca"].n_components_ == 8 and choice.validation_indices.tolist() == list(range(400, 500))
+    distances, indices = neighbours(head, embeddings[400:405], 3)
+    assert indices.shape == (5, 3) and indices.max() < 400
+    assert (labels[indices[:, 0]] == labels[400:405]).all() and (np.diff(distances, axis=1) >= 0).all()

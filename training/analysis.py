@@ -18,12 +18,11 @@ from training.data import Cifar10, Split
 from training.errors import UserError
 from training.evaluate import predict
 from training.hardware import describe
-from training.knn import KnnChoice, make_knn, select_knn
+from training.knn import VALIDATION_TAIL, fit_head, neighbours
 from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, top_confusions
 from training.models import Classifier
 from training.train import load_checkpoint, make_model
 
-KNN_VALIDATION = 5000
 EXAMPLES = 10
 NEIGHBOUR_ROWS, NEIGHBOURS = 5, 5  # the neighbours grid: test images, and training images each
 
@@ -131,7 +130,7 @@ def analyse(run: TrainedRun, data: Cifar10, device: torch.device, bf16: bool) ->
         "temperature": temperature,
         "selection_images": "held-out tail of the training set, never trained on"
         if holdout
-        else f"last {min(KNN_VALIDATION, len(train.labels) // 5)} training images (the network trained on them too)",
+        else f"last {min(VALIDATION_TAIL, len(train.labels) // 5)} training images (the network trained on them too)",
         "examples": {k: v.tolist() for k, v in example_indices(test.probabilities, test.labels, EXAMPLES).items()},
         "knn": knn_metrics,
     }
@@ -141,23 +140,16 @@ def analyse(run: TrainedRun, data: Cifar10, device: torch.device, bf16: bool) ->
 
 def knn_on_embeddings(train: Outputs, held: Outputs | None, test: Outputs) -> tuple[dict, dict]:
     """Choose k and distance without the test set, refit on all training embeddings, score."""
-    if held is not None:
-        pool = np.concatenate([train.embeddings, held.embeddings])
-        pool_labels = np.concatenate([train.labels, held.labels])
-        validation = np.arange(len(train.labels), len(pool_labels))
-    else:
-        pool, pool_labels = train.embeddings, train.labels
-        validation = np.arange(len(pool_labels) - min(KNN_VALIDATION, len(pool_labels) // 5), len(pool_labels))
-    choice: KnnChoice = select_knn(pool, pool_labels, validation)
-    knn = make_knn(choice.k, choice.metric).fit(train.embeddings, train.labels)
-    distances, indices = knn.kneighbors(test.embeddings[:NEIGHBOUR_ROWS], n_neighbors=NEIGHBOURS)
+    held_embeddings, held_labels = (held.embeddings, held.labels) if held is not None else (None, None)
+    head, choice = fit_head(train.embeddings, train.labels, held_embeddings, held_labels)
+    distances, indices = neighbours(head, test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
     metrics = {
         "k": choice.k,
         "metric": choice.metric,
         "validation_accuracy": choice.validation_accuracy,
         "validation_scores": choice.scores,
         "validation_images": len(choice.validation_indices),
-        "train_accuracy": float(knn.score(train.embeddings, train.labels)),
-        "test_accuracy": float(knn.score(test.embeddings, test.labels)),
+        "train_accuracy": float(head.score(train.embeddings, train.labels)),
+        "test_accuracy": float(head.score(test.embeddings, test.labels)),
     }
     return metrics, {"distances": distances, "indices": indices}

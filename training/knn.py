@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
 
 KS = (1, 3, 5, 10, 20, 50)
 METRICS = ("euclidean", "cosine")
+VALIDATION_TAIL = 5000  # without a held-out set, validate on the last N training images (at most a fifth)
 
 
 @dataclass
@@ -50,6 +53,37 @@ def select_knn(
     best = max(scores, key=scores.get)  # the first of equals: smaller k, euclidean first
     metric, k = best.split(" k=")
     return KnnChoice(int(k), metric, scores[best], scores, fit_indices, validation_indices)
+
+
+def fit_head(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    held: np.ndarray | None = None,
+    held_labels: np.ndarray | None = None,
+    components: int | None = None,
+) -> tuple[Pipeline, KnnChoice]:
+    """Choose k and distance on `held` (or the tail of `train`), then fit on every `train` row.
+
+    components: reduce the embeddings with PCA (fitted on `train`) before the neighbour search,
+    to keep the head small; None keeps them whole.
+    """
+    steps = [("pca", PCA(components, random_state=0).fit(train))] if components else []
+    reduce = steps[0][1].transform if steps else (lambda x: x)
+    if held is not None and len(held):
+        pool, labels = np.concatenate([reduce(train), reduce(held)]), np.concatenate([train_labels, held_labels])
+        validation = np.arange(len(train), len(pool))
+    else:
+        pool, labels = reduce(train), train_labels
+        validation = np.arange(len(pool) - min(VALIDATION_TAIL, len(pool) // 5), len(pool))
+    choice = select_knn(pool, labels, validation)
+    knn = make_knn(choice.k, choice.metric).fit(reduce(train), train_labels)
+    return Pipeline(steps + [("knn", knn)]), choice
+
+
+def neighbours(head: Pipeline, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices into the fitted training rows) of the n nearest neighbours."""
+    reduced = head[:-1].transform(embeddings) if len(head) > 1 else embeddings
+    return head[-1].kneighbors(reduced, n_neighbors=n)
 
 
 def _majority(votes: np.ndarray, num_classes: int = 10) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""The bundle manifest: everything the service needs to know about a model, in one JSON file.
+
+Training writes it through these models and serving reads it through them, so the two cannot
+drift apart. Importable without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+KNN_FILE = "knn.pkl"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputContract(Strict):
+    """What `model.onnx` takes: exactly the pixels of a decoded 32×32 RGB image."""
+
+    name: Literal["images"] = "images"
+    dtype: Literal["uint8"] = "uint8"
+    shape: tuple[None, Literal[32], Literal[32], Literal[3]] = (None, 32, 32, 3)
+    layout: Literal["NHWC"] = "NHWC"
+    channel_order: Literal["RGB"] = "RGB"
+    resize: Literal["center_crop_bicubic"] = Field(
+        default="center_crop_bicubic",
+        description="images of another size are converted to RGB, center-cropped to a square, "
+        "then resized to 32x32 with Pillow's BICUBIC filter",
+    )
+
+
+class Normalization(Strict):
+    """Inside the graph: (pixels - mean) / std per channel, in 0..255 units. Recorded for reference."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class FileEntry(Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Variant(Strict):
+    """An alternative graph with the same inputs and outputs (e.g. int8), and its measured accuracy."""
+
+    file: str
+    precision: Literal["fp32", "fp16", "int8"]
+    test_accuracy: float = Field(ge=0, le=1)
+
+
+class KnnHead(Strict):
+    k: int = Field(ge=1)
+    metric: Literal["euclidean", "cosine"]
+    components: int | None = Field(default=None, ge=1, description="PCA dimensions before the KNN, None for none")
+    fit_images: int = Field(ge=1)
+    test_accuracy: float = Field(ge=0, le=1)
+    test_accuracy_full_embedding: float | None = Field(default=None, ge=0, le=1)
+
+
+class Accuracy(Strict):
+    """Measured by the export on the test set with onnxruntime."""
+
+    test_images: int = Field(ge=1)
+    onnx: float = Field(ge=0, le=1)
+    pytorch: float = Field(ge=0, le=1)
+    max_abs_logit_diff: float = Field(ge=0)
+    tolerance: float = Field(gt=0)
+
+
+class Provenance(Strict):
+    git_commit: str | None
+    created: str
+    versions: dict[str, str]
+    data: str
+    run: str
+
+
+class Manifest(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str
+    architecture: str
+    recipe: dict
+    classes: tuple[str, ...]
+    input: InputContract = InputContract()
+    normalization: Normalization
+    embedding_dim: int = Field(ge=1)
+    outputs: tuple[Literal["logits"], Literal["embedding"]] = ("logits", "embedding")
+    accuracy: Accuracy
+    knn: KnnHead
+    variants: tuple[Variant, ...] = ()
+    files: dict[str, FileEntry]
+    provenance: Provenance
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_names(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError("classes must be at least two distinct names")
+        return classes
