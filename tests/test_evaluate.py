@@ -126,13 +126,14 @@ def test_temperature_undoes_overconfident_logits():
 
 
 def test_a_reduced_head_keeps_its_neighbours_in_the_training_rows():
-    from training.knn import fit_head, neighbours
+    from serving.bundle import nearest
+    from training.knn import fit_head
 
     rng = np.random.default_rng(1)
     labels = np.tile(np.arange(10), 50)
     embeddings = rng.normal(size=(500, 40)) + np.eye(10, 40)[labels] * 6.0
     head, choice = fit_head(embeddings[:400], labels[:400], embeddings[400:], labels[400:], components=8)
     assert head["pca"].n_components_ == 8 and choice.validation_indices.tolist() == list(range(400, 500))
-    distances, indices = neighbours(head, embeddings[400:405], 3)
+    distances, indices = nearest(head, embeddings[400:405], 3)
     assert indices.shape == (5, 3) and indices.max() < 400
     assert (labels[indices[:, 0]] == labels[400:405]).all() and (np.diff(distances, axis=1) >= 0).all()

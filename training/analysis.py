@@ -18,7 +18,8 @@ from training.data import Cifar10, Split
 from training.errors import UserError
 from training.evaluate import predict
 from training.hardware import describe
-from training.knn import VALIDATION_TAIL, fit_head, neighbours
+from serving.bundle import nearest
+from training.knn import VALIDATION_TAIL, fit_head
 from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, top_confusions
 from training.models import Classifier
 from training.train import load_checkpoint, make_model
@@ -142,7 +143,7 @@ def knn_on_embeddings(train: Outputs, held: Outputs | None, test: Outputs) -> tu
     """Choose k and distance without the test set, refit on all training embeddings, score."""
     held_embeddings, held_labels = (held.embeddings, held.labels) if held is not None else (None, None)
     head, choice = fit_head(train.embeddings, train.labels, held_embeddings, held_labels)
-    distances, indices = neighbours(head, test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
+    distances, indices = nearest(head, test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
     metrics = {
         "k": choice.k,
         "metric": choice.metric,

@@ -102,6 +102,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.analysis import load_trained
+    from training.data import load_cifar10
+    from training.export import export
+
+    data = load_cifar10(args.data_dir, download=args.download)
+    run = load_trained(Path(args.run), data)
+    out = Path(args.models_dir) / args.name
+    manifest = export(run, data, out, args.name, components=args.knn_components or None)
+    total = sum(f.bytes for f in manifest.files.values())
+    print(
+        f"wrote {out} ({total / 1e6:.1f} MB): ONNX test accuracy {manifest.accuracy.onnx:.2%} "
+        f"(PyTorch {manifest.accuracy.pytorch:.2%}), KNN k={manifest.knn.k} {manifest.knn.metric} "
+        f"{manifest.knn.test_accuracy:.2%} (full embedding {manifest.knn.test_accuracy_full_embedding:.2%})"
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from training.report import compare_table
 
@@ -146,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="report folder (default: RUN/report)")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a run as an ONNX bundle with a KNN head and a manifest")
+    export.add_argument("run", help="a run folder (or its checkpoint.pt)")
+    export.add_argument("--name", required=True, help="bundle name: the folder under --models-dir")
+    export.add_argument("--models-dir", default="models", help="where bundles go (default: models)")
+    export.add_argument("--knn-components", type=int, default=32,
+                        help="PCA dimensions of the KNN head, 0 for the whole embedding (default: 32)")  # fmt: skip
+    add_data_options(export)
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="compare evaluated runs side by side")
     report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")

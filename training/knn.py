@@ -80,12 +80,6 @@ def fit_head(
     return Pipeline(steps + [("knn", knn)]), choice
 
 
-def neighbours(head: Pipeline, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices into the fitted training rows) of the n nearest neighbours."""
-    reduced = head[:-1].transform(embeddings) if len(head) > 1 else embeddings
-    return head[-1].kneighbors(reduced, n_neighbors=n)
-
-
 def _majority(votes: np.ndarray, num_classes: int = 10) -> np.ndarray:
     """Uniform vote; ties go to the lower class index, as scikit-learn's predict does."""
     counts = np.zeros((len(votes), num_classes), int)

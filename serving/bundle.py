@@ -1,0 +1,134 @@
+"""A model bundle on disk → an onnxruntime session and a KNN head: the only place a model is loaded.
+
+Loading checks, in this order, and refuses with a BundleError that names the file and the
+problem: the manifest parses under a known schema version; every listed file exists and has
+its sha256 (before anything is unpickled: a pickle can run code); the ONNX graph's inputs and
+outputs match the manifest. A bundle that loads cannot fail later for these reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+from sklearn.pipeline import Pipeline
+
+from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest
+
+log = logging.getLogger(__name__)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be served; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    logits: np.ndarray  # float32 [N, classes]
+    embeddings: np.ndarray  # float32 [N, D]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = np.exp(self.logits - self.logits.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; a bundle holds {MANIFEST}, {MODEL_FILE} and {KNN_FILE}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise BundleError(f"{path}: schema_version {found!r} is not {SCHEMA_VERSION}, the one this version reads")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BundleError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']} ({exc.error_count()} problems)") from exc
+
+
+def check_files(folder: Path, manifest: Manifest) -> None:
+    for required in (MODEL_FILE, KNN_FILE):
+        if required not in manifest.files:
+            raise BundleError(f"{folder / MANIFEST}: does not list {required}")
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (the manifest lists it)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry.sha256:
+            raise BundleError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; refusing to load it")
+
+
+def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)" or inputs[0].shape[1:] != [32, 32, 3]:
+        got = [(i.name, i.type, i.shape) for i in inputs]
+        raise BundleError(f"{path}: inputs {got} differ from the manifest's images uint8 [N, 32, 32, 3]")
+    shapes = {o.name: o.shape for o in outputs}
+    expected = {"logits": len(manifest.classes), "embedding": manifest.embedding_dim}
+    if set(shapes) != set(expected) or any(shapes[k][1] != v for k, v in expected.items()):
+        raise BundleError(f"{path}: outputs {shapes} differ from the manifest's logits [N, {expected['logits']}], embedding [N, {expected['embedding']}]")
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+class Bundle:
+    """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
+
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline):
+        self.folder, self.manifest, self.session, self.head = folder, manifest, session, head
+        self.providers = session.get_providers()  # what onnxruntime really uses, not what was asked
+
+    @classmethod
+    def load(cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Bundle:
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        check_files(folder, manifest)  # before the pickle below is opened
+        model_path = folder / MODEL_FILE
+        try:
+            session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from exc
+        check_graph(model_path, session, manifest)
+        head = joblib.load(folder / KNN_FILE)
+        if not isinstance(head, Pipeline):
+            raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
+        bundle = cls(folder, manifest, session, head)
+        log.info("loaded bundle %s from %s on %s", manifest.name, folder, bundle.providers[0])
+        return bundle
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+            raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
+        logits, embeddings = self.session.run(["logits", "embedding"], {"images": images})
+        return Prediction(logits, embeddings)
+
+    def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vote distribution [N, classes], neighbour distances, neighbour indices into the training set)."""
+        distances, indices = nearest(self.head, embeddings, neighbours)
+        return self.head.predict_proba(embeddings), distances, indices
+
+
+def nearest(head: Pipeline, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices into the fitted training rows) of the n nearest neighbours."""
+    reduced = head[:-1].transform(embeddings) if len(head) > 1 else embeddings
+    return head[-1].kneighbors(reduced, n_neighbors=n)

@@ -1,0 +1,154 @@
+"""Export a tiny trained run to a bundle; load it back the way the service does; tamper with it."""
+
+import io
+import json
+import pickle
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from serving.bundle import Bundle, BundleError
+from serving.manifest import Manifest
+from training.analysis import load_trained
+from training.data import load_cifar10
+from training.export import export
+from training.recipes import get_recipe
+from training.train import train
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    return load_cifar10(shared_data)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(cifar, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "run").mkdir()
+    recipe = get_recipe("cnn-znorm", epochs=1, limit=400, holdout=100)
+    train(recipe, cifar, root / "run", torch.device("cpu"), bf16=True, progress=False)
+    export(load_trained(root / "run", cifar), cifar, root / "models" / "tiny", "tiny", components=8)
+    return root / "models" / "tiny"
+
+
+@pytest.fixture
+def copy(bundle_dir, tmp_path):
+    return shutil.copytree(bundle_dir, tmp_path / "tiny")
+
+
+def test_onnxruntime_matches_pytorch_on_random_pixels(bundle_dir, cifar):
+    bundle = Bundle.load(bundle_dir)
+    model = load_trained(bundle_dir.parent.parent / "run", cifar).model.float().eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    got = bundle.predict(pixels)
+    with torch.no_grad():
+        logits, embedding = model.forward_with_embedding(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(got.logits, logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got.embeddings, embedding.numpy(), atol=1e-4)
+    assert bundle.providers == ["CPUExecutionProvider"]
+
+
+def test_the_manifest_describes_the_bundle(bundle_dir, cifar):
+    manifest = Manifest.model_validate_json((bundle_dir / "manifest.json").read_text())
+    assert manifest.classes == cifar.classes and manifest.embedding_dim == 1600
+    assert manifest.input.dtype == "uint8" and manifest.input.shape == (None, 32, 32, 3)
+    assert manifest.accuracy.test_images == 400 and manifest.accuracy.max_abs_logit_diff <= manifest.accuracy.tolerance
+    assert manifest.knn.components == 8 and manifest.knn.fit_images == 300
+    assert set(manifest.files) == {"model.onnx", "knn.pkl"}
+    assert manifest.normalization.std[0] > 1  # global z-score in pixel units travels with the bundle
+    onnx.checker.check_model(str(bundle_dir / "model.onnx"))
+    # the accuracy the manifest states is what onnxruntime gives on those test images
+    images = cifar.test.images[:400].permute(0, 2, 3, 1).contiguous().numpy()
+    bundle = Bundle.load(bundle_dir)
+    predicted = bundle.predict(images).logits.argmax(1)
+    assert (predicted == cifar.test.labels[:400].numpy()).mean() == pytest.approx(manifest.accuracy.onnx)
+
+
+def test_training_and_serving_see_the_same_pixels(bundle_dir, cifar, shared_data):
+    """A test image as the training loader reads it, and as PNG bytes decoded by Pillow."""
+    with open(shared_data / "test_batch", "rb") as f:
+        row = pickle.load(f, encoding="latin1")["data"][7]
+    png = io.BytesIO()
+    Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0)).save(png, format="PNG")
+    decoded = np.asarray(Image.open(io.BytesIO(png.getvalue())).convert("RGB"))[None]
+    model = load_trained(bundle_dir.parent.parent / "run", cifar).model.float().eval()
+    with torch.no_grad():
+        expected = model(cifar.test.images[7:8]).numpy()
+    np.testing.assert_allclose(Bundle.load(bundle_dir).predict(decoded).logits, expected, atol=1e-4)
+
+
+def test_the_knn_head_answers_votes_and_neighbours(bundle_dir):
+    bundle = Bundle.load(bundle_dir)
+    embeddings = bundle.predict(np.zeros((3, 32, 32, 3), np.uint8)).embeddings
+    votes, distances, indices = bundle.knn(embeddings, neighbours=4)
+    assert votes.shape == (3, 10) and np.allclose(votes.sum(1), 1)
+    assert indices.shape == (3, 4) and indices.max() < 300 and (np.diff(distances, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["knn.pkl", "model.onnx"])
+def test_a_flipped_byte_is_refused_before_unpickling(copy, name, monkeypatch):
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / name).write_bytes(bytes(data))
+    monkeypatch.setattr("joblib.load", lambda *a, **k: pytest.fail("unpickled a tampered bundle"))
+    with pytest.raises(BundleError, match=rf"{name}: sha256 .* does not match"):
+        Bundle.load(copy)
+
+
+def test_an_incomplete_bundle_names_the_missing_file(copy):
+    (copy / "knn.pkl").unlink()
+    with pytest.raises(BundleError, match=r"knn.pkl: missing"):
+        Bundle.load(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"manifest.json: missing"):
+        Bundle.load(copy)
+
+
+def test_an_unknown_schema_version_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        Bundle.load(copy)
+
+
+def test_a_graph_whose_inputs_differ_from_the_manifest_is_refused(copy):
+    import hashlib
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a valid graph with the right outputs but float input: what an exporter without the cast gives
+    weights = numpy_helper.from_array(np.zeros((3072, 10), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["embedding"]), helper.make_node("MatMul", ["embedding", "w"], ["logits"])],
+        "float_input",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3072])],
+        [weights],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(copy / "model.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["sha256"] = hashlib.sha256((copy / "model.onnx").read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model.onnx: inputs \[\('images', 'tensor\(float\)'"):
+        Bundle.load(copy)
+
+
+def test_export_never_overwrites(bundle_dir, cifar):
+    from training.errors import UserError
+
+    with pytest.raises(UserError, match="exists"):
+        export(load_trained(bundle_dir.parent.parent / "run", cifar), cifar, bundle_dir, "tiny")
+
+
+def test_serving_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, serving.bundle, serving.manifest; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

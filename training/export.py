@@ -1,0 +1,169 @@
+"""`cifar10 export`: a trained run → a bundle folder the service loads without torch.
+
+models/<name>/model.onnx   uint8 [N, 32, 32, 3] RGB in; logits [N, 10] and embedding [N, D] out
+models/<name>/knn.pkl      the KNN head on the training embeddings (joblib)
+models/<name>/manifest.json
+
+The graph is checked against the PyTorch model on real test images before anything is written,
+and the accuracies in the manifest are measured on the written graph with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import joblib
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from serving.manifest import (
+    KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance,
+)  # fmt: skip
+from training.analysis import TrainedRun
+from training.data import Cifar10
+from training.errors import UserError
+from training.evaluate import predict
+from training.knn import fit_head
+
+VERIFY_IMAGES = 1000
+TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch, both fp32
+OPSET = 18
+KNN_COMPONENTS = 32  # PCA dimensions of the KNN head: 50,000 × 32 float32 is 6.4 MB
+ORT_BATCH = 1000
+
+
+class PixelsIn(nn.Module):
+    """The bundle's contract around a trained model: uint8 NHWC pixels in, (logits, embedding) out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_embedding(images.permute(0, 3, 1, 2))
+
+
+def to_nhwc(images: torch.Tensor) -> np.ndarray:
+    """Training keeps [N, 3, 32, 32]; the bundle takes what an image decoder gives: [N, 32, 32, 3]."""
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def export_onnx(model: nn.Module, path: Path) -> None:
+    model = PixelsIn(model.float().cpu()).eval()
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        model, (example,), str(path), input_names=["images"], output_names=["logits", "embedding"],
+        dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+    )  # fmt: skip
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def run_onnx(session: ort.InferenceSession, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) for uint8 NHWC images, in batches."""
+    outs = [session.run(["logits", "embedding"], {"images": images[i : i + ORT_BATCH]}) for i in range(0, len(images), ORT_BATCH)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def verify(model: nn.Module, session: ort.InferenceSession, images: torch.Tensor) -> float:
+    """Max |logit difference| on real images; raises when it or any argmax disagrees."""
+    expected, _ = predict(model.float(), images, torch.device("cpu"), bf16=False)
+    got, _ = run_onnx(session, to_nhwc(images))
+    diff = float(np.abs(got - expected.numpy()).max())
+    flipped = int((got.argmax(1) != expected.numpy().argmax(1)).sum())
+    print(f"verify: {len(images)} test images, max |logit diff| {diff:.2e} (tolerance {TOLERANCE:.0e}), {flipped} argmax changes")
+    if diff > TOLERANCE or flipped:
+        raise UserError(f"the ONNX graph disagrees with PyTorch (max diff {diff:.2e}, {flipped} argmax changes); no bundle written")
+    return diff
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def export(run: TrainedRun, data: Cifar10, out: Path, name: str, components: int | None = KNN_COMPONENTS) -> Manifest:
+    """Write the bundle to a temporary folder, then move it into place: never half a bundle."""
+    if out.exists():
+        raise UserError(f"{out} exists; remove it or choose another --name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    try:
+        manifest = _write_bundle(run, data, folder, name, components)
+        folder.rename(out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, components: int | None) -> Manifest:
+    recipe = run.checkpoint["recipe"]
+    train, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))
+    export_onnx(run.model, folder / MODEL_FILE)
+    session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    diff = verify(run.model, session, test.images[:VERIFY_IMAGES])
+
+    test_logits, test_embeddings = run_onnx(session, to_nhwc(test.images))
+    torch_logits, _ = predict(run.model, test.images, torch.device("cpu"), bf16=False, progress="PyTorch test")
+    labels = test.labels.numpy()
+    train_embeddings = run_onnx(session, to_nhwc(train.images))[1]
+    held_embeddings = run_onnx(session, to_nhwc(held.images))[1] if len(held) else None
+    head, choice = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy(), components)
+    full = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy())[0] if components else head
+    joblib.dump(head, folder / KNN_FILE)
+
+    manifest = Manifest(
+        name=name,
+        version=datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S"),
+        architecture=recipe["model"],
+        recipe=recipe,
+        classes=tuple(data.classes),
+        normalization=Normalization(mean=tuple(run.checkpoint["mean"]), std=tuple(run.checkpoint["std"])),
+        embedding_dim=int(test_embeddings.shape[1]),
+        accuracy=Accuracy(
+            test_images=len(labels),
+            onnx=float((test_logits.argmax(1) == labels).mean()),
+            pytorch=float((torch_logits.argmax(1).numpy() == labels).mean()),
+            max_abs_logit_diff=diff,
+            tolerance=TOLERANCE,
+        ),
+        knn=KnnHead(
+            k=choice.k,
+            metric=choice.metric,
+            components=components,
+            fit_images=len(train),
+            test_accuracy=float(head.score(test_embeddings, labels)),
+            test_accuracy_full_embedding=float(full.score(test_embeddings, labels)),
+        ),
+        files={f: FileEntry(sha256=sha256(folder / f), bytes=(folder / f).stat().st_size) for f in (MODEL_FILE, KNN_FILE)},
+        provenance=Provenance(
+            git_commit=git_commit(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions={p: version(p) for p in ("torch", "onnx", "onnxruntime", "scikit-learn", "numpy")},
+            data=data.source,
+            run=run.name,
+        ),
+    )
+    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
