@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from serving.manifest import (
     KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance,
@@ -68,9 +69,10 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def run_onnx(session: ort.InferenceSession, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embeddings) for uint8 NHWC images, in batches."""
-    outs = [session.run(["logits", "embedding"], {"images": images[i : i + ORT_BATCH]}) for i in range(0, len(images), ORT_BATCH)]
+def run_onnx(session: ort.InferenceSession, images: np.ndarray, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) for uint8 NHWC images, in batches; progress labels a progress bar."""
+    starts = tqdm(range(0, len(images), ORT_BATCH), desc=progress, unit="batch", leave=False, disable=None if progress else True)
+    outs = [session.run(["logits", "embedding"], {"images": images[i : i + ORT_BATCH]}) for i in starts]
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
@@ -124,11 +126,11 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
     session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
     diff = verify(run.model, session, test.images[:VERIFY_IMAGES])
 
-    test_logits, test_embeddings = run_onnx(session, to_nhwc(test.images))
+    test_logits, test_embeddings = run_onnx(session, to_nhwc(test.images), "onnxruntime test")
     torch_logits, _ = predict(run.model, test.images, torch.device("cpu"), bf16=False, progress="PyTorch test")
     labels = test.labels.numpy()
-    train_embeddings = run_onnx(session, to_nhwc(train.images))[1]
-    held_embeddings = run_onnx(session, to_nhwc(held.images))[1] if len(held) else None
+    train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[1]
+    held_embeddings = run_onnx(session, to_nhwc(held.images), "onnxruntime held-out")[1] if len(held) else None
     head, choice = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy(), components)
     full = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy())[0] if components else head
     joblib.dump(head, folder / KNN_FILE)
