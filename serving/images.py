@@ -1,0 +1,81 @@
+"""Image bytes → uint8 [32, 32, 3] RGB: the one decoder the service and offline scoring share.
+
+It implements the bundle's input contract `center_crop_bicubic`: convert to RGB (transparent
+pixels over white), crop the centre square, resize to 32×32 with Pillow's bicubic filter. Bad
+input raises ImageError with a message a client can act on; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE = 32
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we accept; the message says why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of the decoder, with the defaults the service and scorer use."""
+
+    formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+    max_pixels: int = 40_000_000  # width × height, checked from the header before decoding
+    min_side: int = 8  # smaller images carry too little to classify
+    allow_animated: bool = False
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """uint8 [32, 32, 3] RGB pixels of an encoded image."""
+    if not data:
+        raise ImageError("empty body: send the bytes of a PNG, JPEG, BMP, GIF, WebP or TIFF image")
+    try:  # reads the header only; Pillow's own bomb check (MAX_IMAGE_PIXELS) stays as a backstop
+        image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"image too large: over {limits.max_pixels:,} pixels") from None
+    with image:
+        return _to_pixels(image, limits)
+
+
+def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
+    width, height = image.size
+    if width * height > limits.max_pixels:  # the header says so; nothing decoded yet
+        raise ImageError(f"image too large: {width}×{height} is over {limits.max_pixels:,} pixels")
+    if min(width, height) < limits.min_side:
+        raise ImageError(f"image too small: {width}×{height}; each side must be at least {limits.min_side} pixels")
+    if getattr(image, "n_frames", 1) > 1 and not limits.allow_animated:
+        raise ImageError("animated images are not accepted; send a single frame")
+    if image.format == "JPEG":
+        image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = _rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "corrupt"
+        raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
+    side = min(rgb.size)
+    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: 16-bit scaled to 8, transparency composited over white, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(pixels / 257 if pixels.max() > 255 else pixels, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

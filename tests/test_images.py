@@ -1,0 +1,101 @@
+"""serving.images.decode: the pixels it gives for good images, the ImageError it raises for bad ones."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.images import ImageError, Limits, decode
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def random_rgb(width: int = 32, height: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_a_32x32_png_comes_back_pixel_for_pixel():
+    pixels = random_rgb()
+    out = decode(encode(Image.fromarray(pixels), "PNG"))
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    assert np.array_equal(out, pixels)
+
+
+def test_jpeg_is_close_to_its_source():
+    pixels = np.full((32, 32, 3), (200, 40, 90), np.uint8)
+    out = decode(encode(Image.fromarray(pixels), "JPEG", quality=95))
+    assert np.abs(out.astype(int) - pixels).max() < 8
+
+
+def test_a_wide_image_is_center_cropped():
+    pixels = np.zeros((64, 192, 3), np.uint8)
+    pixels[:, 64:128] = 255  # a white centre square between black sides
+    out = decode(encode(Image.fromarray(pixels), "PNG"))
+    assert out.min() >= 250  # only the centre square survives
+
+
+def test_transparency_is_composited_over_white():
+    rgba = np.zeros((32, 32, 4), np.uint8)  # fully transparent black
+    out = decode(encode(Image.fromarray(rgba), "PNG"))
+    assert (out == 255).all()
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight():
+    grey = np.full((32, 32), 128 * 257, np.uint16)  # mid-grey; clipping to 8 bits would give 255
+    out = decode(encode(Image.fromarray(grey), "PNG"))
+    assert (out == 128).all()
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    out = decode(encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"))
+    assert out.shape == (32, 32, 3) and out[..., 0].mean() > 200 and out[..., 1].mean() < 60  # red
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a decompression bomb looks like up front."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty body"),
+        (b"GIF89a but not really", "not an image"),
+        (b"%PDF-1.7\n" + b"0" * 100, "not an image"),
+        (png_header_only(20_000, 20_000), "too large"),
+        (png_header_only(1, 1), "too small"),
+    ],
+    ids=["empty", "garbage", "pdf", "bomb", "1x1"],
+)
+def test_bad_bytes_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode(data)
+
+
+def test_a_truncated_png_is_corrupt():
+    data = encode(Image.fromarray(random_rgb(64, 64)), "PNG")
+    with pytest.raises(ImageError, match="corrupt or truncated PNG"):
+        decode(data[: len(data) // 2])
+
+
+def test_animated_gif_is_refused():
+    frames = [Image.fromarray(random_rgb(seed=i)) for i in range(3)]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="animated"):
+        decode(out.getvalue())
+
+
+def test_formats_off_the_list_are_refused():
+    data = encode(Image.fromarray(random_rgb()), "BMP")
+    with pytest.raises(ImageError, match="accepted format"):
+        decode(data, Limits(formats=("PNG", "JPEG")))
