@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from training.errors import UserError
+from training.knn import KNN_COMPONENTS
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -168,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a run folder (or its checkpoint.pt)")
     export.add_argument("--name", required=True, help="bundle name: the folder under --models-dir")
     export.add_argument("--models-dir", default="models", help="where bundles go (default: models)")
-    export.add_argument("--knn-components", type=int, default=32,
-                        help="PCA dimensions of the KNN head, 0 for the whole embedding (default: 32)")  # fmt: skip
+    export.add_argument("--knn-components", type=int, default=KNN_COMPONENTS,
+                        help=f"PCA dimensions of the KNN head, 0 for the whole embedding (default: {KNN_COMPONENTS})")  # fmt: skip
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 

@@ -33,12 +33,11 @@ from training.analysis import TrainedRun
 from training.data import Cifar10
 from training.errors import UserError
 from training.evaluate import predict
-from training.knn import fit_head
+from training.knn import KNN_COMPONENTS, fit_head
 
 VERIFY_IMAGES = 1000
 TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch, both fp32
 OPSET = 18
-KNN_COMPONENTS = 32  # PCA dimensions of the KNN head: 50,000 × 32 float32 is 6.4 MB
 ORT_BATCH = 1000
 
 
@@ -112,6 +111,7 @@ def export(run: TrainedRun, data: Cifar10, out: Path, name: str, components: int
     folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
     try:
         manifest = _write_bundle(run, data, folder, name, components)
+        folder.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (containers)
         folder.rename(out)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
