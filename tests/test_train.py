@@ -117,3 +117,16 @@ def test_overrides_and_unknown_recipes():
 def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(UserError, match="no CUDA GPU"):
         pick_device("cuda")
+
+
+def test_a_fine_tuning_run_resumes_without_the_pretrained_file(cifar, tmp_path):
+    from torchvision.models import vgg16
+
+    weights = tmp_path / "vgg16.pt"
+    torch.save(vgg16(weights=None).features.state_dict(), weights)
+    recipe = get_recipe("vgg16-3block", weights=str(weights), epochs=2, limit=64)
+    (tmp_path / "run").mkdir()
+    train(dict(recipe, epochs=1), cifar, tmp_path / "run", CPU, bf16=True, progress=False)
+    weights.unlink()  # gone, as ImageNet weights are on a machine that resumes elsewhere
+    train(recipe, cifar, tmp_path / "run", CPU, bf16=True, resume=load_checkpoint(tmp_path / "run"), progress=False)
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2

@@ -153,7 +153,9 @@ def train(
         mean, std = normalization(recipe["normalization"], train_set.images)
     else:
         mean, std = resume["mean"], resume["std"]
-    model = make_model(recipe, mean, std).to(device, memory_format=torch.channels_last)
+    # a resumed run takes every weight from its checkpoint: no need for the pretrained file again
+    model = make_model(dict(recipe, weights="none") if resume else recipe, mean, std)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe)
     generator = torch.Generator().manual_seed(recipe["seed"])
     pos = Position()
@@ -162,6 +164,8 @@ def train(
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
         pos = Position(**resume["position"])
 
     def checkpoint() -> dict:
@@ -169,6 +173,7 @@ def train(
             format=CHECKPOINT_FORMAT, recipe=recipe, classes=list(data.classes), mean=mean, std=std,
             model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
             torch_rng=torch.get_rng_state(), position=pos.__dict__,
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         )  # fmt: skip
 
     images = train_set.images.to(device)
