@@ -56,6 +56,8 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 1 and "corrupt" in err
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path), "--lr", "0.1")
+    assert code == 1 and "only --epochs can change, not --lr" in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "elsewhere"))
     assert code == 1 and "checkpoint not found" in err
 

@@ -52,6 +52,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         weights=args.weights, freeze=args.freeze, limit=args.limit, holdout=args.holdout,
     )  # fmt: skip
     if args.resume:
+        changed = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k != "epochs"]
+        if changed:
+            raise UserError(f"--resume continues a run as it was; only --epochs can change, not {', '.join(changed)}")
         resume = load_checkpoint(Path(args.resume))
         if args.recipe and args.recipe != resume["recipe"]["name"]:
             raise UserError(f"{args.resume} is a {resume['recipe']['name']} run, not {args.recipe}")
