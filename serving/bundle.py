@@ -122,10 +122,12 @@ class Bundle:
         logits, embeddings = self.session.run(["logits", "embedding"], {"images": images})
         return Prediction(logits, embeddings)
 
-    def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vote distribution [N, classes], neighbour distances, neighbour indices into the training set)."""
+    def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""
         distances, indices = nearest(self.head, embeddings, neighbours)
-        return self.head.predict_proba(embeddings), distances, indices
+        knn = self.head[-1]
+        labels = knn.classes_[knn._y][indices]  # scikit-learn keeps the fitted labels encoded in _y
+        return self.head.predict_proba(embeddings), distances, indices, labels
 
 
 def nearest(head: Pipeline, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

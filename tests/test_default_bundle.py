@@ -27,7 +27,7 @@ def test_it_reproduces_its_stated_accuracy(bundle, shared_data):
     labels = test.labels.numpy()
     prediction = bundle.predict(images)
     network = (prediction.logits.argmax(1) == labels).mean()
-    votes, _, _ = bundle.knn(prediction.embeddings, neighbours=1)
+    votes, _, _, _ = bundle.knn(prediction.embeddings, neighbours=1)
     knn = (votes.argmax(1) == labels).mean()
     assert network == pytest.approx(bundle.manifest.accuracy.onnx, abs=0.001)
     assert knn == pytest.approx(bundle.manifest.knn.test_accuracy, abs=0.001)

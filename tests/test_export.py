@@ -84,9 +84,10 @@ def test_training_and_serving_see_the_same_pixels(bundle_dir, cifar, shared_data
 def test_the_knn_head_answers_votes_and_neighbours(bundle_dir):
     bundle = Bundle.load(bundle_dir)
     embeddings = bundle.predict(np.zeros((3, 32, 32, 3), np.uint8)).embeddings
-    votes, distances, indices = bundle.knn(embeddings, neighbours=4)
+    votes, distances, indices, labels = bundle.knn(embeddings, neighbours=4)
     assert votes.shape == (3, 10) and np.allclose(votes.sum(1), 1)
     assert indices.shape == (3, 4) and indices.max() < 300 and (np.diff(distances, axis=1) >= 0).all()
+    assert labels.shape == (3, 4) and labels.max() < 10
 
 
 @pytest.mark.parametrize("name", ["knn.pkl", "model.onnx"])

@@ -1,0 +1,51 @@
+"""Response models: BentoML puts them in the OpenAPI document, so clients see every field."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Classification(BaseModel):
+    label: str = Field(description="the most probable class")
+    index: int = Field(description="its position in the model's class list")
+    probability: float = Field(ge=0, le=1)
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float = Field(ge=0, le=1)
+
+
+class TopK(BaseModel):
+    top: list[LabelProbability] = Field(description="the k most probable classes, most probable first")
+
+
+class Embedding(BaseModel):
+    embedding: list[float] = Field(description="the penultimate layer: the input of the last Dense layer")
+
+
+class Neighbour(BaseModel):
+    index: int = Field(description="row of the training set the KNN head was fitted on")
+    distance: float
+    label: str
+
+
+class KnnAnswer(BaseModel):
+    label: str = Field(description="the KNN head's vote")
+    votes: dict[str, float] = Field(description="share of the k neighbours per class")
+    neighbours: list[Neighbour]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    recipe: str
+    classes: list[str]
+    embedding_dim: int
+    test_accuracy: float = Field(description="of the ONNX graph on the test set, measured by the export")
+    knn_test_accuracy: float
+    knn_k: int
+    knn_metric: str
+    provider: str = Field(description="the onnxruntime execution provider really in use")
+    default: bool

@@ -1,0 +1,139 @@
+"""The BentoML service: upload bytes → images.decode → uint8 array → Bundle → response model.
+
+    bentoml serve            # in the repository root; bentofile.yaml points here
+
+Settings come from CIFAR10_* environment variables (serving/settings.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import onnxruntime as ort
+from bentoml.exceptions import BadInput, BentoMLException
+
+from serving.bundle import Bundle, BundleError
+from serving.images import ImageError, decode
+from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
+from serving.settings import Settings
+
+log = logging.getLogger("cifar10.service")
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+def load_bundles(settings: Settings) -> dict[str, Bundle]:
+    folders = [settings.models_dir / n for n in settings.models] or sorted(
+        p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file()
+    )
+    if not folders:
+        raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
+    providers = list(settings.providers) or default_providers()
+    bundles = {}
+    for folder in folders:
+        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
+        bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
+        log.info("bundle %s: provider in use %s (asked for %s)", bundle.manifest.name, bundle.providers[0], providers)
+        bundles[bundle.manifest.name] = bundle
+    return bundles
+
+
+@bentoml.service(traffic={"timeout": 60})
+class CIFAR10:
+    def __init__(self) -> None:
+        self.settings = Settings.from_env()
+        self.bundles = load_bundles(self.settings)
+        default = self.settings.default_model
+        self.default = default if default in self.bundles else next(iter(self.bundles))
+
+    def __is_ready__(self) -> bool:
+        return bool(self.bundles)
+
+    def _bundle(self, model: str | None) -> Bundle:
+        name = model or self.default
+        if name not in self.bundles:
+            raise BadInput(f"unknown model {name!r}; loaded: {', '.join(self.bundles)}")
+        return self.bundles[name]
+
+    def _pixels(self, images: list[Path]) -> np.ndarray:
+        if not images:
+            raise BadInput("no image: send one or more files in the multipart field 'images'")
+        if len(images) > self.settings.max_images:
+            raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
+        arrays = []
+        for i, path in enumerate(images):
+            size = path.stat().st_size
+            if size > self.settings.max_image_bytes:
+                raise BentoMLException(
+                    f"image {i}: {size:,} bytes, over the limit of {self.settings.max_image_bytes:,}",
+                    error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                )
+            try:
+                arrays.append(decode(path.read_bytes(), self.settings.limits))
+            except ImageError as exc:
+                raise BadInput(f"image {i}: {exc}") from None
+        return np.stack(arrays)
+
+    @bentoml.api
+    def classify(self, images: list[Path], model: str | None = None) -> list[Classification]:
+        """The most probable class of each image."""
+        bundle = self._bundle(model)
+        probs = bundle.predict(self._pixels(images)).probabilities
+        classes = bundle.manifest.classes
+        return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
+
+    @bentoml.api
+    def topk(self, images: list[Path], k: int = 3, model: str | None = None) -> list[TopK]:
+        """The k most probable classes of each image."""
+        bundle = self._bundle(model)
+        classes = bundle.manifest.classes
+        if not 1 <= k <= len(classes):
+            raise BadInput(f"k must lie in 1..{len(classes)}, got {k}")
+        probs = bundle.predict(self._pixels(images)).probabilities
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
+
+    @bentoml.api
+    def embed(self, images: list[Path], model: str | None = None) -> list[Embedding]:
+        """The penultimate-layer embedding of each image."""
+        embeddings = self._bundle(model).predict(self._pixels(images)).embeddings
+        return [Embedding(embedding=e.tolist()) for e in embeddings]
+
+    @bentoml.api
+    def knn(self, images: list[Path], neighbours: int = 5, model: str | None = None) -> list[KnnAnswer]:
+        """The KNN head's vote on each image's embedding, and its nearest training images."""
+        if not 1 <= neighbours <= self.settings.max_neighbours:
+            raise BadInput(f"neighbours must lie in 1..{self.settings.max_neighbours}, got {neighbours}")
+        bundle = self._bundle(model)
+        classes = bundle.manifest.classes
+        votes, distances, indices, labels = bundle.knn(bundle.predict(self._pixels(images)).embeddings, neighbours)
+        return [
+            KnnAnswer(
+                label=classes[int(v.argmax())],
+                votes={name: float(share) for name, share in zip(classes, v)},
+                neighbours=[Neighbour(index=int(i), distance=float(d), label=classes[int(c)]) for i, d, c in zip(*row)],
+            )
+            for v, row in zip(votes, zip(indices, distances, labels))
+        ]
+
+    @bentoml.api(route="/models")
+    def models(self) -> list[ModelSummary]:
+        """The loaded bundles: what they are, how good, and where they run."""
+        return [
+            ModelSummary(
+                name=name, version=b.manifest.version, architecture=b.manifest.architecture,
+                recipe=b.manifest.recipe.get("name", ""), classes=list(b.manifest.classes),
+                embedding_dim=b.manifest.embedding_dim, test_accuracy=b.manifest.accuracy.onnx,
+                knn_test_accuracy=b.manifest.knn.test_accuracy, knn_k=b.manifest.knn.k, knn_metric=b.manifest.knn.metric,
+                provider=b.providers[0], default=name == self.default,
+            )  # fmt: skip
+            for name, b in self.bundles.items()
+        ]

@@ -1,0 +1,44 @@
+"""Every limit and choice of the service, from CIFAR10_* environment variables, with defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.images import DEFAULT_LIMITS, Limits
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CIFAR10_{name}", default)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path = Path("models")
+    models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
+    default_model: str = "cnn"  # used when a request names none; falls back to the first loaded
+    providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
+    threads: int = 0  # onnxruntime intra-op threads per session; 0 lets onnxruntime choose
+    max_images: int = 64  # images per request
+    max_image_bytes: int = 10_000_000  # per uploaded file
+    max_neighbours: int = 50
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            models_dir=Path(_env("MODELS_DIR", "models")),
+            models=_names(_env("MODELS", "")),
+            default_model=_env("DEFAULT_MODEL", "cnn"),
+            providers=_names(_env("PROVIDERS", "")),
+            threads=int(_env("THREADS", "0")),
+            max_images=int(_env("MAX_IMAGES", "64")),
+            max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
+            max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
+            limits=Limits(max_pixels=int(_env("MAX_PIXELS", str(DEFAULT_LIMITS.max_pixels)))),
+        )
