@@ -49,10 +49,18 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
 @bentoml.service(traffic={"timeout": 60})
 class CIFAR10:
     def __init__(self) -> None:
+        # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs
+        from prometheus_client import Counter
+
         self.settings = Settings.from_env()
         self.bundles = load_bundles(self.settings)
         default = self.settings.default_model
         self.default = default if default in self.bundles else next(iter(self.bundles))
+        self.predictions = Counter("cifar10_predictions", "Images classified, per model and label", ["model", "label"])
+
+    def _count(self, bundle: Bundle, labels: list[str]) -> None:
+        for label in labels:
+            self.predictions.labels(model=bundle.manifest.name, label=label).inc()
 
     def __is_ready__(self) -> bool:
         return bool(self.bundles)
@@ -88,6 +96,7 @@ class CIFAR10:
         bundle = self._bundle(model)
         probs = bundle.predict(self._pixels(images)).probabilities
         classes = bundle.manifest.classes
+        self._count(bundle, [classes[i] for i in probs.argmax(1)])
         return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
 
     @bentoml.api
@@ -99,6 +108,7 @@ class CIFAR10:
             raise BadInput(f"k must lie in 1..{len(classes)}, got {k}")
         probs = bundle.predict(self._pixels(images)).probabilities
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        self._count(bundle, [classes[row[0]] for row in order])
         return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
 
     @bentoml.api

@@ -130,6 +130,18 @@ def test_topk_embed_knn_and_models(server, test_images, offline):
     assert models[0]["name"] == "cnn" and models[0]["provider"] == "CPUExecutionProvider" and models[0]["default"]
 
 
+def test_predictions_are_counted_per_model_and_label(server, test_images):
+    before = httpx.get(f"{server}/metrics", timeout=10).text
+    answer = httpx.post(f"{server}/classify", files=upload([encode(test_images[1])] * 3), timeout=60).json()
+    label = answer[0]["label"]
+    line = f'cifar10_predictions_total{{label="{label}",model="cnn"}}'
+
+    def count(text: str) -> float:
+        return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
+
+    assert count(httpx.get(f"{server}/metrics", timeout=10).text) == count(before) + 3
+
+
 def test_concurrent_single_requests_match_one_list_request(server, test_images):
     blobs = [encode(p) for p in test_images[:12]]
     together = httpx.post(f"{server}/classify", files=upload(blobs), timeout=60).json()
