@@ -58,6 +58,14 @@ def read_manifest(folder: Path) -> Manifest:
         raise BundleError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']} ({exc.error_count()} problems)") from exc
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_files(folder: Path, manifest: Manifest) -> None:
     for required in (MODEL_FILE, KNN_FILE):
         if required not in manifest.files:
@@ -66,7 +74,7 @@ def check_files(folder: Path, manifest: Manifest) -> None:
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{path}: missing (the manifest lists it)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256(path)
         if digest != entry.sha256:
             raise BundleError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; refusing to load it")
 
@@ -112,7 +120,8 @@ class Bundle:
         if not isinstance(head, Pipeline):
             raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
         bundle = cls(folder, manifest, session, head)
-        log.info("loaded bundle %s from %s on %s", manifest.name, folder, bundle.providers[0])
+        asked = providers or ["CPUExecutionProvider"]
+        log.info("bundle %s from %s: provider in use %s (asked for %s)", manifest.name, folder, bundle.providers[0], asked)
         return bundle
 
     def predict(self, images: np.ndarray) -> Prediction:

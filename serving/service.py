@@ -21,8 +21,7 @@ from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
 
-log = logging.getLogger("cifar10.service")
-
+log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""

@@ -29,12 +29,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
     port = free_port()
     env = dict(os.environ, CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES))
+    log = open(server_log, "w")  # a file, not a pipe: nobody has to drain it while tests run
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -45,7 +51,7 @@ def server():
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            pytest.fail(f"bentoml serve exited:\n{process.stdout.read()}")
+            pytest.fail(f"bentoml serve exited:\n{server_log.read_text()}")
         time.sleep(0.5)
     else:
         process.kill()
@@ -53,6 +59,11 @@ def server():
     yield url
     process.terminate()
     process.wait(timeout=30)
+    log.close()
+
+
+def test_the_log_names_the_provider_really_in_use(server, server_log):
+    assert "bundle cnn: provider in use CPUExecutionProvider" in server_log.read_text()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ and the accuracies in the manifest are measured on the written graph with onnxru
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from serving.bundle import sha256
 from serving.manifest import (
     KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance,
 )  # fmt: skip
@@ -85,14 +85,6 @@ def verify(model: nn.Module, session: ort.InferenceSession, images: torch.Tensor
     if diff > TOLERANCE or flipped:
         raise UserError(f"the ONNX graph disagrees with PyTorch (max diff {diff:.2e}, {flipped} argmax changes); no bundle written")
     return diff
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_commit() -> str | None:
