@@ -45,7 +45,7 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     return bundles
 
 
-@bentoml.service(traffic={"timeout": 60})
+@bentoml.service(name="cifar10", traffic={"timeout": 60})
 class CIFAR10:
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs

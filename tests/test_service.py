@@ -28,6 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90) -> bool:
+    """Poll /readyz until it answers 200; False if the process dies or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="module")
 def server_log(tmp_path_factory):
     return tmp_path_factory.mktemp("serve") / "serve.log"
@@ -43,19 +56,9 @@ def server(server_log):
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(f"bentoml serve exited:\n{server_log.read_text()}")
-        time.sleep(0.5)
-    else:
+    if not wait_ready(url, process):
         process.kill()
-        pytest.fail("bentoml serve was not ready within 90 s")
+        pytest.fail(f"bentoml serve was not ready within 90 s:\n{server_log.read_text()}")
     yield url
     process.terminate()
     process.wait(timeout=30)

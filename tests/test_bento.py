@@ -1,0 +1,35 @@
+"""`bentoml build` from the repository root, then `bentoml serve <tag>` from another directory."""
+
+import os
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import REPO
+from tests.test_service import free_port, wait_ready
+
+
+def test_the_built_bento_serves_from_anywhere(tmp_path):
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"))
+    bentoml = [sys.executable, "-m", "bentoml"]
+    built = subprocess.run([*bentoml, "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("cifar10:")
+    source = tmp_path / "bentoml" / "bentos" / "cifar10" / tag.split(":")[1] / "src"
+    assert (source / "models" / "cnn" / "knn.pkl").is_file() and (source / "serving" / "service.py").is_file()
+    assert not list(source.glob("training/*")), "the bento must not carry the training code"
+
+    port = free_port()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = subprocess.Popen([*bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)], cwd=elsewhere, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert wait_ready(f"http://127.0.0.1:{port}", server), "the bento did not become ready"
+        models = httpx.post(f"http://127.0.0.1:{port}/models", json={}, timeout=10).json()
+        assert [m["name"] for m in models] == ["cnn"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
