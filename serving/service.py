@@ -14,9 +14,10 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import onnxruntime as ort
-from bentoml.exceptions import BadInput, BentoMLException
+from bentoml.exceptions import BadInput, BentoMLException, ServiceUnavailable
 
-from serving.bundle import Bundle, BundleError
+from serving.batching import Batcher, Overloaded
+from serving.bundle import Bundle, BundleError, Prediction
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
@@ -45,17 +46,29 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     return bundles
 
 
-@bentoml.service(name="cifar10", traffic={"timeout": 60})
+@bentoml.service(name="cifar10", threads=Settings.from_env().request_threads, traffic={"timeout": 60})
 class CIFAR10:
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Histogram
 
-        self.settings = Settings.from_env()
-        self.bundles = load_bundles(self.settings)
-        default = self.settings.default_model
-        self.default = default if default in self.bundles else next(iter(self.bundles))
+        self.settings = s = Settings.from_env()
+        self.bundles = load_bundles(s)
+        self.default = s.default_model if s.default_model in self.bundles else next(iter(self.bundles))
         self.predictions = Counter("cifar10_predictions", "Images classified, per model and label", ["model", "label"])
+        sizes = Histogram("cifar10_batch_size", "Images per onnxruntime call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batchers = {
+            name: Batcher(bundle, s.max_batch_size, s.max_latency_ms, s.max_queue, sizes.labels(model=name).observe)
+            for name, bundle in self.bundles.items()
+        }
+
+    def _predict(self, bundle: Bundle, images: list[Path]) -> Prediction:
+        """Decode, then run in the bundle's batcher together with concurrent requests."""
+        pixels = self._pixels(images)
+        try:
+            return self.batchers[bundle.manifest.name].predict(pixels)
+        except Overloaded as exc:
+            raise ServiceUnavailable(f"{exc}; retry later") from None
 
     def _count(self, bundle: Bundle, labels: list[str]) -> None:
         for label in labels:
@@ -93,7 +106,7 @@ class CIFAR10:
     def classify(self, images: list[Path], model: str | None = None) -> list[Classification]:
         """The most probable class of each image."""
         bundle = self._bundle(model)
-        probs = bundle.predict(self._pixels(images)).probabilities
+        probs = self._predict(bundle, images).probabilities
         classes = bundle.manifest.classes
         self._count(bundle, [classes[i] for i in probs.argmax(1)])
         return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
@@ -105,7 +118,7 @@ class CIFAR10:
         classes = bundle.manifest.classes
         if not 1 <= k <= len(classes):
             raise BadInput(f"k must lie in 1..{len(classes)}, got {k}")
-        probs = bundle.predict(self._pixels(images)).probabilities
+        probs = self._predict(bundle, images).probabilities
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         self._count(bundle, [classes[row[0]] for row in order])
         return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
@@ -113,7 +126,7 @@ class CIFAR10:
     @bentoml.api
     def embed(self, images: list[Path], model: str | None = None) -> list[Embedding]:
         """The penultimate-layer embedding of each image."""
-        embeddings = self._bundle(model).predict(self._pixels(images)).embeddings
+        embeddings = self._predict(self._bundle(model), images).embeddings
         return [Embedding(embedding=e.tolist()) for e in embeddings]
 
     @bentoml.api
@@ -123,7 +136,7 @@ class CIFAR10:
             raise BadInput(f"neighbours must lie in 1..{self.settings.max_neighbours}, got {neighbours}")
         bundle = self._bundle(model)
         classes = bundle.manifest.classes
-        votes, distances, indices, labels = bundle.knn(bundle.predict(self._pixels(images)).embeddings, neighbours)
+        votes, distances, indices, labels = bundle.knn(self._predict(bundle, images).embeddings, neighbours)
         return [
             KnnAnswer(
                 label=classes[int(v.argmax())],

@@ -49,7 +49,10 @@ def server_log(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(server_log):
     port = free_port()
-    env = dict(os.environ, CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES))
+    env = dict(
+        os.environ, CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        CIFAR10_MAX_LATENCY_MS="20",  # so that concurrent requests reliably meet in one batch
+    )  # fmt: skip
     log = open(server_log, "w")  # a file, not a pipe: nobody has to drain it while tests run
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", str(port)],
@@ -156,12 +159,22 @@ def test_predictions_are_counted_per_model_and_label(server, test_images):
     assert count(httpx.get(f"{server}/metrics", timeout=10).text) == count(before) + 3
 
 
-def test_concurrent_single_requests_match_one_list_request(server, test_images):
+def batches(server) -> tuple[float, float]:
+    """(inference calls, images) so far, from the batch-size histogram in /metrics."""
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    value = lambda name: sum(float(r.split()[-1]) for r in text.splitlines() if r.startswith(name + '{model="cnn"'))  # noqa: E731
+    return value("cifar10_batch_size_count"), value("cifar10_batch_size_sum")
+
+
+def test_concurrent_single_requests_match_one_list_request_and_share_batches(server, test_images):
     blobs = [encode(p) for p in test_images[:12]]
     together = httpx.post(f"{server}/classify", files=upload(blobs), timeout=60).json()
+    calls, counted = batches(server)
     with ThreadPoolExecutor(6) as pool:
         alone = list(pool.map(lambda b: httpx.post(f"{server}/classify", files=upload([b]), timeout=60).json()[0], blobs))
     assert alone == together
+    calls_after, counted_after = batches(server)
+    assert counted_after - counted == 12 and calls_after - calls < 12
 
 
 def animated_gif() -> bytes:

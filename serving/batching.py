@@ -1,0 +1,72 @@
+"""Adaptive batching: concurrent requests for one bundle share a single onnxruntime call.
+
+Request threads put their decoded images on a queue and wait; one thread per bundle takes
+everything queued (up to max_batch_size images, waiting at most max_latency_ms for more once
+it has some), runs one inference, and hands each request its rows. Idle, a request runs at once;
+under load, batches grow by themselves while the previous one computes.
+
+BentoML's own batching (`batchable=True`) merges only HTTP calls to an endpoint whose single
+parameter is the batch; ours take a list of uploads plus `model` and `k`, so the merge happens
+here, after decoding, where every request is already a uint8 array.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from serving.bundle import Bundle, Prediction
+
+
+class Overloaded(Exception):
+    """More images are waiting than the queue bound allows; the caller should answer 503."""
+
+
+class Batcher:
+    def __init__(self, bundle: Bundle, max_batch_size: int, max_latency_ms: float, max_queue: int, on_batch=None):
+        self.bundle = bundle
+        self.max_batch_size = max_batch_size
+        self.max_latency = max_latency_ms / 1000
+        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
+        self.on_batch = on_batch or (lambda size: None)  # e.g. a histogram of batch sizes
+        threading.Thread(target=self._run, name=f"batcher-{bundle.manifest.name}", daemon=True).start()
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        future: Future = Future()
+        try:
+            self.queue.put_nowait((images, future))
+        except queue.Full:
+            raise Overloaded(f"{self.queue.maxsize} requests are already waiting for {self.bundle.manifest.name}") from None
+        return future.result()
+
+    def _collect(self) -> list[tuple[np.ndarray, Future]]:
+        batch = [self.queue.get()]
+        size, deadline = len(batch[0][0]), time.monotonic() + self.max_latency
+        while size < self.max_batch_size:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) if self.max_latency else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(item)
+            size += len(item[0])
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            try:
+                prediction = self.bundle.predict(np.concatenate([images for images, _ in batch]))
+            except Exception as exc:  # every waiting request learns of it; the thread lives on
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.on_batch(len(prediction.logits))
+            start = 0
+            for images, future in batch:
+                end = start + len(images)
+                future.set_result(Prediction(prediction.logits[start:end], prediction.embeddings[start:end]))
+                start = end

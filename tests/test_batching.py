@@ -1,0 +1,54 @@
+"""The batcher merges concurrent requests into single onnxruntime calls and bounds its queue."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.batching import Batcher, Overloaded
+from serving.bundle import Bundle
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return Bundle.load(REPO / "models" / "cnn")
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows(bundle):
+    sizes = []
+    batcher = Batcher(bundle, max_batch_size=256, max_latency_ms=50, max_queue=64, on_batch=sizes.append)
+    requests = [images(1 + i % 3, seed=i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(batcher.predict, requests))
+    for request, answer in zip(requests, answers):
+        np.testing.assert_allclose(answer.logits, bundle.predict(request).logits, atol=1e-5)
+    assert sum(sizes) == sum(len(r) for r in requests)
+    assert len(sizes) < len(requests)  # merged: fewer inference calls than requests
+
+
+def test_a_full_queue_refuses_at_once(bundle):
+    class Slow:
+        manifest = bundle.manifest
+
+        def predict(self, pixels):
+            time.sleep(0.5)
+            return bundle.predict(pixels)
+
+    batcher = Batcher(Slow(), max_batch_size=1, max_latency_ms=0, max_queue=1)
+    threads = [threading.Thread(target=batcher.predict, args=(images(1, i),)) for i in range(2)]
+    for thread in threads:  # one computes, one waits in the queue
+        thread.start()
+        time.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(Overloaded, match="1 requests are already waiting"):
+        batcher.predict(images(1, 9))
+    assert time.monotonic() - started < 0.1
+    for thread in threads:
+        thread.join()
