@@ -1,6 +1,5 @@
 """The committed default bundle reproduces, on the 10,000 test images, the accuracy its manifest states."""
 
-import numpy as np
 import pytest
 
 from serving.bundle import Bundle

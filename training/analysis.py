@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from serving.bundle import nearest
 from training.data import Cifar10, Split
 from training.errors import UserError
 from training.evaluate import predict
 from training.hardware import describe
-from serving.bundle import nearest
 from training.knn import VALIDATION_TAIL, fit_head
 from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, top_confusions
 from training.models import Classifier

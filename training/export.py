@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -26,9 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.bundle import sha256
-from serving.manifest import (
-    KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance,
-)  # fmt: skip
+from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from training.analysis import TrainedRun
 from training.data import Cifar10
 from training.errors import UserError
@@ -129,7 +127,7 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
 
     manifest = Manifest(
         name=name,
-        version=datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S"),
+        version=datetime.now(UTC).strftime("%Y%m%d.%H%M%S"),
         architecture=recipe["model"],
         recipe=recipe,
         classes=tuple(data.classes),
@@ -153,7 +151,7 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
         files={f: FileEntry(sha256=sha256(folder / f), bytes=(folder / f).stat().st_size) for f in (MODEL_FILE, KNN_FILE)},
         provenance=Provenance(
             git_commit=git_commit(),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
             versions={p: version(p) for p in ("torch", "onnx", "onnxruntime", "scikit-learn", "numpy")},
             data=data.source,
             run=run.name,

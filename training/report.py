@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from training.analysis import softmax  # noqa: E402
-from training.data import Cifar10, Split  # noqa: E402
-from training.metrics import reliability  # noqa: E402
+from training.analysis import softmax
+from training.data import Cifar10, Split
+from training.metrics import reliability
 
 
 def dataset_facts(data: Cifar10) -> dict:
@@ -191,7 +191,7 @@ EXAMPLE_TITLES = {
 def write_report(out: Path, metrics: dict, arrays: dict, history: list[dict], command: str) -> Path:
     """report.md with its PNGs and metrics.json, all in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    classes, test, knn = metrics["classes"], arrays["test"], metrics["knn"]
+    classes, test = metrics["classes"], arrays["test"]
     for split in ("train", "test"):
         plot_confusion(metrics[split]["confusion"], classes, f"{split} set", out / f"confusion_{split}.png")
     plot_history(history, out / "curves.png")

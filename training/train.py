@@ -13,7 +13,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -243,7 +243,7 @@ def train(
         train_seconds=round(sum(r["seconds"] for r in pos.history), 1),
         wall_seconds_this_session=round(time.perf_counter() - started, 1),
         final=final,
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        finished=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     write_json(run_dir / "run.json", summary)
     return summary
