@@ -23,7 +23,7 @@ from serving.bundle import Bundle, Prediction
 
 
 class Overloaded(Exception):
-    """More images are waiting than the queue bound allows; the caller should answer 503."""
+    """More requests are waiting than the queue bound allows; the caller should answer 429."""
 
 
 class Batcher:

@@ -14,7 +14,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import onnxruntime as ort
-from bentoml.exceptions import BadInput, BentoMLException, ServiceUnavailable
+from bentoml.exceptions import BadInput, BentoMLException
 
 from serving.batching import Batcher, Overloaded
 from serving.bundle import Bundle, BundleError, Prediction
@@ -67,8 +67,8 @@ class CIFAR10:
         pixels = self._pixels(images)
         try:
             return self.batchers[bundle.manifest.name].predict(pixels)
-        except Overloaded as exc:
-            raise ServiceUnavailable(f"{exc}; retry later") from None
+        except Overloaded as exc:  # 429, not 503: BentoML hides the message of every 5xx
+            raise BentoMLException(f"{exc}; retry later", error_code=HTTPStatus.TOO_MANY_REQUESTS) from None
 
     def _count(self, bundle: Bundle, labels: list[str]) -> None:
         for label in labels:

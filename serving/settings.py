@@ -30,8 +30,14 @@ class Settings:
     request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
     max_batch_size: int = 256  # images in one onnxruntime call across requests
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
-    max_queue: int = 64  # requests waiting per model; beyond it a request gets 503 at once
+    max_queue: int = 64  # requests waiting per model; beyond it a request gets 429 at once
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+
+    def __post_init__(self) -> None:
+        positive = ("request_threads", "max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_neighbours")
+        bad = [f"CIFAR10_{name.upper()}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if bad or self.threads < 0 or self.max_latency_ms < 0:
+            raise ValueError(f"settings must be positive (threads and latency may be 0): {bad or [self.threads, self.max_latency_ms]}")
 
     @classmethod
     def from_env(cls) -> Settings:

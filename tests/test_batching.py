@@ -52,3 +52,11 @@ def test_a_full_queue_refuses_at_once(bundle):
     assert time.monotonic() - started < 0.1
     for thread in threads:
         thread.join()
+
+
+def test_settings_refuse_a_zero_queue(monkeypatch):
+    from serving.settings import Settings
+
+    monkeypatch.setenv("CIFAR10_MAX_QUEUE", "0")  # queue.Queue(0) would mean unbounded
+    with pytest.raises(ValueError, match="CIFAR10_MAX_QUEUE=0"):
+        Settings.from_env()
