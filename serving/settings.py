@@ -13,6 +13,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CIFAR10_{name}", default)
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -23,7 +28,7 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "cnn"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
-    threads: int = 0  # onnxruntime intra-op threads per session; 0 lets onnxruntime choose
+    threads: int = field(default_factory=lambda: _cores())  # onnxruntime intra-op threads per session; 0: its own choice
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_neighbours: int = 50
@@ -46,7 +51,7 @@ class Settings:
             models=_names(_env("MODELS", "")),
             default_model=_env("DEFAULT_MODEL", "cnn"),
             providers=_names(_env("PROVIDERS", "")),
-            threads=int(_env("THREADS", "0")),
+            threads=int(_env("THREADS", str(_cores()))),
             max_images=int(_env("MAX_IMAGES", "64")),
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
