@@ -28,7 +28,7 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "cnn"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
-    threads: int = field(default_factory=lambda: _cores())  # onnxruntime intra-op threads per session; 0: its own choice
+    threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session; 0: its own choice
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_neighbours: int = 50
