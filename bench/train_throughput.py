@@ -16,10 +16,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from training.evaluate import autocast
-from training.hardware import bf16_is_fast, describe
+from training.hardware import bf16_is_fast, describe, forward_flops, peak_flops
 from training.models import build_model
 from training.recipes import RECIPES
 from training.train import make_optimizer, pick_device
@@ -29,41 +28,6 @@ SETTINGS = {  # name: (bf16 autocast, channels_last)
     "eager fp32": (False, False),
     "bf16 + channels_last": (True, True),
 }
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """The best rate of a large matmul and of a large 3×3 convolution in this dtype: an effective
-    peak, since oneDNN may compute 3×3 convolutions with fewer multiplications (Winograd).
-
-    Both count: on AMD CPUs PyTorch's matmul (MKL) reaches far less than its convolutions
-    (oneDNN), and a peak below what the models reach would make the ratios meaningless.
-    """
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    x = torch.randn(64, 256, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    kernels = {
-        "matmul": (lambda: a @ a, 2 * 2048**3),
-        "conv": (lambda: F.conv2d(x, w, padding=1), 2 * 64 * 256 * 32 * 32 * 256 * 9),
-    }
-    best = 0.0
-    for run, flops in kernels.values():
-        run()  # warm-up
-        end = time.perf_counter() + seconds / len(kernels)
-        while time.perf_counter() < end:
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, flops / (time.perf_counter() - start))
-    return best
-
-
-def forward_flops(model: torch.nn.Module) -> float:
-    """FLOPs of one forward pass for one 32×32 image (a multiply-add counts as 2)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    return counter.get_total_flops()
 
 
 def step_throughput(name: str, device: torch.device, bf16: bool, channels_last: bool, seconds: float) -> float:

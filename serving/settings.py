@@ -33,7 +33,7 @@ class Settings:
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_neighbours: int = 50
     request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
-    max_batch_size: int = 256  # images in one onnxruntime call across requests
+    max_batch_size: int = 64  # images in one onnxruntime call; the CNN's rate peaks at 8-64 (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
     max_queue: int = 64  # requests waiting per model; beyond it a request gets 429 at once
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
@@ -56,7 +56,7 @@ class Settings:
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
             request_threads=int(_env("REQUEST_THREADS", "8")),
-            max_batch_size=int(_env("MAX_BATCH_SIZE", "256")),
+            max_batch_size=int(_env("MAX_BATCH_SIZE", "64")),
             max_latency_ms=float(_env("MAX_LATENCY_MS", "0")),
             max_queue=int(_env("MAX_QUEUE", "64")),
             limits=Limits(max_pixels=int(_env("MAX_PIXELS", str(DEFAULT_LIMITS.max_pixels)))),

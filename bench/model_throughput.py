@@ -1,0 +1,88 @@
+"""Inference throughput of a bundle in process: onnxruntime against PyTorch eager, by batch size.
+
+    python bench/model_throughput.py [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3]
+
+onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
+eager runs the same trained weights (from --run, else an untrained model of the bundle's
+architecture: the cost is the same) in fp32 and in bf16 autocast. Each figure is the best of
+alternating rounds, and "of peak" relates it to the machine's effective fp32 peak measured in
+the same run (training.hardware.peak_flops), forward FLOPs × images/s over that peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.bundle import Bundle
+from training.evaluate import autocast
+from training.hardware import describe, forward_flops, peak_flops
+from training.models import build_model
+
+BATCHES = (1, 8, 64, 256)
+
+
+def rate(run, batch: int, seconds: float) -> float:
+    run()  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        count += 1
+    return count * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default="models/cnn")
+    parser.add_argument("--run", help="the run the bundle came from, for the PyTorch side (optional)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per setting and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    bundle = Bundle.load(args.bundle)
+    manifest = bundle.manifest
+    model = build_model(manifest.architecture, manifest.normalization.mean, manifest.normalization.std)
+    if args.run:
+        from training.train import load_checkpoint
+
+        model.load_state_dict(load_checkpoint(Path(args.run))["model"])
+    model.eval()
+    cpu = torch.device("cpu")
+    flops = forward_flops(model)
+    peak = peak_flops(cpu, torch.float32)
+    print(f"device: {describe(cpu)}; onnxruntime on {bundle.providers[0]}; bundle {manifest.name} ({manifest.architecture})")
+    print(f"forward: {flops / 1e9:.3f} GFLOP/image; effective fp32 peak {peak / 1e9:.0f} GFLOP/s")
+
+    def settings(batch: int) -> dict:
+        pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        nchw = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+        def eager(bf16: bool):
+            def run():
+                with torch.no_grad(), autocast(cpu, bf16):
+                    model(nchw)
+
+            return run
+
+        return {"onnxruntime fp32": lambda: bundle.predict(pixels), "PyTorch eager fp32": eager(False), "PyTorch eager bf16": eager(True)}
+
+    best: dict[tuple[int, str], float] = {}
+    for _ in range(args.rounds):
+        for batch in BATCHES:
+            for name, run in settings(batch).items():
+                best[batch, name] = max(best.get((batch, name), 0.0), rate(run, batch, args.seconds))
+
+    names = list(settings(1))
+    print(f"\n{'batch':>5s}  " + "  ".join(f"{n:>20s}" for n in names) + f"  {'ort / eager fp32':>16s}  {'ort of peak':>11s}")
+    for batch in BATCHES:
+        row = [best[batch, n] for n in names]
+        ratio = row[0] / row[1]
+        print(f"{batch:5d}  " + "  ".join(f"{r:14.0f} img/s" for r in row) + f"  {ratio:15.2f}x  {row[0] * flops / peak:10.0%}")
+
+
+if __name__ == "__main__":
+    main()
