@@ -153,3 +153,21 @@ def test_serving_never_imports_torch():
 
     code = "import sys, serving.bundle, serving.manifest; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_export_refuses_a_graph_that_disagrees_with_pytorch():
+    from training.errors import UserError
+    from training.export import verify
+
+    torch_logits = np.eye(4, 10, dtype=np.float32)
+    assert verify(torch_logits + 1e-5, torch_logits) <= 1e-3
+    with pytest.raises(UserError, match="disagrees with PyTorch.*no bundle written"):
+        verify(torch_logits + 0.01, torch_logits)
+
+
+def test_predict_refuses_anything_but_uint8_nhwc(bundle_dir):
+    bundle = Bundle.load(bundle_dir)
+    with pytest.raises(ValueError, match=r"uint8 \[N, 32, 32, 3\]"):
+        bundle.predict(np.zeros((1, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \[N, 32, 32, 3\]"):
+        bundle.predict(np.zeros((1, 32, 32, 3), np.float32))
