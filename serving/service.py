@@ -31,6 +31,8 @@ def default_providers() -> list[str]:
 
 
 def load_bundles(settings: Settings) -> dict[str, Bundle]:
+    if not settings.models_dir.is_dir():
+        raise BundleError(f"models folder {settings.models_dir} not found; set CIFAR10_MODELS_DIR or run from the repository root")
     folders = [settings.models_dir / n for n in settings.models] or sorted(
         p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file()
     )

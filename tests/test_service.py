@@ -213,3 +213,20 @@ def test_bad_input_is_a_4xx_and_the_next_request_succeeds(server, test_images, c
 def test_k_out_of_range_is_a_400(server, test_images, k):
     answer = httpx.post(f"{server}/topk", files=upload([encode(test_images[0])]), data={"k": k}, timeout=60)
     assert answer.status_code == 400 and "k must lie in 1..10" in answer.text
+
+
+@pytest.mark.parametrize("neighbours", ["0", "51"])
+def test_neighbours_out_of_range_is_a_400(server, test_images, neighbours):
+    answer = httpx.post(f"{server}/knn", files=upload([encode(test_images[0])]), data={"neighbours": neighbours}, timeout=60)
+    assert answer.status_code == 400 and "neighbours must lie in 1..50" in answer.text
+
+
+def test_a_missing_or_empty_models_folder_fails_loudly(tmp_path):
+    from serving.bundle import BundleError
+    from serving.service import load_bundles
+    from serving.settings import Settings
+
+    with pytest.raises(BundleError, match="not found; set CIFAR10_MODELS_DIR"):
+        load_bundles(Settings(models_dir=tmp_path / "absent"))
+    with pytest.raises(BundleError, match="no bundle in"):
+        load_bundles(Settings(models_dir=tmp_path))

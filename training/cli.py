@@ -7,7 +7,6 @@ commands that need no torch keep working on a serving-only install.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,13 +18,14 @@ from training.knn import KNN_COMPONENTS
 def cmd_data(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
     from training.report import dataset_facts, format_facts, sample_grid
+    from training.train import write_json
 
     data = load_cifar10(args.data_dir, download=args.download)
     facts = dataset_facts(data)
     print(format_facts(facts))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    write_json(out / "facts.json", facts)
     grid = sample_grid(data.train, data.classes, per_class=args.per_class, path=out / "samples.png")
     print(f"\nwrote {out / 'facts.json'} and {grid}")
 

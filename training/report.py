@@ -15,6 +15,7 @@ import torch
 from training.analysis import softmax
 from training.data import Cifar10, Split
 from training.metrics import reliability
+from training.train import write_json
 
 
 def dataset_facts(data: Cifar10) -> dict:
@@ -207,7 +208,7 @@ def write_report(out: Path, metrics: dict, arrays: dict, history: list[dict], co
     rows = len(neighbours["indices"])
     plot_neighbours(arrays["test_images"][:rows], test.labels[:rows], arrays["train_split"], neighbours["indices"],
                     neighbours["distances"], classes, out / "neighbours.png")  # fmt: skip
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     report = out / "report.md"
     report.write_text(_markdown(metrics, test, history, command))
     return report
