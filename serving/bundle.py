@@ -98,6 +98,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+# Images per onnxruntime call: activation memory grows with the batch (times the views of test-time
+# augmentation), and beyond a few hundred images the rate no longer does (docs/performance.md).
+PREDICT_CHUNK = 256
+
+
 class Bundle:
     """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
 
@@ -125,11 +130,13 @@ class Bundle:
         return bundle
 
     def predict(self, images: np.ndarray) -> Prediction:
-        """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them."""
+        """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them; any N, in bounded memory."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
-        logits, embeddings = self.session.run(["logits", "embedding"], {"images": images})
-        return Prediction(logits, embeddings)
+        if len(images) <= PREDICT_CHUNK:
+            return Prediction(*self.session.run(["logits", "embedding"], {"images": images}))
+        parts = [self.predict(images[i : i + PREDICT_CHUNK]) for i in range(0, len(images), PREDICT_CHUNK)]
+        return Prediction(np.concatenate([p.logits for p in parts]), np.concatenate([p.embeddings for p in parts]))
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""

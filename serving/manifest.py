@@ -14,6 +14,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 KNN_FILE = "knn.pkl"
+TestTimeAugmentation = Literal["none", "flip", "flip-translate"]
+TTA_LEVELS: tuple[str, ...] = TestTimeAugmentation.__args__
 
 
 class Strict(BaseModel):
@@ -93,6 +95,10 @@ class Manifest(Strict):
     normalization: Normalization
     embedding_dim: int = Field(ge=1)
     outputs: tuple[Literal["logits"], Literal["embedding"]] = ("logits", "embedding")
+    test_time_augmentation: TestTimeAugmentation = Field(
+        default="none",
+        description="views averaged inside the graph: 'flip' runs 2 per image, 'flip-translate' 6",
+    )
     accuracy: Accuracy
     knn: KnnHead
     variants: tuple[Variant, ...] = ()

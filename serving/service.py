@@ -21,6 +21,7 @@ from serving.bundle import Bundle, BundleError, Prediction
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
+from serving.uploads import RawImageBody, refuse_urls_for_files
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 
@@ -28,6 +29,12 @@ def default_providers() -> list[str]:
     """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""
     available = ort.get_available_providers()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+def preload_cuda(providers: list[str]) -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) when CUDA is asked for."""
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def load_bundles(settings: Settings) -> dict[str, Bundle]:
@@ -39,6 +46,7 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     if not folders:
         raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
     providers = list(settings.providers) or default_providers()
+    preload_cuda(providers)
     bundles = {}
     for folder in folders:
         bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
@@ -161,3 +169,10 @@ class CIFAR10:
             )  # fmt: skip
             for name, b in self.bundles.items()
         ]
+
+
+refuse_urls_for_files()
+# One image may also come as the raw body (Content-Type image/* or application/octet-stream).
+CIFAR10.add_asgi_middleware(
+    RawImageBody, paths=("/classify", "/topk", "/embed", "/knn"), max_bytes=Settings.from_env().max_image_bytes
+)

@@ -26,7 +26,7 @@ def _names(value: str) -> tuple[str, ...]:
 class Settings:
     models_dir: Path = Path("models")
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
-    default_model: str = "cnn"  # used when a request names none; falls back to the first loaded
+    default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session; 0: its own choice
     max_images: int = 64  # images per request
@@ -49,7 +49,7 @@ class Settings:
         return cls(
             models_dir=Path(_env("MODELS_DIR", "models")),
             models=_names(_env("MODELS", "")),
-            default_model=_env("DEFAULT_MODEL", "cnn"),
+            default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
             threads=int(_env("THREADS", str(_cores()))),
             max_images=int(_env("MAX_IMAGES", "64")),

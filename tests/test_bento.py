@@ -6,8 +6,8 @@ import sys
 
 import httpx
 
+from bench.harness import running
 from tests.conftest import REPO
-from tests.test_service import free_port, wait_ready
 
 
 def test_the_built_bento_serves_from_anywhere(tmp_path):
@@ -18,18 +18,12 @@ def test_the_built_bento_serves_from_anywhere(tmp_path):
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("cifar10:")
     source = tmp_path / "bentoml" / "bentos" / "cifar10" / tag.split(":")[1] / "src"
-    assert (source / "models" / "cnn" / "knn.pkl").is_file() and (source / "serving" / "service.py").is_file()
+    assert (source / "models" / "airbench" / "knn.pkl").is_file() and (source / "serving" / "service.py").is_file()
     assert not list(source.glob("training/*")), "the bento must not carry the training code"
 
-    port = free_port()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    server = subprocess.Popen([*bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)], cwd=elsewhere, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        assert wait_ready(f"http://127.0.0.1:{port}", server), "the bento did not become ready"
-        models = httpx.post(f"http://127.0.0.1:{port}/models", json={}, timeout=10).json()
-        assert [m["name"] for m in models] == ["cnn"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    command = [*bentoml, "serve", tag, "--host", "127.0.0.1", "--port", "{port}"]
+    with running(command, tmp_path / "serve.log", env=env, cwd=elsewhere) as url:
+        models = httpx.post(f"{url}/models", json={}, timeout=10).json()
+        assert [m["name"] for m in models] == ["airbench", "cnn"]

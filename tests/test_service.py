@@ -1,12 +1,8 @@
 """A real `bentoml serve` process on a free port, exercised over HTTP with real CIFAR-10 test images."""
 
 import io
-import os
 import pickle
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,31 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.harness import running
 from serving.bundle import Bundle
 from serving.images import decode
 from tests.conftest import REPO
 from tests.test_images import png_header_only
 
 MAX_IMAGE_BYTES = 200_000  # small, so that the 413 test needs no huge upload
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90) -> bool:
-    """Poll /readyz until it answers 200; False if the process dies or time runs out."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +26,19 @@ def server_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(server_log):
-    port = free_port()
     env = dict(
-        os.environ, CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        CIFAR10_DEFAULT_MODEL="cnn",  # the cheap committed bundle; the default one is checked by name below
         CIFAR10_MAX_LATENCY_MS="20",  # so that concurrent requests reliably meet in one batch
     )  # fmt: skip
-    log = open(server_log, "w")  # a file, not a pipe: nobody has to drain it while tests run
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    if not wait_ready(url, process):
-        process.kill()
-        pytest.fail(f"bentoml serve was not ready within 90 s:\n{server_log.read_text()}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
+    with running(command, server_log, env=env) as url:
+        yield url
 
 
 def test_the_log_names_the_provider_really_in_use(server, server_log):
-    assert "bundle cnn: provider in use CPUExecutionProvider" in server_log.read_text()
+    log = server_log.read_text()
+    assert "bundle cnn: provider in use CPUExecutionProvider" in log and "bundle airbench: provider in use" in log
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +112,19 @@ def test_topk_embed_knn_and_models(server, test_images, offline):
     votes = offline.knn(offline.predict(pixels).embeddings, 3)[0]
     assert [r["label"] for r in knn] == [offline.manifest.classes[i] for i in votes.argmax(1)]
     assert all(len(r["neighbours"]) == 3 and abs(sum(r["votes"].values()) - 1) < 1e-6 for r in knn)
-    models = httpx.post(f"{server}/models", json={}, timeout=10).json()
-    assert models[0]["name"] == "cnn" and models[0]["provider"] == "CPUExecutionProvider" and models[0]["default"]
+    models = {m["name"]: m for m in httpx.post(f"{server}/models", json={}, timeout=10).json()}
+    assert sorted(models) == ["airbench", "cnn"] and models["cnn"]["default"] and not models["airbench"]["default"]
+    assert {m["provider"] for m in models.values()} == {"CPUExecutionProvider"}
+
+
+def test_the_default_bundle_serves_by_name_with_its_test_time_augmentation(server, test_images):
+    blobs = [encode(p) for p in test_images[:16]]
+    served = httpx.post(f"{server}/classify", files=upload(blobs), data={"model": "airbench"}, timeout=60).json()
+    bundle = Bundle.load(REPO / "models" / "airbench")
+    assert bundle.manifest.test_time_augmentation == "flip-translate"
+    expected = bundle.predict(np.stack([decode(b) for b in blobs])).probabilities
+    assert [r["index"] for r in served] == expected.argmax(1).tolist()
+    assert np.allclose([r["probability"] for r in served], expected.max(1), atol=1e-5)
 
 
 def test_predictions_are_counted_per_model_and_label(server, test_images):
@@ -177,6 +157,37 @@ def test_concurrent_single_requests_match_one_list_request_and_share_batches(ser
     assert counted_after - counted == 12 and calls_after - calls < 12
 
 
+def test_one_image_as_the_raw_body_answers_like_an_upload(server, test_images, offline):
+    blob = encode(test_images[5])
+    uploaded = httpx.post(f"{server}/topk", files=upload([blob]), data={"k": "2"}, timeout=60).json()
+    raw = httpx.post(f"{server}/topk?k=2", content=blob, headers={"Content-Type": "image/png"}, timeout=60)
+    assert raw.status_code == 200, raw.text
+    assert raw.json() == uploaded and len(raw.json()[0]["top"]) == 2
+    octets = httpx.post(f"{server}/classify", content=blob, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert octets.json()[0]["index"] == int(offline.predict(decode(blob)[None]).logits.argmax())
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "status", "message"),
+    [
+        (b"hello", "", 400, "not an image"),
+        (b"", "", 400, "empty"),
+        (b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "", 413, "over the limit"),
+        (b"\x89PNG", "?model=resnet", 400, "unknown model"),
+        (b"\x89PNG", "?k=0", 400, "k must lie in 1..10"),
+    ],
+)
+def test_bad_raw_bodies_are_4xx(server, body, query, status, message):
+    answer = httpx.post(f"{server}/topk{query}", content=body, headers={"Content-Type": "image/png"}, timeout=60)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()[0]["error"]
+
+
+def test_a_url_in_place_of_a_file_is_refused_not_fetched(server):
+    answer = httpx.post(f"{server}/classify", data={"images": "https://example.com/cat.png"}, timeout=60)
+    assert answer.status_code == 400 and "does not fetch URLs" in answer.json()[0]["error"]
+
+
 def animated_gif() -> bytes:
     frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     out = io.BytesIO()
@@ -195,7 +206,7 @@ BAD = {
     "file over the size limit": (
         [encode(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))], {}, 413, "over the limit"
     ),
-    "unknown model": ([encode(np.zeros((32, 32, 3), np.uint8))], {"model": "resnet"}, 400, "loaded: cnn"),
+    "unknown model": ([encode(np.zeros((32, 32, 3), np.uint8))], {"model": "resnet"}, 400, "loaded: airbench, cnn"),
 }
 
 

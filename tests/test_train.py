@@ -34,7 +34,7 @@ def test_training_lowers_the_loss(cifar, tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
     table = runs_table(tmp_path / "runs")
-    assert "| first | cnn-baseline (first 512) | 3 |" in table
+    assert "| first | cnn-baseline (first 512) | 0 | 3 |" in table
 
 
 def test_resume_continues_the_same_history(cifar, tmp_path):
@@ -60,10 +60,18 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "training.cli", *args]
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp_path):
-    common = ["--data-dir", str(shared_data), "--limit", "3000", "--epochs", "2"]
+@pytest.mark.parametrize(
+    ("recipe", "options"),
+    [
+        ("cnn-baseline", ["--limit", "3000", "--epochs", "2"]),
+        # the fast loop's schedule spans the whole run, and its lookahead starts at epoch 4
+        ("fast", ["--limit", "1024", "--batch-size", "128", "--epochs", "5"]),
+    ],
+)
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp_path, recipe, options):
+    common = ["--data-dir", str(shared_data), *options]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    interrupted = subprocess.Popen(_cli("train", "cnn-baseline", *common, "--runs-dir", str(tmp_path / "x")), env=env,
+    interrupted = subprocess.Popen(_cli("train", recipe, *common, "--runs-dir", str(tmp_path / "x")), env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list((tmp_path / "x").glob("*/checkpoint.pt")) and time.monotonic() < deadline:
@@ -75,11 +83,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp
     (run,) = (tmp_path / "x").iterdir()
     resumed = subprocess.run(_cli("train", "--resume", str(run), "--data-dir", str(shared_data)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    unbroken = subprocess.run(_cli("train", "cnn-baseline", *common, "--runs-dir", str(tmp_path / "y")), capture_output=True, text=True)
+    unbroken = subprocess.run(_cli("train", recipe, *common, "--runs-dir", str(tmp_path / "y")), capture_output=True, text=True)
     assert unbroken.returncode == 0, unbroken.stderr
     (reference,) = (tmp_path / "y").iterdir()
     history = json.loads((run / "history.json").read_text())
-    assert len(history) == 2
+    assert len(history) == int(options[-1])
     assert without_seconds(history) == without_seconds(json.loads((reference / "history.json").read_text()))
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from serving.manifest import TTA_LEVELS
 from training.errors import UserError
 from training.knn import KNN_COMPONENTS
 
@@ -42,6 +43,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
+    from training.fast import train_fast
     from training.hardware import bf16_is_fast, describe
     from training.recipes import get_recipe
     from training.train import load_checkpoint, new_run_dir, pick_device, train
@@ -70,11 +72,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
     print(f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; run folder {run_dir}")
-    summary = train(recipe, data, run_dir, device, bf16, resume=resume)
+    loop = train_fast if recipe.get("loop") == "fast" else train
+    summary = loop(recipe, data, run_dir, device, bf16, resume=resume)
     final = summary["final"]
+    tta = "".join(f", with {level} {result['accuracy']:.4f}" for level, result in final.get("test_tta", {}).items())
     print(
         f"done in {summary['train_seconds']:.0f}s: train accuracy {final['train']['accuracy']:.4f}, "
-        f"test accuracy {final['test']['accuracy']:.4f} ({run_dir / 'run.json'})"
+        f"test accuracy {final['test']['accuracy']:.4f}{tta} ({run_dir / 'run.json'})"
     )
 
 
@@ -114,10 +118,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     data = load_cifar10(args.data_dir, download=args.download)
     run = load_trained(Path(args.run), data)
     out = Path(args.models_dir) / args.name
-    manifest = export(run, data, out, args.name, components=args.knn_components or None)
+    tta = args.tta or run.checkpoint["recipe"].get("tta", "none")
+    manifest = export(run, data, out, args.name, components=args.knn_components or None, tta=tta)
     total = sum(f.bytes for f in manifest.files.values())
     print(
-        f"wrote {out} ({total / 1e6:.1f} MB): ONNX test accuracy {manifest.accuracy.onnx:.2%} "
+        f"wrote {out} ({total / 1e6:.1f} MB): ONNX test accuracy {manifest.accuracy.onnx:.2%} (test-time augmentation: {tta}) "
         f"(PyTorch {manifest.accuracy.pytorch:.2%}), KNN k={manifest.knn.k} {manifest.knn.metric} "
         f"{manifest.knn.test_accuracy:.2%} (full embedding {manifest.knn.test_accuracy_full_embedding:.2%})"
     )
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--models-dir", default="models", help="where bundles go (default: models)")
     export.add_argument("--knn-components", type=int, default=KNN_COMPONENTS,
                         help=f"PCA dimensions of the KNN head, 0 for the whole embedding (default: {KNN_COMPONENTS})")  # fmt: skip
+    export.add_argument("--tta", choices=TTA_LEVELS,
+                        help="test-time augmentation inside the graph (default: the recipe's, else none)")  # fmt: skip
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 

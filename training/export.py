@@ -25,17 +25,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from serving.bundle import sha256
+from serving.bundle import PREDICT_CHUNK, sha256
 from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from training.analysis import TrainedRun
 from training.data import Cifar10
 from training.errors import UserError
 from training.evaluate import predict
 from training.knn import KNN_COMPONENTS, fit_head
+from training.models import TestTimeAugmentation
 
 TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch, both fp32
 OPSET = 18
-ORT_BATCH = 1000
 
 
 class PixelsIn(nn.Module):
@@ -63,12 +63,15 @@ def export_onnx(model: nn.Module, path: Path) -> None:
         dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
     )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
+    batch_dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:  # the exporter can fall back to the example's fixed size
+        raise UserError(f"the exported graph fixed its batch size at {batch_dim.dim_value}; the model must not depend on it")
 
 
 def run_onnx(session: ort.InferenceSession, images: np.ndarray, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, embeddings) for uint8 NHWC images, in batches; progress labels a progress bar."""
-    starts = tqdm(range(0, len(images), ORT_BATCH), desc=progress, unit="batch", leave=False, disable=None if progress else True)
-    outs = [session.run(["logits", "embedding"], {"images": images[i : i + ORT_BATCH]}) for i in starts]
+    starts = tqdm(range(0, len(images), PREDICT_CHUNK), desc=progress, unit="batch", leave=False, disable=None if progress else True)
+    outs = [session.run(["logits", "embedding"], {"images": images[i : i + PREDICT_CHUNK]}) for i in starts]
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
@@ -90,14 +93,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def export(run: TrainedRun, data: Cifar10, out: Path, name: str, components: int | None = KNN_COMPONENTS) -> Manifest:
-    """Write the bundle to a temporary folder, then move it into place: never half a bundle."""
+def export(
+    run: TrainedRun, data: Cifar10, out: Path, name: str, components: int | None = KNN_COMPONENTS, tta: str = "none"
+) -> Manifest:
+    """Write the bundle to a temporary folder, then move it into place: never half a bundle.
+
+    tta: test-time augmentation built into the graph (models.TTA_LEVELS); the KNN head is fitted
+    on the embeddings that graph gives, so it matches what serving computes.
+    """
     if out.exists():
         raise UserError(f"{out} exists; remove it or choose another --name")
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
     try:
-        manifest = _write_bundle(run, data, folder, name, components)
+        manifest = _write_bundle(run, data, folder, name, components, tta)
         folder.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (containers)
         folder.rename(out)
     except BaseException:
@@ -106,13 +115,14 @@ def export(run: TrainedRun, data: Cifar10, out: Path, name: str, components: int
     return manifest
 
 
-def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, components: int | None) -> Manifest:
+def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, components: int | None, tta: str) -> Manifest:
     recipe = run.checkpoint["recipe"]
     train, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))
-    export_onnx(run.model, folder / MODEL_FILE)
+    model = TestTimeAugmentation(run.model.float(), tta)
+    export_onnx(model, folder / MODEL_FILE)
     session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
     test_logits, test_embeddings = run_onnx(session, to_nhwc(test.images), "onnxruntime test")
-    torch_logits = predict(run.model.float(), test.images, torch.device("cpu"), bf16=False, progress="PyTorch test")[0].numpy()
+    torch_logits = predict(model, test.images, torch.device("cpu"), bf16=False, progress="PyTorch test")[0].numpy()
     diff = verify(test_logits, torch_logits)  # every test image, before anything else is written
     labels = test.labels.numpy()
     train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[1]
@@ -129,6 +139,7 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
         classes=tuple(data.classes),
         normalization=Normalization(mean=tuple(run.checkpoint["mean"]), std=tuple(run.checkpoint["std"])),
         embedding_dim=int(test_embeddings.shape[1]),
+        test_time_augmentation=tta,
         accuracy=Accuracy(
             test_images=len(labels),
             onnx=float((test_logits.argmax(1) == labels).mean()),

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serving.manifest import TTA_LEVELS
 from training.errors import UserError
 
 NUM_CLASSES = 10
@@ -36,12 +37,12 @@ class Normalize(nn.Module):
 class Classifier(nn.Module):
     """normalise → body (ends at the penultimate layer) → dropout → linear head."""
 
-    def __init__(self, body: nn.Module, embedding_dim: int, dropout: float, mean, std):
+    def __init__(self, body: nn.Module, embedding_dim: int, dropout: float, mean, std, head_bias: bool = True):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.body = body
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(embedding_dim, NUM_CLASSES)
+        self.head = nn.Linear(embedding_dim, NUM_CLASSES, bias=head_bias)
         self.embedding_dim = embedding_dim
 
     def forward_with_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +89,94 @@ def _vgg_classifier(features: nn.Sequential, flat: int, mean, std, freeze: bool)
         p.requires_grad_(not freeze)
     body = nn.Sequential(features, nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True), nn.BatchNorm1d(256))
     return Classifier(body, embedding_dim=256, dropout=0.5, mean=mean, std=std)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _same_conv(cin: int, cout: int) -> nn.Conv2d:
+    """3×3, no bias (BatchNorm follows), the first `cin` filters initialised to the identity."""
+    conv = nn.Conv2d(cin, cout, 3, padding="same", bias=False)
+    nn.init.dirac_(conv.weight.data[:cin])
+    return conv
+
+
+def _fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with a learnt shift only: the scale stays 1 (airbench's choice)."""
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def _conv_group(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        _same_conv(cin, cout), nn.MaxPool2d(2), _fixed_scale_bn(cout), nn.GELU(),
+        _same_conv(cout, cout), _fixed_scale_bn(cout), nn.GELU(),
+    )  # fmt: skip
+
+
+def airbench(mean, std, widths: Sequence[int] = (64, 256, 256), logit_scale: float = 1 / 9) -> Classifier:
+    """The `fast` recipe's network, after Keller Jordan's airbench94: 2×2 whitening conv (its
+    weights are set from the data by training.fast and frozen), three conv groups, no residuals.
+
+    The logit scale sits at the end of the body, so the embedding is the scaled pooled feature:
+    head(s·x) without a bias is s·head(x).
+    """
+    whitening = nn.Conv2d(3, WHITENING_CHANNELS, kernel_size=2, padding=0, bias=True)
+    whitening.weight.requires_grad_(False)
+    body = nn.Sequential(
+        whitening, nn.GELU(),
+        _conv_group(WHITENING_CHANNELS, widths[0]), _conv_group(widths[0], widths[1]), _conv_group(widths[1], widths[2]),
+        nn.MaxPool2d(3), nn.Flatten(), Scale(logit_scale),
+    )  # fmt: skip
+    return Classifier(body, embedding_dim=widths[2], dropout=0.0, mean=mean, std=std, head_bias=False)
+
+
+WHITENING_CHANNELS = 2 * 3 * 2 * 2  # each eigenvector of the 2×2×3 patch covariance, and its negative
+
+class TestTimeAugmentation(nn.Module):
+    """Averages logits and embeddings over mirrored and shifted views, in one batched forward.
+
+    'flip': the image and its mirror. 'flip-translate' (airbench's level 2): half that, plus half
+    the mean over the four views shifted one pixel up-left or down-right (reflect padding), each
+    with its mirror. Being a module, it exports into the ONNX graph with the model.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, model: Classifier, level: str):
+        super().__init__()
+        if level not in TTA_LEVELS:
+            raise UserError(f"unknown test-time augmentation {level!r}; choose one of {', '.join(TTA_LEVELS)}")
+        self.model = model
+        self.level = level
+        # views in order: plain, shifted one pixel down-right, one pixel up-left, then their mirrors
+        weights = {"none": [1], "flip": [1, 1], "flip-translate": [2, 1, 1, 2, 1, 1]}[level]
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights))
+
+    def forward_with_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.level == "none":
+            return self.model.forward_with_embedding(pixels)
+        x = pixels.float()
+        views = [x]
+        if self.level == "flip-translate":
+            size = x.shape[-1]
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            views += [padded[..., :size, :size], padded[..., 2:, 2:]]
+        views += [v.flip(-1) for v in views]
+        logits, embedding = self.model.forward_with_embedding(torch.cat(views))
+        w = self.weights.view(-1, 1, 1)
+        n = x.shape[0]  # not len(x): an int would fix the exported graph's batch size
+        return (logits.view(len(views), n, -1) * w).sum(0), (embedding.view(len(views), n, -1) * w).sum(0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_embedding(pixels)[0]
 
 
 def load_vgg16_features(weights: str) -> nn.Sequential:
@@ -152,6 +241,7 @@ BUILDERS: dict[str, Callable[..., Classifier]] = {
     "seed_cnn": seed_cnn,
     "vgg16_3block": vgg16_3block,
     "vgg16_full": vgg16_full,
+    "airbench": airbench,
 }
 
 

@@ -1,4 +1,4 @@
-"""One dict per experiment of the study: every hyperparameter of a run lives here.
+"""One dict per recipe, every hyperparameter of a run in it: the study's experiments, then ours.
 
 The study used Keras defaults it does not name. We chose the closest PyTorch equivalents:
 Adam with Keras' defaults (lr 1e-3, betas 0.9/0.999, eps 1e-7) since the study's schedule
@@ -35,6 +35,30 @@ _VGG = dict(
     lr=1e-4,  # a fine-tuning rate, so pretrained filters are adjusted rather than overwritten
 )
 
+# Keller Jordan's airbench94 techniques (training/fast.py). The values are airbench94's published
+# ones (epochs rounded up from 9.9), not tuned here.
+_FAST = dict(
+    loop="fast",
+    model="airbench",
+    normalization="channel_zscore",
+    augment=dict(flip="alternating", translate=2),
+    epochs=10,
+    batch_size=1024,
+    lr=11.5,  # per 1024 images, decoupled from momentum (see training/fast.py)
+    momentum=0.85,
+    weight_decay=0.0153,  # per 1024 images, decoupled from the learning rate
+    bias_lr_factor=64.0,  # BatchNorm shifts learn this much faster (without more decay)
+    lr_shape=dict(start=0.2, peak_at=0.23, end=0.07),  # triangular, as fractions of lr
+    label_smoothing=0.2,
+    lookahead=dict(start_epoch=3, every=5, decay=0.95, power=3.0),
+    whitening_images=5000,
+    whitening_bias_epochs=3,
+    tta="flip-translate",  # what the final test accuracy is reported with
+    seed=0,
+    limit=None,
+    holdout=0,
+)
+
 RECIPES: dict[str, dict] = {
     "cnn-baseline": _CNN,
     "cnn-znorm": dict(_CNN, normalization="global_zscore"),
@@ -52,6 +76,8 @@ RECIPES: dict[str, dict] = {
     "vgg16-3block": _VGG,
     "vgg16-full": dict(_VGG, model="vgg16_full"),
     "vgg16-full-imagenet-norm": dict(_VGG, model="vgg16_full", normalization="imagenet"),
+    # Beyond the study (docs/training.md): the fast loop of training/fast.py.
+    "fast": _FAST,
 }
 
 OVERRIDABLE = ("epochs", "batch_size", "lr", "seed", "weights", "freeze", "limit", "holdout")

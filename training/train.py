@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +70,16 @@ def normalization(kind: str, train_images: torch.Tensor) -> tuple[list[float], l
     if kind == "global_zscore":  # one mean and std over every pixel of the training set
         x = train_images.float()
         return [x.mean().item()] * 3, [x.std().item()] * 3
+    if kind == "channel_zscore":
+        x = train_images.float().transpose(0, 1).reshape(3, -1)
+        return x.mean(1).tolist(), x.std(1).tolist()
     if kind == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    raise UserError(f"unknown normalization {kind!r}; use unit, global_zscore or imagenet")
+    raise UserError(f"unknown normalization {kind!r}; use unit, global_zscore, channel_zscore or imagenet")
 
 
 def make_model(recipe: dict, mean, std) -> Classifier:
-    options = {} if recipe["model"] == "seed_cnn" else dict(weights=recipe["weights"], freeze=recipe["freeze"])
+    options = dict(weights=recipe["weights"], freeze=recipe["freeze"]) if recipe["model"].startswith("vgg") else {}
     return build_model(recipe["model"], mean, std, **options)
 
 
@@ -188,17 +192,13 @@ def train(
             if pos.order is None:
                 pos.order = torch.randperm(len(train_set), generator=generator)
             model.train()
-            bar = tqdm(
-                total=steps, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{recipe['epochs']}",
-                disable=None if progress is None else not progress, leave=False, unit="batch",
-            )  # fmt: skip
+            bar = epoch_bar(steps, pos.step, pos.epoch, recipe["epochs"], progress)
             tick = time.perf_counter()
             while pos.step < steps:
                 if sigint["stop"]:
                     pos.seconds += time.perf_counter() - tick
-                    save_checkpoint(run_dir, checkpoint())
                     bar.close()
-                    raise Interrupted(f"interrupted; resume with: cifar10 train --resume {run_dir}")
+                    save_and_stop(run_dir, checkpoint())
                 idx = pos.order[pos.step * recipe["batch_size"] : (pos.step + 1) * recipe["batch_size"]].to(device)
                 x = augment(images[idx], generator, **recipe["augment"]).contiguous(memory_format=torch.channels_last)
                 y = labels[idx]
@@ -224,13 +224,40 @@ def train(
             pos = Position(epoch=pos.epoch + 1, history=pos.history + [row])
             save_checkpoint(run_dir, checkpoint())
             write_json(run_dir / "history.json", pos.history)
-            tqdm.write(
-                f"epoch {row['epoch']:3d}/{recipe['epochs']}  lr {lr:.2e}  loss {row['train_loss']:.4f}  "
-                f"acc {row['train_accuracy']:.4f}  test_loss {row['test_loss']:.4f}  "
-                f"test_acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s"
-            )
+            log_epoch(row, recipe["epochs"])
     # The study reports train accuracy from model.evaluate (no dropout, running BN statistics).
     final = dict(train=evaluate(model, train_set, device, bf16), test=evaluate(model, test_set, device, bf16))
+    return write_summary(run_dir, recipe, data, model, device, bf16, pos.history, started, final)
+
+
+def epoch_bar(steps: int, done: int, epoch: int, epochs: int, progress: bool | None) -> tqdm:
+    """A progress bar per epoch; progress None shows it on terminals only."""
+    return tqdm(
+        total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+        disable=None if progress is None else not progress,
+    )  # fmt: skip
+
+
+def save_and_stop(run_dir: Path, state: dict) -> NoReturn:
+    """Ctrl-C: keep where the run stands, and leave with the command that continues it."""
+    save_checkpoint(run_dir, state)
+    raise Interrupted(f"interrupted; resume with: cifar10 train --resume {run_dir}")
+
+
+def log_epoch(row: dict, epochs: int) -> None:
+    tqdm.write(
+        f"epoch {row['epoch']:3d}/{epochs}  lr {row['lr']:.2e}  loss {row['train_loss']:.4f}  "
+        f"acc {row['train_accuracy']:.4f}  test_loss {row['test_loss']:.4f}  "
+        f"test_acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s"
+    )
+
+
+def write_summary(
+    run_dir: Path, recipe: dict, data: Cifar10, model: Classifier, device: torch.device, bf16: bool,
+    history: list[dict], started: float, final: dict,
+) -> dict:  # fmt: skip
+    """run.json: what was trained, where, how long, and the final metrics."""
+    train_set, _, test_set = data.splits(recipe["limit"], recipe.get("holdout", 0))
     summary = dict(
         recipe=recipe,
         classes=list(data.classes),
@@ -240,7 +267,7 @@ def train(
         device_name=describe(device),
         bf16=bf16,
         torch=torch.__version__,
-        train_seconds=round(sum(r["seconds"] for r in pos.history), 1),
+        train_seconds=round(sum(r["seconds"] for r in history), 1),
         wall_seconds_this_session=round(time.perf_counter() - started, 1),
         final=final,
         finished=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,0 +1,58 @@
+"""Start a server process, wait until it is ready, stop it: shared by the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90, path: str = "/readyz") -> bool:
+    """Poll url+path until it answers 200; False if the process dies or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+@contextmanager
+def running(
+    command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO, ready_path: str = "/readyz"
+) -> Iterator[str]:
+    """Run `command` (which gets the port as {port}) and yield its base URL once it is ready."""
+    port = free_port()
+    with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it
+        process = subprocess.Popen(
+            [part.format(port=port) for part in command], cwd=cwd, env=dict(os.environ, **(env or {})),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_ready(url, process, path=ready_path):
+                raise RuntimeError(f"{command[:4]} was not ready within 90 s; its log:\n{log.read_text()[-3000:]}")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

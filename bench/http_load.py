@@ -1,0 +1,144 @@
+"""HTTP load in the manner of Triton's perf_analyzer: closed-loop clients at fixed concurrency.
+
+    python bench/http_load.py --url http://127.0.0.1:3000            # a server already running
+    python bench/http_load.py --serve                                 # start `bentoml serve` here
+    python bench/http_load.py --serve --env CIFAR10_MAX_LATENCY_MS=5 --concurrency 16 64
+
+Each of `concurrency` clients sends a request, waits for the answer, sends the next, for
+--seconds after a one-second warm-up; requests carry real CIFAR-10 test images as PNG. Printed
+per setting: requests/s, images/s, p50/p90/p99 latency and the error rate (any non-200).
+The client is this one Python process (asyncio + httpx): on a small machine it shares the cores
+with the server, which the figures then include.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from bench.harness import REPO, running
+
+SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
+
+
+def test_pngs(data_dir: Path, count: int) -> list[bytes]:
+    """The first `count` CIFAR-10 test images, PNG-encoded."""
+    with open(data_dir / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    key = "data" if "data" in batch else b"data"
+    pixels = np.asarray(batch[key][:count]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    blobs = []
+    for image in pixels:
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="PNG")
+        blobs.append(out.getvalue())
+    return blobs
+
+
+@dataclass
+class Result:
+    per_request: int
+    concurrency: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+
+    def row(self) -> str:
+        done = len(self.latencies) + self.errors
+        p50, p90, p99 = (np.percentile(self.latencies, q) * 1000 if self.latencies else float("nan") for q in (50, 90, 99))
+        rate = len(self.latencies) / self.seconds
+        return (
+            f"| {self.per_request} | {self.concurrency} | {rate:,.1f} | {rate * self.per_request:,.0f} | "
+            f"{p50:.1f} | {p90:.1f} | {p99:.1f} | {self.errors / max(done, 1):.1%} |"
+        )
+
+
+HEADER = [
+    "| images/request | concurrency | requests/s | images/s | p50 ms | p90 ms | p99 ms | errors |",
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+
+
+async def load(url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, warmup: float = 1.0) -> Result:
+    """`concurrency` closed-loop clients for warmup + seconds; only the timed part is counted."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    counting_from, stop = start + warmup, start + warmup + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def client_loop(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while (now := time.perf_counter()) < stop:
+                files = [("images", (f"{j}.png", blobs[(i + j) % len(blobs)], "image/png")) for j in range(per_request)]
+                i += per_request * concurrency
+                try:
+                    ok = (await client.post("/classify", files=files)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if now >= counting_from:
+                    if ok:
+                        latencies.append(time.perf_counter() - now)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(client_loop(c * per_request) for c in range(concurrency)))
+    return Result(per_request, concurrency, seconds, latencies, errors)
+
+
+def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[int], seconds: float) -> list[Result]:
+    results = []
+    for per_request in sizes:
+        for concurrency in concurrencies:
+            result = asyncio.run(load(url, blobs, per_request, concurrency, seconds))
+            print(result.row(), flush=True)
+            results.append(result)
+    return results
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running service")
+    target.add_argument("--serve", action="store_true", help="start `bentoml serve` in the repository root for the run")
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for --serve")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 64], help="images per request")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per setting")
+    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    args = parser.parse_args()
+
+    blobs = test_pngs(Path(args.data_dir), 1000)
+    print(f"machine: {machine()}; {len(blobs)} CIFAR-10 test images as PNG; {args.seconds:g} s per setting")
+    print("\n".join(HEADER), flush=True)
+    if args.url:
+        run_all(args.url, blobs, args.images, args.concurrency, args.seconds)
+        return
+    env = dict(item.split("=", 1) for item in args.env)
+    print(f"server: bentoml serve serving.service:CIFAR10 {' '.join(args.env)}", file=sys.stderr)
+    (REPO / "logs").mkdir(exist_ok=True)
+    with running(SERVE, REPO / "logs" / "http_load_server.log", env=env) as url:
+        run_all(url, blobs, args.images, args.concurrency, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

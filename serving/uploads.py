@@ -1,0 +1,100 @@
+"""How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
+
+Raw body: `curl --data-binary @cat.png -H 'Content-Type: image/png' 'URL/topk?k=3'`. BentoML 1.4 parses a request body by its Content-Type into the endpoint's parameters; an image
+body has no parameter to go to. This ASGI middleware rewrites such a request into the
+multipart form the endpoints already take (the body as the one file of `images`, the query
+string as form fields), so both forms share every check after it. The body is read up to the
+per-image byte limit and refused with 413 beyond it, before BentoML stores anything.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from urllib.parse import parse_qsl
+
+from bentoml.exceptions import BadInput
+from starlette.datastructures import UploadFile
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class RawImageBody:
+    def __init__(self, app, paths: tuple[str, ...], max_bytes: int):
+        self.app = app
+        self.paths = paths
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if not content_type.startswith(RAW_TYPES):
+            return await self.app(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(int(declared), send)
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._too_large(len(body), send)
+        form, boundary = _multipart(bytes(body), content_type, parse_qsl(scope["query_string"].decode("latin-1")))
+        replaced = {b"content-type", b"content-length"}
+        scope = dict(
+            scope,
+            headers=[(k, v) for k, v in scope["headers"] if k not in replaced]
+            + [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"content-length", str(len(form)).encode())],
+        )
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: wait for the client's disconnect
+            sent = True
+            return {"type": "http.request", "body": form, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, size: int, send) -> None:
+        # the shape BentoML gives its own 4xx answers, so clients parse one format
+        body = json.dumps([{"error": f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}"}]).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _multipart(image: bytes, content_type: str, fields: list[tuple[str, str]]) -> tuple[bytes, bytes]:
+    boundary = secrets.token_hex(16).encode()
+    parts = [
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value.encode() + b"\r\n"
+        for name, value in fields
+        if name != "images" and name.isidentifier()
+    ]
+    parts.append(
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; filename="body"\r\n'
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + image + b"\r\n"
+    )
+    return b"".join(parts) + b"--" + boundary + b"--\r\n", boundary
+
+
+def refuse_urls_for_files() -> None:
+    """Make a text value where a file upload belongs a 400, instead of a download.
+
+    BentoML 1.4 fetches a URL sent in place of a file (MultipartSerde.ensure_file). A server that
+    fetches what clients name can be steered at other hosts (SSRF); this one never fetches.
+    """
+    from _bentoml_impl.serde import MultipartSerde
+
+    async def files_only(value):
+        if isinstance(value, UploadFile):
+            return value
+        raise BadInput("'images' must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
+
+    MultipartSerde.ensure_file = staticmethod(files_only)

@@ -1,0 +1,104 @@
+"""The `fast` recipe's parts: whitening, schedule, augmentation, test-time augmentation, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from serving.bundle import Bundle
+from training.analysis import load_trained
+from training.data import load_cifar10
+from training.export import export
+from training.fast import epoch_images, init_whitening, lr_factor, train_fast
+from training.models import TestTimeAugmentation, airbench
+from training.recipes import get_recipe
+from training.train import load_checkpoint, normalization
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    return load_cifar10(shared_data)
+
+
+def test_the_first_conv_whitens_training_patches(cifar):
+    images = cifar.train.images[:1000]
+    model = airbench(*normalization("channel_zscore", images))
+    init_whitening(model, images)
+    with torch.no_grad():
+        out = model.body[0](model.normalize(images)) - model.body[0].bias.view(1, -1, 1, 1)
+    half = out[:, :12].permute(1, 0, 2, 3).reshape(12, -1).double()  # the other 12 are their negatives
+    covariance = half @ half.T / half.shape[1]
+    # unit variance along every eigenvector (less the eps on tiny eigenvalues), no correlation
+    assert torch.allclose(covariance.diagonal()[6:], torch.ones(6, dtype=torch.float64), atol=0.02)
+    off_diagonal = covariance - torch.diag(covariance.diagonal())
+    assert off_diagonal.abs().max() < 0.02
+    assert torch.equal(out[:, 12:], -out[:, :12])
+
+
+def test_the_schedule_is_a_triangle():
+    shape = get_recipe("fast")["lr_shape"]
+    assert lr_factor(shape, 0.0) == pytest.approx(0.2)
+    assert lr_factor(shape, 0.23) == pytest.approx(1.0)
+    assert lr_factor(shape, 1.0) == pytest.approx(0.07)
+    assert lr_factor(shape, 0.1) == pytest.approx(0.2 + 0.8 * 0.1 / 0.23)
+
+
+def test_epoch_images_are_crops_mirrored_on_odd_epochs(cifar):
+    images = cifar.train.images[:200]
+    padded = torch.nn.functional.pad(images.float(), (2,) * 4, mode="reflect").to(torch.uint8)
+    even = epoch_images(padded, 2, 0, torch.Generator().manual_seed(0))
+    odd = epoch_images(padded, 2, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(odd, even.flip(-1))  # same draws, mirrored
+    crops = padded.unfold(2, 32, 1).unfold(3, 32, 1)  # [N, 3, 5, 5, 32, 32]: every offset
+    matches = (crops == even[:, :, None, None]).flatten(start_dim=4).all(-1).all(1)  # [N, 5, 5]
+    assert matches.any(-1).any(-1).all()  # every image is one of its 25 crops
+    assert matches.flatten(1).float().argmax(1).unique().numel() > 10  # and the offsets vary
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror(cifar):
+    model = airbench(*normalization("channel_zscore", cifar.train.images[:500])).eval()
+    x = cifar.test.images[:8]
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+        assert torch.allclose(TestTimeAugmentation(model, "flip")(x), (plain + mirrored) / 2, atol=1e-5)
+        assert torch.equal(TestTimeAugmentation(model, "none")(x), plain)
+        six = TestTimeAugmentation(model, "flip-translate")
+        assert six.weights.sum().item() == pytest.approx(1.0) and len(six.weights) == 6
+        assert not torch.allclose(six(x), plain, atol=1e-3)
+        # a uniform image looks the same in every view, so averaging them changes nothing
+        uniform = torch.full((2, 3, 32, 32), 120, dtype=torch.uint8)
+        assert torch.allclose(six(uniform), model(uniform), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fast_run(cifar, tmp_path_factory):
+    """Two epochs on 2,048 images, the lookahead active from the start (resume: tests/test_train.py)."""
+    run_dir = tmp_path_factory.mktemp("fast")
+    recipe = get_recipe("fast", epochs=2, limit=2048, batch_size=256)
+    recipe["lookahead"] = dict(recipe["lookahead"], start_epoch=0)
+    summary = train_fast(recipe, cifar, run_dir, CPU, bf16=True, progress=False)
+    return run_dir, summary
+
+
+def test_fast_training_learns(fast_run):
+    run_dir, summary = fast_run
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert summary["final"]["test"]["accuracy"] > 0.25  # 2,048 images, 2 epochs: well above chance
+    assert set(summary["final"]["test_tta"]) == {"flip", "flip-translate"}
+    assert load_checkpoint(run_dir)["lookahead"] is not None
+
+
+def test_export_puts_the_tta_inside_the_graph(fast_run, cifar, tmp_path):
+    run = load_trained(fast_run[0], cifar)
+    manifest = export(run, cifar, tmp_path / "fast", "fast", components=8, tta="flip")
+    assert manifest.test_time_augmentation == "flip"
+    pixels = cifar.test.images[:16].permute(0, 2, 3, 1).contiguous().numpy()
+    got = Bundle.load(tmp_path / "fast").predict(pixels).logits
+    with torch.no_grad():
+        plain = run.model.float().eval()(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        mirrored = run.model(torch.from_numpy(pixels[:, :, ::-1].copy()).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(got, ((plain + mirrored) / 2).numpy(), atol=1e-4)
