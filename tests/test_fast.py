@@ -102,3 +102,10 @@ def test_export_puts_the_tta_inside_the_graph(fast_run, cifar, tmp_path):
         plain = run.model.float().eval()(torch.from_numpy(pixels).permute(0, 3, 1, 2))
         mirrored = run.model(torch.from_numpy(pixels[:, :, ::-1].copy()).permute(0, 3, 1, 2))
     np.testing.assert_allclose(got, ((plain + mirrored) / 2).numpy(), atol=1e-4)
+
+
+def test_a_fast_run_resumes_only_at_its_own_length(fast_run, capsys):
+    from training.cli import main
+
+    assert main(["train", "--resume", str(fast_run[0]), "--epochs", "5"]) == 1
+    assert "schedule spans its whole length" in capsys.readouterr().err

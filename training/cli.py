@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from serving.manifest import TTA_LEVELS
-from training.errors import UserError
+from training.errors import Interrupted, UserError
 from training.knn import KNN_COMPONENTS
 
 
@@ -60,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume = load_checkpoint(Path(args.resume))
         if args.recipe and args.recipe != resume["recipe"]["name"]:
             raise UserError(f"{args.resume} is a {resume['recipe']['name']} run, not {args.recipe}")
+        if resume["recipe"].get("loop") == "fast" and args.epochs not in (None, resume["recipe"]["epochs"]):
+            raise UserError("a fast run's schedule spans its whole length; --resume it as it was, without --epochs")
         recipe = dict(resume["recipe"], epochs=args.epochs or resume["recipe"]["epochs"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
     elif args.recipe:
@@ -128,6 +130,50 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from serving.bundle import Bundle, BundleError
+    from serving.inputs import Columns, InputError, read_inputs
+    from serving.scoring import Options, ScoringError, score
+
+    folder = Path(args.models_dir) / args.model
+    if not (folder / "manifest.json").is_file():
+        found = sorted(p.name for p in Path(args.models_dir).glob("*/manifest.json")) if Path(args.models_dir).is_dir() else []
+        raise UserError(f"no bundle {args.model!r} in {args.models_dir}; found: {', '.join(found) or 'none'}")
+    output, source = Path(args.output), Path(args.input)
+    if args.topk < 0 or args.batch_size < 1 or args.workers < 1 or args.threads < 0:
+        raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
+    try:
+        bundle = Bundle.load(folder, threads=args.threads or None)
+        if args.topk > len(bundle.manifest.classes):
+            raise UserError(f"--topk must lie in 0..{len(bundle.manifest.classes)}, got {args.topk}")
+        options = Options(args.model, bundle.manifest.version, str(source.resolve()), args.topk, args.embeddings, args.knn)
+        columns = Columns(path=args.path_column, image=args.image_column, id=args.id_column, label=args.label_column)
+        if args.engine == "spark":
+            from serving.spark import score_spark
+
+            summary = score_spark(source, folder, output, options, columns, master=args.master, chunk=args.batch_size)
+        else:
+            chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
+            with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:
+                summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
+    except (BundleError, InputError, ScoringError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished chunks are kept: run the same command again to resume into {output}") from None
+    if summary.rows == 0 and not summary.new:
+        print(f"{output} is already complete; nothing to do")
+        return
+    accuracy = f", accuracy {summary.accuracy:.2%} on {summary.labelled:,} labelled" if summary.accuracy is not None else ""
+    print(
+        f"wrote {output}: {summary.rows:,} rows, {summary.failed:,} failed{accuracy}; this run read {summary.new:,} "
+        f"inputs ({summary.skipped:,} done before) at {summary.images_per_second:,.0f} images/s"
+    )
+    for failure in summary.failures:
+        print(f"  failed: {failure}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from training.report import compare_table
 
@@ -188,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")
     report.set_defaults(func=cmd_report)
 
+    score = sub.add_parser("score", help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
+    score.add_argument("input", help="a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file")
+    score.add_argument("--model", required=True, help="bundle name under --models-dir")
+    score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv; a re-run with the same output resumes")
+    score.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
+    score.add_argument("--engine", choices=["local", "spark"], default="local",
+                       help="local: this machine; spark: PySpark (pip install 'cifar10-serve[spark]')")  # fmt: skip
+    score.add_argument("--master", default="local[*]", help="Spark master URL for --engine spark (default: local[*])")
+    score.add_argument("--topk", type=int, default=0, metavar="K", help="also the K most probable classes")
+    score.add_argument("--embeddings", action="store_true", help="also the embedding vector")
+    score.add_argument("--knn", action="store_true", help="also the KNN head's label and nearest training images")
+    score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together, written as one part (default: 1024)")
+    score.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: the cores)")
+    score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
+    score.add_argument("--path-column", default="path", help="table column of image paths (default: path)")
+    score.add_argument("--image-column", default="image", help="table column of image bytes (default: image)")
+    score.add_argument("--id-column", default="id", help="table column of row ids (default: id, else the path or row number)")
+    score.add_argument("--label-column", default="label", help="table column of true labels, if any (default: label)")
+    score.set_defaults(func=cmd_score)
+
     train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
     train.add_argument("recipe", nargs="?", help="recipe name, e.g. cnn-baseline")
     add_data_options(train)
@@ -208,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_extra(command: str, module: str | None) -> str | None:
+    """The optional extra that brings a module the command failed to import, if any."""
+    if module in ("pyspark", "pandas"):
+        return "spark"
+    if command == "score":
+        return "score" if module in ("pyarrow", "tqdm") else None
+    return "train" if module in ("torch", "torchvision", "tqdm", "matplotlib", "onnx") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("CIFAR10_DEBUG") == "1"
@@ -219,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar10 {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
-        if debug or exc.name not in {"torch", "torchvision", "tqdm", "matplotlib"}:
+        extra = missing_extra(args.command, exc.name)
+        if debug or extra is None:
             raise
-        print(f"cifar10 {args.command}: error: needs the training extra: pip install 'cifar10-serve[train]'", file=sys.stderr)
+        print(f"cifar10 {args.command}: error: needs the {extra} extra: pip install 'cifar10-serve[{extra}]'", file=sys.stderr)
         return 1
     return 0
 

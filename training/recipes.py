@@ -35,14 +35,15 @@ _VGG = dict(
     lr=1e-4,  # a fine-tuning rate, so pretrained filters are adjusted rather than overwritten
 )
 
-# Keller Jordan's airbench94 techniques (training/fast.py). The values are airbench94's published
-# ones (epochs rounded up from 9.9), not tuned here.
+# Keller Jordan's airbench94 techniques (training/fast.py), with airbench94's published values
+# except the length: 16 epochs, not 9.9, chosen over 10 on 5,000 held-out training images
+# (93.92% against 93.62%; docs/training.md), since this CPU's time budget allows it.
 _FAST = dict(
     loop="fast",
     model="airbench",
     normalization="channel_zscore",
     augment=dict(flip="alternating", translate=2),
-    epochs=10,
+    epochs=16,
     batch_size=1024,
     lr=11.5,  # per 1024 images, decoupled from momentum (see training/fast.py)
     momentum=0.85,

@@ -71,8 +71,8 @@ def sample_grid(split: Split, classes, per_class: int, path: Path) -> Path:
 def runs_table(runs_dir: Path) -> str:
     """Markdown: every finished run under runs_dir, oldest first; then each recipe's mean over seeds."""
     rows = [
-        "| run | recipe | seed | epochs | train acc | test acc | test acc, TTA | train time | median s/epoch | device |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| run | recipe | seed | epochs | train acc | held-out acc | test acc | test acc, TTA | train time | median s/epoch | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     by_recipe: dict[str, list[dict]] = {}
     for summary_file in sorted(runs_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime):
@@ -83,26 +83,28 @@ def runs_table(runs_dir: Path) -> str:
         variant = f" (first {recipe['limit']})" if recipe.get("limit") else ""
         if recipe["model"].startswith("vgg"):
             variant += f", weights {recipe['weights']}"
+        if recipe.get("holdout"):
+            variant += f", holdout {recipe['holdout']}"
         tta = recipe.get("tta", "none")
         tta_accuracy = final["test_tta"][tta]["accuracy"] if tta != "none" else None
         if len(history) == recipe["epochs"]:
-            by_recipe.setdefault(recipe["name"] + variant, []).append(dict(summary, tta_accuracy=tta_accuracy))
+            by_recipe.setdefault((recipe["name"] + variant, len(history)), []).append(dict(summary, tta_accuracy=tta_accuracy))
         rows.append(
             f"| {summary_file.parent.name} | {recipe['name']}{variant} | {recipe['seed']} | {len(history)} | "
-            f"{final['train']['accuracy']:.2%} | {final['test']['accuracy']:.2%} | "
-            f"{f'{tta_accuracy:.2%} ({tta})' if tta_accuracy is not None else '–'} | "
+            f"{final['train']['accuracy']:.2%} | {f'{held:.2%}' if (held := final.get('held_out', {}).get('accuracy')) else '–'} | "
+            f"{final['test']['accuracy']:.2%} | {f'{tta_accuracy:.2%} ({tta})' if tta_accuracy is not None else '–'} | "
             f"{summary['train_seconds'] / 60:.1f} min | {seconds[len(seconds) // 2]:.0f} | "
             f"{summary['device_name']}{', bf16' if summary['bf16'] else ''} |"
         )
     rows += [
         "",
-        "| recipe | runs (seeds) | test acc, mean ± sd [min, max] | with TTA, mean ± sd [min, max] | train time, mean |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| recipe | epochs | runs (seeds) | test acc, mean ± sd [min, max] | with TTA, mean ± sd [min, max] | train time, mean |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, runs in by_recipe.items():
+    for (name, epochs), runs in by_recipe.items():
         tta = [r["tta_accuracy"] for r in runs if r["tta_accuracy"] is not None]
         rows.append(
-            f"| {name} | {len(runs)} ({', '.join(str(r['recipe']['seed']) for r in runs)}) | "
+            f"| {name} | {epochs} | {len(runs)} ({', '.join(str(r['recipe']['seed']) for r in runs)}) | "
             f"{_spread([r['final']['test']['accuracy'] for r in runs])} | {_spread(tta) if tta else '–'} | "
             f"{sum(r['train_seconds'] for r in runs) / len(runs) / 60:.1f} min |"
         )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.data import Cifar10, augment
-from training.errors import UserError
+from training.errors import Interrupted, UserError
 from training.evaluate import autocast, evaluate
 from training.hardware import describe
 from training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, count_parameters, read_torch_file
@@ -30,12 +30,6 @@ from training.recipes import lr_at
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-
-
-class Interrupted(UserError):
-    """Ctrl-C: the run was saved and can be resumed."""
-
-    exit_code = 130  # the shell's convention for SIGINT
 
 
 @dataclass

@@ -1,0 +1,249 @@
+"""Offline batch scoring on one machine: inputs → images.decode (a thread pool) → Bundle.predict → a table.
+
+    cifar10 score INPUT --model NAME --output OUT.parquet|OUT.csv [--topk K] [--embeddings] [--knn]
+
+The next chunk is decoded while the current one is inferred, in one large onnxruntime call.
+Each finished chunk is written as its own file under OUT.parts/ (atomically), so an
+interrupted run keeps what it did and a re-run with the same output skips those rows; OUT
+itself appears, by a rename, only once every input is scored. Inputs that fail to decode get a
+row with `error` set and never stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.bundle import Bundle
+from serving.images import DEFAULT_LIMITS, ImageError, Limits, decode
+from serving.inputs import Record
+
+OPTIONS_FILE = "options.json"
+
+
+class ScoringError(ValueError):
+    """The run cannot go on as asked (e.g. the output holds another run); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a run computes; a resumed run must ask for the same."""
+
+    model: str
+    model_version: str
+    input: str
+    topk: int = 0
+    embeddings: bool = False
+    knn: bool = False
+
+
+@dataclass
+class Summary:
+    rows: int = 0  # in the output
+    failed: int = 0  # rows with an error
+    new: int = 0  # inputs this run read (the rest were done by an earlier, interrupted run)
+    skipped: int = 0
+    seconds: float = 0.0
+    accuracy: float | None = None  # over the rows whose true label is known
+    labelled: int = 0
+    output: str = ""
+    failures: list[str] = field(default_factory=list)  # the first few, for the report
+
+    @property
+    def images_per_second(self) -> float:
+        return self.new / self.seconds if self.seconds else 0.0
+
+
+def schema(options: Options):
+    import pyarrow as pa
+
+    fields = [("id", pa.string()), ("label", pa.string()), ("index", pa.int32()), ("probability", pa.float32()), ("true_label", pa.string())]
+    if options.topk:
+        fields += [("topk_labels", pa.list_(pa.string())), ("topk_probabilities", pa.list_(pa.float32()))]
+    if options.embeddings:
+        fields.append(("embedding", pa.list_(pa.float32())))
+    if options.knn:
+        fields += [("knn_label", pa.string()), ("knn_neighbours", pa.list_(pa.int64())), ("knn_distances", pa.list_(pa.float32()))]
+    fields.append(("error", pa.string()))
+    return pa.schema(fields)
+
+
+def record_pixels(record: Record, limits: Limits) -> np.ndarray | str:
+    """The record's uint8 pixels, or the reason it has none."""
+    if isinstance(record.source, np.ndarray):
+        return record.source
+    try:
+        data = record.source.read_bytes() if isinstance(record.source, Path) else record.source
+        return decode(data, limits)
+    except (ImageError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+
+
+def score_chunk(bundle: Bundle, records: list[Record], decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:
+    """One chunk's output columns: one onnxruntime call for every image that decoded."""
+    classes = bundle.manifest.classes
+    good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    columns: dict[str, list] = {name: [None] * len(records) for name in schema(options).names}
+    columns["id"] = [r.id for r in records]
+    columns["true_label"] = [classes[r.label] if r.label is not None else None for r in records]
+    columns["error"] = [d if isinstance(d, str) else None for d in decoded]
+    if not good:
+        return columns
+    prediction = bundle.predict(np.stack([decoded[i] for i in good]))
+    probs = prediction.probabilities
+    if options.knn:
+        votes, distances, indices, _ = bundle.knn(prediction.embeddings, bundle.manifest.knn.k)
+    for row, i in enumerate(good):
+        best = int(probs[row].argmax())
+        columns["label"][i], columns["index"][i], columns["probability"][i] = classes[best], best, float(probs[row, best])
+        if options.topk:
+            order = np.argsort(-probs[row], kind="stable")[: options.topk]
+            columns["topk_labels"][i] = [classes[j] for j in order]
+            columns["topk_probabilities"][i] = probs[row, order].tolist()
+        if options.embeddings:
+            columns["embedding"][i] = prediction.embeddings[row].tolist()
+        if options.knn:
+            columns["knn_label"][i] = classes[int(votes[row].argmax())]
+            columns["knn_neighbours"][i] = indices[row].tolist()
+            columns["knn_distances"][i] = distances[row].tolist()
+    return columns
+
+
+class Parts:
+    """OUT.parts/: one Parquet file per finished chunk, and the options of the run that wrote them."""
+
+    def __init__(self, output: Path, options: Options):
+        self.folder = output.with_name(output.name + ".parts")
+        self.options = options
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stored = self.folder / OPTIONS_FILE
+        if stored.exists():
+            earlier = json.loads(stored.read_text())
+            if earlier != asdict(options):
+                raise ScoringError(
+                    f"{self.folder} holds an interrupted run with other options ({earlier}); "
+                    f"re-run it as it was, or remove {self.folder} to start over"
+                )
+        else:
+            stored.write_text(json.dumps(asdict(options)))
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def done_ids(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        return {i for f in self.files() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
+
+    def write(self, columns: dict[str, list]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        number = len(self.files())
+        final = self.folder / f"part-{number:06d}.parquet"
+        tmp = final.with_suffix(".tmp")
+        pq.write_table(pa.table(columns, schema=schema(self.options)), tmp)
+        os.replace(tmp, final)  # a part is whole or absent
+
+    def merge_into(self, output: Path):
+        """Write every part into `output` (Parquet or CSV by its suffix) through a rename; return the table."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        merged = pa.concat_tables([pq.read_table(f) for f in self.files()]) if self.files() else schema(self.options).empty_table()
+        table = merged
+        tmp = output.with_name(f".{output.name}.tmp")
+        if output.suffix.lower() == ".csv":
+            from pyarrow import csv
+
+            lists = [name for name in table.column_names if pa.types.is_list(table.schema.field(name).type)]
+            for name in lists:  # CSV has no lists: JSON text
+                values = [json.dumps(v) if v is not None else None for v in table.column(name).to_pylist()]
+                table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+            csv.write_csv(table, tmp)
+        else:
+            pq.write_table(table, tmp)
+        os.replace(tmp, output)
+        shutil.rmtree(self.folder)
+        return merged
+
+
+def check_output(output: Path, options: Options) -> None:
+    """An existing OUT is a finished run: fine to keep if it has our columns, an error otherwise."""
+    if output.suffix.lower() not in (".parquet", ".csv"):
+        raise ScoringError(f"--output must end in .parquet or .csv, got {output}")
+    if not output.exists():
+        return
+    if output.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        found = pq.read_schema(output).names
+    else:
+        found = output.open().readline().strip().replace('"', "").split(",")
+    if list(found) != schema(options).names:
+        raise ScoringError(f"{output} exists with other columns ({', '.join(found)}); choose another --output or remove it")
+
+
+def _prefetch(chunks: Iterator[list[Record]], pool: ThreadPoolExecutor, limits: Limits) -> Iterator[tuple[list[Record], list]]:
+    """Yield each chunk with its decoded images while the next chunk decodes in the pool."""
+    pending: tuple[list[Record], list[Future]] | None = None
+    for chunk in chunks:
+        submitted = (chunk, [pool.submit(record_pixels, r, limits) for r in chunk])
+        if pending is not None:
+            yield pending[0], [f.result() for f in pending[1]]
+        pending = submitted
+    if pending is not None:
+        yield pending[0], [f.result() for f in pending[1]]
+
+
+def score(
+    chunks: Iterator[list[Record]],
+    bundle: Bundle,
+    output: Path,
+    options: Options,
+    workers: int = os.cpu_count() or 1,
+    limits: Limits = DEFAULT_LIMITS,
+    progress=None,
+) -> Summary:
+    """Score every record into `output`; resumable, and never a half-written `output`.
+
+    progress: called with the number of rows each finished chunk adds (e.g. a progress bar's update).
+    """
+    check_output(output, options)
+    summary = Summary(output=str(output))
+    if output.exists():  # finished before: nothing to do
+        return summary
+    parts = Parts(output, options)
+    done = parts.done_ids()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for chunk, decoded in _prefetch(_skipping(chunks, done, summary), pool, limits):
+            parts.write(score_chunk(bundle, chunk, decoded, options))
+            summary.new += len(chunk)
+            if progress:
+                progress(len(chunk))
+    summary.seconds = time.perf_counter() - started
+    table = parts.merge_into(output)
+    errors, truth, label = (table.column(c).to_pylist() for c in ("error", "true_label", "label"))
+    summary.rows, summary.failed = table.num_rows, sum(e is not None for e in errors)
+    summary.failures = [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), errors) if e][:10]
+    known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
+    summary.labelled = len(known)
+    summary.accuracy = sum(t == p for t, p in known) / len(known) if known else None
+    return summary
+
+
+def _skipping(chunks: Iterator[list[Record]], done: set[str], summary: Summary) -> Iterator[list[Record]]:
+    for chunk in chunks:
+        todo = [r for r in chunk if r.id not in done]
+        summary.skipped += len(chunk) - len(todo)
+        if todo:
+            yield todo

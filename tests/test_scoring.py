@@ -1,0 +1,179 @@
+"""Offline scoring on real CIFAR-10 test images written as files: same answers as the bundle, resumable."""
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pyarrow import csv
+
+import serving.scoring
+from serving.bundle import Bundle
+from serving.images import decode
+from serving.inputs import Columns, read_inputs
+from serving.scoring import Options, ScoringError, score
+from tests.conftest import REPO
+from training.cli import main
+
+CORRUPT = {"cat/broken.png": b"\x89PNG\r\n\x1a\n not really", "dog/empty.jpg": b"", "notes.txt.png": b"hello"}
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return Bundle.load(REPO / "models" / "cnn")
+
+
+@pytest.fixture(scope="module")
+def test_images(shared_data):
+    with open(shared_data / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    return np.asarray(batch["data"][:300]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), batch["labels"][:300]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, test_images, bundle):
+    """class/NNNN.png for 300 test images, plus three files that are not images."""
+    root = tmp_path_factory.mktemp("images")
+    for i, (pixels, label) in enumerate(zip(*test_images)):
+        path = root / bundle.manifest.classes[label] / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(png(pixels))
+    for name, content in CORRUPT.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def options(**kw) -> Options:
+    return Options(**{"model": "cnn", "model_version": "v", "input": "in", **kw})
+
+
+def run(folder, bundle, output, opts=None, batch=128):
+    return score(read_inputs(folder, bundle.manifest.classes, chunk=batch), bundle, output, opts or options(), workers=2)
+
+
+def test_a_folder_scores_like_the_bundle_and_records_failures(folder, bundle, test_images, tmp_path):
+    summary = run(folder, bundle, tmp_path / "out.parquet", options(topk=3, knn=True))
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows == len(table) == 303 and summary.failed == 3
+    failed = {r["id"]: r["error"] for r in table if r["error"]}
+    assert set(failed) == set(CORRUPT) and "empty" in failed["dog/empty.jpg"] and "not an image" in failed["cat/broken.png"]
+    good = sorted((r for r in table if not r["error"]), key=lambda r: r["id"])
+    pixels = np.stack([decode((folder / r["id"]).read_bytes()) for r in good])
+    expected = bundle.predict(pixels)
+    classes = bundle.manifest.classes
+    assert [r["label"] for r in good] == [classes[i] for i in expected.logits.argmax(1)]
+    assert np.allclose([r["probability"] for r in good], expected.probabilities.max(1), atol=1e-6)
+    assert [r["topk_labels"][0] for r in good] == [r["label"] for r in good]
+    votes = bundle.knn(expected.embeddings, bundle.manifest.knn.k)[0]
+    assert [r["knn_label"] for r in good] == [classes[i] for i in votes.argmax(1)]
+    truth = [r["id"].split("/")[0] for r in good]  # the class folder each file was written to
+    assert [r["true_label"] for r in good] == truth
+    assert summary.accuracy == pytest.approx(np.mean([classes[i] == t for i, t in zip(expected.logits.argmax(1), truth)]))
+    assert not (tmp_path / "out.parquet.parts").exists()
+
+
+def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder, bundle, tmp_path, monkeypatch):
+    real, calls = serving.scoring.score_chunk, []
+
+    def interrupted_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(serving.scoring, "score_chunk", interrupted_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, bundle, tmp_path / "out.parquet", batch=100)
+    assert not (tmp_path / "out.parquet").exists()
+    assert len(list((tmp_path / "out.parquet.parts").glob("part-*.parquet"))) == 2
+    monkeypatch.setattr(serving.scoring, "score_chunk", real)
+    with pytest.raises(ScoringError, match="other options"):
+        run(folder, bundle, tmp_path / "out.parquet", options(topk=2), batch=100)
+    resumed = run(folder, bundle, tmp_path / "out.parquet", batch=100)
+    assert resumed.skipped == 200 and resumed.new == 103 and resumed.rows == 303
+    straight = run(folder, bundle, tmp_path / "straight.parquet", batch=100)
+    by_id = lambda path: sorted(pq.read_table(path).to_pylist(), key=lambda r: r["id"])  # noqa: E731
+    assert by_id(tmp_path / "out.parquet") == by_id(tmp_path / "straight.parquet")
+    assert straight.accuracy == resumed.accuracy
+    again = run(folder, bundle, tmp_path / "out.parquet")  # finished: nothing to do
+    assert again.new == 0
+
+
+def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path):
+    files = sorted(p for p in folder.rglob("*.png") if p.parent.name in bundle.manifest.classes)[:50]
+    paths = pa.table({"path": [str(p.relative_to(folder)) for p in files], "label": [p.parent.name for p in files]})
+    csv.write_csv(paths, folder / "paths.csv")
+    blobs = pa.table({"id": [p.name for p in files], "image": [p.read_bytes() for p in files]})
+    pq.write_table(blobs, tmp_path / "blobs.parquet")
+    from_paths = run(folder / "paths.csv", bundle, tmp_path / "a.parquet")
+    from_bytes = run(tmp_path / "blobs.parquet", bundle, tmp_path / "b.parquet")
+    a, b = pq.read_table(tmp_path / "a.parquet").to_pylist(), pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert [r["label"] for r in a] == [r["label"] for r in b] and from_paths.rows == from_bytes.rows == 50
+    assert from_paths.labelled == 50 and from_bytes.labelled == 0
+
+
+def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shared_data, bundle, tmp_path, capsys):
+    output = tmp_path / "test.csv"
+    code = main(["score", str(shared_data / "test_batch"), "--model", "cnn", "--output", str(output), "--topk", "2", "--models-dir", str(REPO / "models")])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"accuracy {bundle.manifest.accuracy.onnx:.2%} on 10,000 labelled" in out
+    table = csv.read_csv(output).to_pylist()
+    assert len(table) == 10_000 and table[0]["id"] == "test_batch:0"
+    top = json.loads(table[0]["topk_labels"])  # CSV has no lists: they are JSON text
+    assert len(top) == 2 and top[0] == table[0]["label"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet"], "no bundle 'resnet' in"),
+        (["--model", "cnn", "--topk", "11"], "--topk must lie in 0..10"),
+        (["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(folder, args, message, tmp_path, capsys):
+    argv = ["score", str(folder), "--output", str(tmp_path / "o.parquet"), "--models-dir", str(REPO / "models"), *args]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_an_existing_output_of_another_shape_is_refused(folder, bundle, tmp_path):
+    pq.write_table(pa.table({"something": [1]}), tmp_path / "taken.parquet")
+    with pytest.raises(ScoringError, match="exists with other columns"):
+        run(folder, bundle, tmp_path / "taken.parquet")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")
+        run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")
+
+
+def test_spark_scores_the_folder_like_the_local_engine(folder, bundle, tmp_path):
+    pytest.importorskip("pyspark")
+    from serving.spark import score_spark
+
+    local = run(folder, bundle, tmp_path / "local.parquet", options(topk=2))
+    columns = Columns()
+    summary = score_spark(folder, REPO / "models" / "cnn", tmp_path / "spark.parquet", options(topk=2), columns, master="local[2]", chunk=64)
+    assert (tmp_path / "spark.parquet" / "_SUCCESS").is_file() and len(list((tmp_path / "spark.parquet").glob("part-*"))) >= 1
+    by_id = lambda rows: sorted(rows, key=lambda r: r["id"])  # noqa: E731
+    spark_rows = by_id(pq.read_table(tmp_path / "spark.parquet").to_pylist())
+    local_rows = by_id(pq.read_table(tmp_path / "local.parquet").to_pylist())
+    assert [r["id"] for r in spark_rows] == [r["id"] for r in local_rows]
+    assert [(r["label"], r["true_label"], r["topk_labels"], bool(r["error"])) for r in spark_rows] == [
+        (r["label"], r["true_label"], r["topk_labels"], bool(r["error"])) for r in local_rows
+    ]
+    assert np.allclose([r["probability"] or 0 for r in spark_rows], [r["probability"] or 0 for r in local_rows], atol=1e-6)
+    assert summary.rows == local.rows and summary.failed == local.failed == 3 and summary.accuracy == pytest.approx(local.accuracy)
+    with pytest.raises(ScoringError, match="exists"):
+        score_spark(folder, REPO / "models" / "cnn", tmp_path / "spark.parquet", options(topk=2), columns)
