@@ -71,13 +71,16 @@ HEADER = [
 ]
 
 
-async def load(url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, warmup: float = 1.0) -> Result:
+async def load(
+    url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, model: str | None = None, warmup: float = 1.0
+) -> Result:
     """`concurrency` closed-loop clients for warmup + seconds; only the timed part is counted."""
     latencies: list[float] = []
     errors = 0
     start = time.perf_counter()
     counting_from, stop = start + warmup, start + warmup + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    fields = {"model": model} if model else {}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
 
         async def client_loop(offset: int) -> None:
@@ -87,7 +90,7 @@ async def load(url: str, blobs: list[bytes], per_request: int, concurrency: int,
                 files = [("images", (f"{j}.png", blobs[(i + j) % len(blobs)], "image/png")) for j in range(per_request)]
                 i += per_request * concurrency
                 try:
-                    ok = (await client.post("/classify", files=files)).status_code == 200
+                    ok = (await client.post("/classify", files=files, data=fields)).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 if now >= counting_from:
@@ -100,11 +103,11 @@ async def load(url: str, blobs: list[bytes], per_request: int, concurrency: int,
     return Result(per_request, concurrency, seconds, latencies, errors)
 
 
-def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[int], seconds: float) -> list[Result]:
+def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[int], seconds: float, model: str | None) -> list[Result]:
     results = []
     for per_request in sizes:
         for concurrency in concurrencies:
-            result = asyncio.run(load(url, blobs, per_request, concurrency, seconds))
+            result = asyncio.run(load(url, blobs, per_request, concurrency, seconds, model))
             print(result.row(), flush=True)
             results.append(result)
     return results
@@ -124,20 +127,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per setting")
+    parser.add_argument("--model", help="the bundle to ask for (default: the service's default)")
     parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
     args = parser.parse_args()
 
     blobs = test_pngs(Path(args.data_dir), 1000)
-    print(f"machine: {machine()}; {len(blobs)} CIFAR-10 test images as PNG; {args.seconds:g} s per setting")
+    print(f"machine: {machine()}; {len(blobs)} CIFAR-10 test images as PNG; {args.seconds:g} s per setting; model {args.model or 'default'}")
     print("\n".join(HEADER), flush=True)
     if args.url:
-        run_all(args.url, blobs, args.images, args.concurrency, args.seconds)
+        run_all(args.url, blobs, args.images, args.concurrency, args.seconds, args.model)
         return
     env = dict(item.split("=", 1) for item in args.env)
     print(f"server: bentoml serve serving.service:CIFAR10 {' '.join(args.env)}", file=sys.stderr)
     (REPO / "logs").mkdir(exist_ok=True)
     with running(SERVE, REPO / "logs" / "http_load_server.log", env=env) as url:
-        run_all(url, blobs, args.images, args.concurrency, args.seconds)
+        run_all(url, blobs, args.images, args.concurrency, args.seconds, args.model)
 
 
 if __name__ == "__main__":
