@@ -1,8 +1,8 @@
 """HTTP load in the manner of Triton's perf_analyzer: closed-loop clients at fixed concurrency.
 
-    python bench/http_load.py --url http://127.0.0.1:3000            # a server already running
-    python bench/http_load.py --serve                                 # start `bentoml serve` here
-    python bench/http_load.py --serve --env CIFAR10_MAX_LATENCY_MS=5 --concurrency 16 64
+    python -m bench.http_load --url http://127.0.0.1:3000            # a server already running
+    python -m bench.http_load --serve                                 # start `bentoml serve` here
+    python -m bench.http_load --serve --env CIFAR10_MAX_LATENCY_MS=5 --concurrency 16 64
 
 Each of `concurrency` clients sends a request, waits for the answer, sends the next, for
 --seconds after a one-second warm-up; requests carry real CIFAR-10 test images as PNG. Printed

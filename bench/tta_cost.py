@@ -1,6 +1,6 @@
 """What test-time augmentation buys and costs, measured on the served graph (onnxruntime).
 
-    python bench/tta_cost.py RUN [--data-dir DIR] [--seconds 2] [--rounds 2]
+    python -m bench.tta_cost RUN [--data-dir DIR] [--seconds 2] [--rounds 2]
 
 For each level (none, flip, flip-translate) the run is exported to a temporary ONNX graph with
 the augmentation inside it, as `cifar10 export --tta` does; then the table gives its accuracy on

@@ -28,10 +28,14 @@ from serving.scoring import Options, ScoringError, Summary, record_pixels, schem
 
 @cache
 def _worker_bundle(name: str) -> Bundle:
-    """One bundle per Python worker, from the copy Spark shipped with the job."""
-    from pyspark import SparkFiles
+    """One bundle per Python worker, from the copy Spark shipped with the job.
 
-    return Bundle.load(SparkFiles.get(name))
+    Spark runs a task per core, so each session gets the task's cores (spark.task.cpus, 1 by
+    default), not onnxruntime's default of every core on the machine.
+    """
+    from pyspark import SparkFiles, TaskContext
+
+    return Bundle.load(SparkFiles.get(name), threads=TaskContext.get().cpus())
 
 
 def _score_partitions(bundle_name: str, options: Options, chunk: int):

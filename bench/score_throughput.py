@@ -1,0 +1,88 @@
+"""Offline scoring throughput: `cifar10 score` local and Spark on the 10,000 test images as PNG files,
+against onnxruntime in process on the same images already decoded (what decoding and I/O cost).
+
+    python -m bench.score_throughput [--model airbench] [--data-dir DIR] [--folder /tmp/cifar10-test-png]
+
+The PNG folder (class/NNNNN.png) is written once and reused. Each engine scores it into a fresh
+output; the table gives images/s and the accuracy against the bundle manifest's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.http_load import machine
+from serving.bundle import Bundle
+from serving.images import decode
+from serving.inputs import Columns, read_inputs
+from serving.scoring import Options, score
+from serving.spark import score_spark
+from training.data import load_cifar10
+
+
+def write_pngs(folder: Path, images: np.ndarray, labels: np.ndarray, classes) -> None:
+    if len(list(folder.rglob("*.png"))) == len(images):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        path = folder / classes[label] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        path.write_bytes(out.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="airbench")
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "cifar10-test-png"))
+    parser.add_argument("--master", default="local[*]")
+    args = parser.parse_args()
+
+    data = load_cifar10(args.data_dir)
+    images = data.test.images.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = data.test.labels.numpy()
+    folder = Path(args.folder)
+    write_pngs(folder, images, labels, data.classes)
+    bundle_dir = Path(args.models_dir) / args.model
+    bundle = Bundle.load(bundle_dir)
+    stated = bundle.manifest.accuracy.onnx
+    print(f"machine: {machine()}; bundle {args.model} ({bundle.manifest.architecture}, TTA {bundle.manifest.test_time_augmentation}), "
+          f"manifest accuracy {stated:.2%}; {len(images):,} test images as PNG in {folder}")  # fmt: skip
+    rows = []
+
+    files = sorted(folder.rglob("*.png"))
+    decoded = np.stack([decode(p.read_bytes()) for p in files])
+    truth = np.array([data.classes.index(p.parent.name) for p in files])
+    start = time.perf_counter()
+    predicted = bundle.predict(decoded).logits.argmax(1)
+    rows.append(("onnxruntime in process, decoded arrays", len(files) / (time.perf_counter() - start), float((predicted == truth).mean())))
+
+    options = Options(args.model, bundle.manifest.version, str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = score(read_inputs(folder, bundle.manifest.classes), bundle, Path(tmp) / "local.parquet", options)
+        rows.append(("cifar10 score --engine local", local.images_per_second, local.accuracy))
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        spark = score_spark(folder, bundle_dir, Path(tmp) / "spark.parquet", options, Columns(), master=args.master)
+        rows.append((f"cifar10 score --engine spark ({args.master}; after the session is up)", spark.images_per_second, spark.accuracy))
+
+    print("\n| path | images/s | accuracy | = manifest |")
+    print("| --- | ---: | ---: | --- |")
+    for name, rate, accuracy in rows:
+        print(f"| {name} | {rate:,.0f} | {accuracy:.2%} | {'yes' if abs(accuracy - stated) < 5e-5 else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
