@@ -1,4 +1,4 @@
-"""The `fast` recipe's loop: CIFAR-10 to 94% in ten epochs (hyperparameters: recipes.RECIPES["fast"]).
+"""The `fast` recipe's loop: CIFAR-10 past 94% in 16 epochs, 15 minutes on 2 CPU cores (hyperparameters: recipes.RECIPES["fast"]).
 
 Our implementation of the techniques Keller Jordan published as airbench94
 (github.com/KellerJordan/cifar10-airbench; "94% on CIFAR-10 in 3.29 seconds on a single GPU",
@@ -12,7 +12,7 @@ Our implementation of the techniques Keller Jordan published as airbench94
 - alternating flips: a random half of the images is mirrored once, then every image is mirrored
   on odd epochs, so each image is seen both ways in every pair of epochs; and random translation
   by up to 2 pixels with reflect padding;
-- lookahead: from epoch 3, every 5 steps the weights are pulled into an exponential average that
+- lookahead: from the fourth epoch, every 5 steps the weights are pulled into an average that
   tightens towards the end of training;
 - test-time augmentation (models.TestTimeAugmentation) for the reported accuracy, and by
   `cifar10 export --tta` inside the served graph.
