@@ -134,6 +134,7 @@ class Parts:
                 )
         else:
             stored.write_text(json.dumps(asdict(options)))
+        self.written = len(self.files())  # parts of an interrupted run keep their numbers
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -147,8 +148,8 @@ class Parts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        number = len(self.files())
-        final = self.folder / f"part-{number:06d}.parquet"
+        final = self.folder / f"part-{self.written:06d}.parquet"
+        self.written += 1
         tmp = final.with_suffix(".tmp")
         pq.write_table(pa.table(columns, schema=schema(self.options)), tmp)
         os.replace(tmp, final)  # a part is whole or absent
@@ -158,22 +159,28 @@ class Parts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        merged = pa.concat_tables([pq.read_table(f) for f in self.files()]) if self.files() else schema(self.options).empty_table()
-        table = merged
+        files = self.files()
+        table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema(self.options).empty_table()
         tmp = output.with_name(f".{output.name}.tmp")
         if output.suffix.lower() == ".csv":
-            from pyarrow import csv
-
-            lists = [name for name in table.column_names if pa.types.is_list(table.schema.field(name).type)]
-            for name in lists:  # CSV has no lists: JSON text
-                values = [json.dumps(v) if v is not None else None for v in table.column(name).to_pylist()]
-                table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
-            csv.write_csv(table, tmp)
+            _write_csv(table, tmp)
         else:
             pq.write_table(table, tmp)
         os.replace(tmp, output)
         shutil.rmtree(self.folder)
-        return merged
+        return table
+
+
+def _write_csv(table, path: Path) -> None:
+    """CSV has no lists: list columns are written as JSON text."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    for name in table.column_names:
+        if pa.types.is_list(table.schema.field(name).type):
+            values = [json.dumps(v) if v is not None else None for v in table.column(name).to_pylist()]
+            table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+    csv.write_csv(table, path)
 
 
 def check_output(output: Path, options: Options) -> None:

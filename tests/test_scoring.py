@@ -136,15 +136,22 @@ def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shar
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("source", "args", "message"),
     [
-        (["--model", "resnet"], "no bundle 'resnet' in"),
-        (["--model", "cnn", "--topk", "11"], "--topk must lie in 0..10"),
-        (["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
+        (None, ["--model", "resnet"], "no bundle 'resnet' in"),
+        (None, ["--model", "cnn", "--topk", "11"], "--topk must lie in 0..10"),
+        (None, ["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
+        ("missing", ["--model", "cnn"], "input not found"),
+        ("notes.txt", ["--model", "cnn"], "give a folder of images, a .csv or .parquet table"),
     ],
 )
-def test_bad_requests_are_one_line_errors(folder, args, message, tmp_path, capsys):
-    argv = ["score", str(folder), "--output", str(tmp_path / "o.parquet"), "--models-dir", str(REPO / "models"), *args]
+def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_path, capsys):
+    """source None: the image folder; else a file of that name in tmp_path (created unless 'missing')."""
+    if source is not None:
+        source = tmp_path / source
+        if source.name != "missing":
+            source.write_text("not images")
+    argv = ["score", str(source or folder), "--output", str(tmp_path / "o.parquet"), "--models-dir", str(REPO / "models"), *args]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
 
