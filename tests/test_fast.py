@@ -109,3 +109,24 @@ def test_a_fast_run_resumes_only_at_its_own_length(fast_run, capsys):
 
     assert main(["train", "--resume", str(fast_run[0]), "--epochs", "5"]) == 1
     assert "schedule spans its whole length" in capsys.readouterr().err
+
+
+def test_the_study_cnn_learns_with_the_fast_loop(cifar, tmp_path):
+    recipe = get_recipe("cnn-fast", epochs=3, limit=2048, batch_size=128)
+    train_fast(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    # measured in training mode: its BatchNorm statistics (Keras' momentum 0.01) need more steps
+    assert history[2]["train_loss"] < history[0]["train_loss"]
+    assert history[2]["train_accuracy"] > 0.3
+
+
+def test_vgg16_trains_with_the_fast_loop_without_whitening(cifar, tmp_path):
+    recipe = get_recipe("vgg16-fast", epochs=1, limit=128)
+    summary = train_fast(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
+    assert summary["parameters"]["trainable"] > 14_000_000  # all 13 convolutions, with BatchNorm
+    assert np.isfinite(summary["final"]["test"]["loss"])
+
+
+def test_tta_lives_on_the_device_of_its_model():
+    model = airbench([0.0] * 3, [1.0] * 3).to("meta")
+    assert TestTimeAugmentation(model, "flip-translate").weights.device.type == "meta"

@@ -2,13 +2,14 @@ import urllib.error
 
 import pytest
 import torch
-from torchvision.models import vgg16
+from torchvision.models import vgg16, vgg16_bn
 
 from training.errors import UserError
-from training.models import build_model, count_parameters, seed_cnn, vgg16_3block, vgg16_full
+from training.models import build_model, count_parameters, seed_cnn, vgg16_3block, vgg16_bn as vgg16_bn_classifier, vgg16_full
 
 UNIT = ([0.0] * 3, [255.0] * 3)
 IMAGENET_FILE = "vgg16-397923af.pth"  # the file name torchvision's IMAGENET1K_V1 caches
+IMAGENET_BN_FILE = "vgg16_bn-6c64b313.pth"  # and its vgg16_bn's
 
 
 def test_seed_cnn_matches_the_study_table():
@@ -24,7 +25,7 @@ def test_vgg16_3block_matches_the_study_table():
     assert counts["trainable"] == 2_787_402
 
 
-@pytest.mark.parametrize("builder, dim", [(seed_cnn, 1600), (vgg16_3block, 256), (vgg16_full, 256)])
+@pytest.mark.parametrize("builder, dim", [(seed_cnn, 1600), (vgg16_3block, 256), (vgg16_full, 256), (vgg16_bn_classifier, 256)])
 def test_every_model_gives_logits_and_its_penultimate_embedding(builder, dim):
     model = builder(*UNIT).eval()
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -63,6 +64,18 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(features[14].weight, state["features.14.weight"])
     counts = count_parameters(model)
     assert counts["frozen"] == 1_735_488 and counts["trainable"] == 2_787_402 - 1_735_488
+
+
+def test_vgg16_bn_loads_torchvisions_imagenet_vgg16_bn_weights(tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    state = vgg16_bn(weights=None).state_dict()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(state, checkpoints / IMAGENET_BN_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    features = vgg16_bn_classifier(*UNIT, weights="imagenet").body[0]
+    assert torch.equal(features[0].weight, state["features.0.weight"])
+    assert torch.equal(features[41].running_var, state["features.41.running_var"])  # the last BatchNorm
 
 
 def test_missing_imagenet_weights_stop_with_instructions(tmp_path, monkeypatch):

@@ -138,3 +138,10 @@ def test_a_fine_tuning_run_resumes_without_the_pretrained_file(cifar, tmp_path):
     weights.unlink()  # gone, as ImageNet weights are on a machine that resumes elsewhere
     train(recipe, cifar, tmp_path / "run", CPU, bf16=True, resume=load_checkpoint(tmp_path / "run"), progress=False)
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    from training.train import new_run_dir
+
+    folders = {new_run_dir(tmp_path / "runs", "fast") for _ in range(3)}
+    assert len(folders) == 3 and all(f.is_dir() and f.name.startswith("fast-") for f in folders)

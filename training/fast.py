@@ -119,8 +119,8 @@ class Lookahead:
 def epoch_images(padded: torch.Tensor, translate: int, epoch: int, generator: torch.Generator) -> torch.Tensor:
     """Each image cropped back to 32×32 at a random offset of ±translate; all mirrored on odd epochs."""
     size = padded.shape[-1] - 2 * translate
-    offsets = torch.randint(0, 2 * translate + 1, (len(padded), 2), generator=generator)
-    out = torch.empty(len(padded), 3, size, size, dtype=padded.dtype)
+    offsets = torch.randint(0, 2 * translate + 1, (len(padded), 2), generator=generator).to(padded.device)
+    out = torch.empty(len(padded), 3, size, size, dtype=padded.dtype, device=padded.device)
     for dy in range(2 * translate + 1):
         for dx in range(2 * translate + 1):
             chosen = (offsets[:, 0] == dy) & (offsets[:, 1] == dx)
@@ -170,7 +170,7 @@ def train_fast(
     mirrored = torch.rand(len(train_set), generator=torch.Generator().manual_seed(seed)) < 0.5
     images = torch.where(mirrored[:, None, None, None], train_set.images.flip(-1), train_set.images)
     pad = recipe["augment"]["translate"]
-    padded = F.pad(images.float(), (pad,) * 4, mode="reflect").to(torch.uint8)  # integer pixels: exact
+    padded = F.pad(images.float(), (pad,) * 4, mode="reflect").to(device, torch.uint8)  # integer pixels: exact
     labels = train_set.labels.to(device)
     steps = len(train_set) // batch_size
     total_steps = steps * recipe["epochs"]
@@ -180,7 +180,7 @@ def train_fast(
     with stop_on_sigint() as sigint:
         while pos.epoch < recipe["epochs"]:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + pos.epoch)
-            x_epoch = epoch_images(padded, pad, pos.epoch, generator).to(device)
+            x_epoch = epoch_images(padded, pad, pos.epoch, generator)
             order = torch.randperm(len(train_set), generator=generator).to(device)
             if whitening_bias is not None:
                 whitening_bias.requires_grad_(pos.epoch < recipe["whitening_bias_epochs"])

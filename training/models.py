@@ -84,6 +84,14 @@ def vgg16_full(mean, std, weights: str = "none", freeze: bool = False) -> Classi
     return _vgg_classifier(load_vgg16_features(weights), 512, mean, std, freeze)
 
 
+def vgg16_bn(mean, std, weights: str = "none", freeze: bool = False) -> Classifier:
+    """All five blocks with BatchNorm after each convolution (torchvision's vgg16_bn), the same head.
+
+    The variant to train from scratch: plain VGG16 (no BatchNorm) stalls from random weights.
+    """
+    return _vgg_classifier(load_vgg16_features(weights, batch_norm=True), 512, mean, std, freeze)
+
+
 def _vgg_classifier(features: nn.Sequential, flat: int, mean, std, freeze: bool) -> Classifier:
     for p in features.parameters():
         p.requires_grad_(not freeze)
@@ -158,7 +166,8 @@ class TestTimeAugmentation(nn.Module):
         self.level = level
         # views in order: plain, shifted one pixel down-right, one pixel up-left, then their mirrors
         weights = {"none": [1], "flip": [1, 1], "flip-translate": [2, 1, 1, 2, 1, 1]}[level]
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights))
+        device = model.normalize.mean.device  # wrapping a model on the GPU gives a module on the GPU
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32, device=device) / sum(weights))
 
     def forward_with_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.level == "none":
@@ -179,16 +188,17 @@ class TestTimeAugmentation(nn.Module):
         return self.forward_with_embedding(pixels)[0]
 
 
-def load_vgg16_features(weights: str) -> nn.Sequential:
+def load_vgg16_features(weights: str, batch_norm: bool = False) -> nn.Sequential:
     """VGG16's convolutional blocks: weights 'none' (random), 'imagenet' or a state-dict path.
 
-    'imagenet' uses torchvision's IMAGENET1K_V1 through the torch hub cache ($TORCH_HOME),
-    downloading only when the file is not there; it never falls back to random weights.
+    'imagenet' uses torchvision's IMAGENET1K_V1 (of vgg16 or vgg16_bn) through the torch hub
+    cache ($TORCH_HOME), downloading only when the file is not there; it never falls back to
+    random weights.
     """
-    from torchvision.models import VGG16_Weights
+    from torchvision.models import VGG16_BN_Weights, VGG16_Weights
     from torchvision.models.vgg import cfgs, make_layers
 
-    features = make_layers(cfgs["D"])  # VGG16's blocks, without its 100M-parameter classifier
+    features = make_layers(cfgs["D"], batch_norm=batch_norm)  # without VGG16's 100M-parameter classifier
     for m in features.modules():  # torchvision's own initialisation of VGG convolutions
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -196,7 +206,7 @@ def load_vgg16_features(weights: str) -> nn.Sequential:
     if weights == "none":
         return features
     if weights == "imagenet":
-        state = _imagenet_state_dict(VGG16_Weights.IMAGENET1K_V1)
+        state = _imagenet_state_dict((VGG16_BN_Weights if batch_norm else VGG16_Weights).IMAGENET1K_V1)
     else:
         state = _state_dict_from_file(Path(weights))
     try:
@@ -241,6 +251,7 @@ BUILDERS: dict[str, Callable[..., Classifier]] = {
     "seed_cnn": seed_cnn,
     "vgg16_3block": vgg16_3block,
     "vgg16_full": vgg16_full,
+    "vgg16_bn": vgg16_bn,
     "airbench": airbench,
 }
 

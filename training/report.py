@@ -77,8 +77,10 @@ def runs_table(runs_dir: Path) -> str:
     by_recipe: dict[str, list[dict]] = {}
     for summary_file in sorted(runs_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime):
         summary = json.loads(summary_file.read_text())
-        history = json.loads((summary_file.parent / "history.json").read_text())
-        seconds = sorted(row["seconds"] for row in history)
+        history_file = summary_file.parent / "history.json"  # absent where only run.json was kept
+        history = json.loads(history_file.read_text()) if history_file.exists() else None
+        epochs = len(history) if history else summary["recipe"]["epochs"]
+        seconds = sorted(row["seconds"] for row in history or [])
         final, recipe = summary["final"], summary["recipe"]
         variant = f" (first {recipe['limit']})" if recipe.get("limit") else ""
         if recipe["model"].startswith("vgg"):
@@ -87,13 +89,13 @@ def runs_table(runs_dir: Path) -> str:
             variant += f", holdout {recipe['holdout']}"
         tta = recipe.get("tta", "none")
         tta_accuracy = final["test_tta"][tta]["accuracy"] if tta != "none" else None
-        if len(history) == recipe["epochs"]:
-            by_recipe.setdefault((recipe["name"] + variant, len(history)), []).append(dict(summary, tta_accuracy=tta_accuracy))
+        if epochs == recipe["epochs"]:
+            by_recipe.setdefault((recipe["name"] + variant, epochs), []).append(dict(summary, tta_accuracy=tta_accuracy))
         rows.append(
-            f"| {summary_file.parent.name} | {recipe['name']}{variant} | {recipe['seed']} | {len(history)} | "
+            f"| {summary_file.parent.name} | {recipe['name']}{variant} | {recipe['seed']} | {epochs} | "
             f"{final['train']['accuracy']:.2%} | {f'{held:.2%}' if (held := final.get('held_out', {}).get('accuracy')) else '–'} | "
             f"{final['test']['accuracy']:.2%} | {f'{tta_accuracy:.2%} ({tta})' if tta_accuracy is not None else '–'} | "
-            f"{summary['train_seconds'] / 60:.1f} min | {seconds[len(seconds) // 2]:.0f} | "
+            f"{summary['train_seconds'] / 60:.1f} min | {f'{seconds[len(seconds) // 2]:.0f}' if seconds else '–'} | "
             f"{summary['device_name']}{', bf16' if summary['bf16'] else ''} |"
         )
     rows += [

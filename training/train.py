@@ -7,6 +7,7 @@ machine, the final metrics).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -89,13 +90,14 @@ def make_optimizer(model: Classifier, recipe: dict) -> torch.optim.Optimizer:
 
 def new_run_dir(runs_root: Path, recipe_name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = runs_root / f"{recipe_name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = runs_root / f"{recipe_name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    runs_root.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count(1):  # mkdir is atomic: runs started in the same second get -2, -3…
+        run_dir = runs_root / (f"{recipe_name}-{stamp}" + (f"-{suffix}" if suffix > 1 else ""))
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
 
 
 def load_checkpoint(path: Path) -> dict:
