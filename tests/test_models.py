@@ -5,7 +5,8 @@ import torch
 from torchvision.models import vgg16, vgg16_bn
 
 from training.errors import UserError
-from training.models import build_model, count_parameters, seed_cnn, vgg16_3block, vgg16_bn as vgg16_bn_classifier, vgg16_full
+from training.models import build_model, count_parameters, seed_cnn, vgg16_3block, vgg16_full
+from training.models import vgg16_bn as vgg16_bn_classifier
 
 UNIT = ([0.0] * 3, [255.0] * 3)
 IMAGENET_FILE = "vgg16-397923af.pth"  # the file name torchvision's IMAGENET1K_V1 caches
