@@ -3,6 +3,11 @@
     python -m bench.http_load --url http://127.0.0.1:3000            # a server already running
     python -m bench.http_load --serve                                 # start `bentoml serve` here
     python -m bench.http_load --serve --env CIFAR10_MAX_LATENCY_MS=5 --concurrency 16 64
+    python -m bench.http_load --serve --naive --model cnn --concurrency 1 4 16 32 64
+
+With --serve, the bundle's in-process onnxruntime rate (batch 1 and 64, the ceiling for the
+HTTP figures) is measured first. --naive then runs the same load against bench/naive_app.py
+(Starlette + eager PyTorch under uvicorn, --workers processes) and prints our ratio to it.
 
 Each of `concurrency` clients sends a request, waits for the answer, sends the next, for
 --seconds after a one-second warm-up; requests carry real CIFAR-10 test images as PNG. Printed
@@ -31,6 +36,7 @@ from PIL import Image
 from bench.harness import REPO, running
 
 SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
+NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "{workers}"]
 
 
 def test_pngs(data_dir: Path, count: int) -> list[bytes]:
@@ -118,12 +124,45 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[int, float]:
+    """images/s of Bundle.predict on decoded test images at batch 1 and 64: the HTTP ceiling."""
+    from serving.bundle import Bundle
+    from serving.images import decode
+
+    model = Bundle.load(bundle)
+    pixels = np.stack([decode(blob) for blob in blobs[:64]])
+    rates = {}
+    for batch in (1, 64):
+        model.predict(pixels[:batch])
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model.predict(pixels[:batch])
+            count += batch
+        rates[batch] = count / (time.perf_counter() - start)
+    return rates
+
+
+def compare(ours: list[Result], naive: list[Result]) -> str:
+    rows = [
+        "| images/request | concurrency | ours / naive, requests/s | ours p99 ms | naive p50 ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for a, b in zip(ours, naive, strict=True):
+        ratio = (len(a.latencies) / a.seconds) / max(len(b.latencies) / b.seconds, 1e-9)
+        p99 = np.percentile(a.latencies, 99) * 1000 if a.latencies else float("nan")
+        p50 = np.percentile(b.latencies, 50) * 1000 if b.latencies else float("nan")
+        rows.append(f"| {a.per_request} | {a.concurrency} | {ratio:.2f}× | {p99:.1f} | {p50:.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running service")
     target.add_argument("--serve", action="store_true", help="start `bentoml serve` in the repository root for the run")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for --serve")
+    parser.add_argument("--naive", action="store_true", help="with --serve: also load the naive baseline, and compare")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the naive baseline (default: 2)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per setting")
@@ -133,15 +172,31 @@ def main() -> None:
 
     blobs = test_pngs(Path(args.data_dir), 1000)
     print(f"machine: {machine()}; {len(blobs)} CIFAR-10 test images as PNG; {args.seconds:g} s per setting; model {args.model or 'default'}")
-    print("\n".join(HEADER), flush=True)
     if args.url:
+        print("\n".join(HEADER), flush=True)
         run_all(args.url, blobs, args.images, args.concurrency, args.seconds, args.model)
         return
+    from serving.settings import Settings
+
     env = dict(item.split("=", 1) for item in args.env)
-    print(f"server: bentoml serve serving.service:CIFAR10 {' '.join(args.env)}", file=sys.stderr)
+    settings = Settings.from_env()
+    bundle = settings.models_dir / (args.model or settings.default_model)
+    rates = in_process(bundle, blobs)
+    print(f"in process (onnxruntime, {bundle}): {rates[1]:,.0f} images/s at batch 1, {rates[64]:,.0f} at batch 64")
     (REPO / "logs").mkdir(exist_ok=True)
+    print(f"\nours: bentoml serve serving.service:CIFAR10 {' '.join(args.env)}")
+    print("\n".join(HEADER), flush=True)
     with running(SERVE, REPO / "logs" / "http_load_server.log", env=env) as url:
-        run_all(url, blobs, args.images, args.concurrency, args.seconds, args.model)
+        ours = run_all(url, blobs, args.images, args.concurrency, args.seconds, args.model)
+    if not args.naive:
+        return
+    print(f"\nnaive: uvicorn bench.naive_app:app --workers {args.workers} (eager PyTorch fp32, one forward per request)")
+    print("\n".join(HEADER), flush=True)
+    command = [part.replace("{workers}", str(args.workers)) for part in NAIVE]
+    with running(command, REPO / "logs" / "http_load_naive.log", env={"BENCH_BUNDLE": str(bundle)}) as url:
+        naive = run_all(url, blobs, args.images, args.concurrency, args.seconds, None)
+    print()
+    print(compare(ours, naive))
 
 
 if __name__ == "__main__":
