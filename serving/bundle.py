@@ -20,13 +20,17 @@ import onnxruntime as ort
 from pydantic import ValidationError
 from sklearn.pipeline import Pipeline
 
-from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest
+from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
 
 log = logging.getLogger(__name__)
 
 
 class BundleError(Exception):
     """A bundle that cannot be served; the message names the file and what is wrong."""
+
+
+class MissingVariant(BundleError):
+    """The bundle has no graph of the precision asked for."""
 
 
 @dataclass(frozen=True)
@@ -66,17 +70,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_files(folder: Path, manifest: Manifest) -> None:
-    for required in (MODEL_FILE, KNN_FILE):
-        if required not in manifest.files:
-            raise BundleError(f"{folder / MANIFEST}: does not list {required}")
-    for name, entry in manifest.files.items():
-        path = folder / name
+def check_files(folder: Path, manifest: Manifest, names: tuple[str, ...]) -> None:
+    """Each named file is listed in the manifest and has the sha256 listed there."""
+    for name in names:
+        if name not in manifest.files:
+            raise BundleError(f"{folder / MANIFEST}: does not list {name}")
+        path, expected = folder / name, manifest.files[name].sha256
         if not path.is_file():
             raise BundleError(f"{path}: missing (the manifest lists it)")
         digest = sha256(path)
-        if digest != entry.sha256:
-            raise BundleError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; refusing to load it")
+        if digest != expected:
+            raise BundleError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {expected[:12]}…; refusing to load it")
 
 
 def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -> None:
@@ -103,19 +107,36 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 PREDICT_CHUNK = 256
 
 
+def variant(folder: Path, manifest: Manifest, precision: str) -> Variant | None:
+    """The manifest's entry for a precision other than fp32 (None for fp32, the main graph)."""
+    if precision == "fp32":
+        return None
+    found = next((v for v in manifest.variants if v.precision == precision), None)
+    if found is None:
+        raise MissingVariant(f"{folder}: has no {precision} variant; make one with `cifar10 quantize {manifest.name}`")
+    return found
+
+
 class Bundle:
     """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
 
-    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline):
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline, precision: str = "fp32"):
         self.folder, self.manifest, self.session, self.head = folder, manifest, session, head
         self.providers = session.get_providers()  # what onnxruntime really uses, not what was asked
+        self.precision = precision
+        chosen = variant(folder, manifest, precision)
+        self.test_accuracy = chosen.test_accuracy if chosen else manifest.accuracy.onnx  # of the graph in use
 
     @classmethod
-    def load(cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Bundle:
+    def load(
+        cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, precision: str = "fp32"
+    ) -> Bundle:
+        """precision 'int8' loads the bundle's int8 variant (MissingVariant where it has none)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        check_files(folder, manifest)  # before the pickle below is opened
-        model_path = folder / MODEL_FILE
+        chosen = variant(folder, manifest, precision)
+        model_path = folder / (chosen.file if chosen else MODEL_FILE)
+        check_files(folder, manifest, (model_path.name, KNN_FILE))  # before the pickle below is opened
         try:
             session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
@@ -124,9 +145,9 @@ class Bundle:
         head = joblib.load(folder / KNN_FILE)
         if not isinstance(head, Pipeline):
             raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
-        bundle = cls(folder, manifest, session, head)
+        bundle = cls(folder, manifest, session, head, precision)
         asked = providers or ["CPUExecutionProvider"]
-        log.info("bundle %s from %s: provider in use %s (asked for %s)", manifest.name, folder, bundle.providers[0], asked)
+        log.info("bundle %s (%s) from %s: provider in use %s (asked for %s)", manifest.name, precision, folder, bundle.providers[0], asked)
         return bundle
 
     def predict(self, images: np.ndarray) -> Prediction:

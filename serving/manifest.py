@@ -14,6 +14,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 KNN_FILE = "knn.pkl"
+INT8_FILE = "model.int8.onnx"
+Precision = Literal["fp32", "int8"]  # fp32: MODEL_FILE; int8: the variant `cifar10 quantize` adds
+PRECISIONS: tuple[str, ...] = Precision.__args__
 TestTimeAugmentation = Literal["none", "flip", "flip-translate"]
 TTA_LEVELS: tuple[str, ...] = TestTimeAugmentation.__args__
 
@@ -52,9 +55,10 @@ class FileEntry(Strict):
 class Variant(Strict):
     """An alternative graph with the same inputs and outputs (e.g. int8), and its measured accuracy."""
 
-    file: str
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a file of the bundle folder, listed in files")
     precision: Literal["fp32", "fp16", "int8"]
     test_accuracy: float = Field(ge=0, le=1)
+    calibration_images: int | None = Field(default=None, ge=1, description="training images that set the int8 ranges")
 
 
 class KnnHead(Strict):

@@ -43,7 +43,8 @@ class ModelSummary(BaseModel):
     recipe: str
     classes: list[str]
     embedding_dim: int
-    test_accuracy: float = Field(description="of the ONNX graph on the test set, measured by the export")
+    precision: str = Field(description="fp32, or int8 for the bundle's quantised variant (CIFAR10_PRECISION)")
+    test_accuracy: float = Field(description="of the graph in use on the test set, measured by export or quantize")
     knn_test_accuracy: float
     knn_k: int
     knn_metric: str

@@ -43,6 +43,7 @@ class Options:
     topk: int = 0
     embeddings: bool = False
     knn: bool = False
+    precision: str = "fp32"  # the graph that scores: fp32, or the bundle's int8 variant
 
 
 @dataclass

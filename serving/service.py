@@ -17,7 +17,7 @@ import onnxruntime as ort
 from bentoml.exceptions import BadInput, BentoMLException
 
 from serving.batching import Batcher, Overloaded
-from serving.bundle import Bundle, BundleError, Prediction
+from serving.bundle import Bundle, BundleError, MissingVariant, Prediction
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
@@ -49,9 +49,13 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     preload_cuda(providers)
     bundles = {}
     for folder in folders:
-        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
+        try:
+            bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None, precision=settings.precision)
+        except MissingVariant as exc:
+            log.warning("%s: serving its fp32 graph", exc)
+            bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
         bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
-        log.info("bundle %s: provider in use %s (asked for %s)", bundle.manifest.name, bundle.providers[0], providers)
+        log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
         bundles[bundle.manifest.name] = bundle
     return bundles
 
@@ -163,7 +167,7 @@ class CIFAR10:
             ModelSummary(
                 name=name, version=b.manifest.version, architecture=b.manifest.architecture,
                 recipe=b.manifest.recipe.get("name", ""), classes=list(b.manifest.classes),
-                embedding_dim=b.manifest.embedding_dim, test_accuracy=b.manifest.accuracy.onnx,
+                embedding_dim=b.manifest.embedding_dim, precision=b.precision, test_accuracy=b.test_accuracy,
                 knn_test_accuracy=b.manifest.knn.test_accuracy, knn_k=b.manifest.knn.k, knn_metric=b.manifest.knn.metric,
                 provider=b.providers[0], default=name == self.default,
             )  # fmt: skip

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.images import DEFAULT_LIMITS, Limits
+from serving.manifest import PRECISIONS
 
 
 def _env(name: str, default: str) -> str:
@@ -29,6 +30,7 @@ class Settings:
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session; 0: its own choice
+    precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_neighbours: int = 50
@@ -41,6 +43,8 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("request_threads", "max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_neighbours")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"CIFAR10_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if bad or self.threads < 0 or self.max_latency_ms < 0:
             raise ValueError(f"settings must be positive (threads and latency may be 0): {bad or [self.threads, self.max_latency_ms]}")
 
@@ -52,6 +56,7 @@ class Settings:
             default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
             threads=int(_env("THREADS", str(_cores()))),
+            precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),

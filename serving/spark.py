@@ -27,7 +27,7 @@ from serving.scoring import Options, ScoringError, Summary, record_pixels, schem
 
 
 @cache
-def _worker_bundle(name: str) -> Bundle:
+def _worker_bundle(name: str, precision: str) -> Bundle:
     """One bundle per Python worker, from the copy Spark shipped with the job.
 
     Spark runs a task per core, so each session gets the task's cores (spark.task.cpus, 1 by
@@ -35,14 +35,14 @@ def _worker_bundle(name: str) -> Bundle:
     """
     from pyspark import SparkFiles, TaskContext
 
-    return Bundle.load(SparkFiles.get(name), threads=TaskContext.get().cpus())
+    return Bundle.load(SparkFiles.get(name), threads=TaskContext.get().cpus(), precision=precision)
 
 
 def _score_partitions(bundle_name: str, options: Options, chunk: int):
     import pandas as pd
 
     def score_frames(frames):
-        bundle = _worker_bundle(bundle_name)
+        bundle = _worker_bundle(bundle_name, options.precision)
         classes = bundle.manifest.classes
         index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
         for frame in frames:

@@ -38,7 +38,7 @@ def server(server_log):
 
 def test_the_log_names_the_provider_really_in_use(server, server_log):
     log = server_log.read_text()
-    assert "bundle cnn: provider in use CPUExecutionProvider" in log and "bundle airbench: provider in use" in log
+    assert "bundle cnn (fp32): provider in use CPUExecutionProvider" in log and "bundle airbench (fp32): provider in use" in log
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from serving.manifest import TTA_LEVELS
+from serving.manifest import PRECISIONS, TTA_LEVELS
 from training.errors import Interrupted, UserError
 from training.knn import KNN_COMPONENTS
 
@@ -112,6 +112,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from serving.bundle import Bundle, BundleError
+    from training.data import load_cifar10
+    from training.quantize import quantize
+
+    folder = Path(args.models_dir) / args.name
+    data = load_cifar10(args.data_dir, download=args.download)
+    try:
+        fp32 = Bundle.load(folder).test_accuracy
+        variant = quantize(folder, data, args.calibration_images)
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    size = (folder / variant.file).stat().st_size
+    print(
+        f"wrote {folder / variant.file} ({size / 1e6:.1f} MB), calibrated on {variant.calibration_images} training images: "
+        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION=int8"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from training.analysis import load_trained
     from training.data import load_cifar10
@@ -145,10 +164,12 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.topk < 0 or args.batch_size < 1 or args.workers < 1 or args.threads < 0:
         raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
     try:
-        bundle = Bundle.load(folder, threads=args.threads or None)
+        bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision)
         if args.topk > len(bundle.manifest.classes):
             raise UserError(f"--topk must lie in 0..{len(bundle.manifest.classes)}, got {args.topk}")
-        options = Options(args.model, bundle.manifest.version, str(source.resolve()), args.topk, args.embeddings, args.knn)
+        options = Options(
+            args.model, bundle.manifest.version, str(source.resolve()), args.topk, args.embeddings, args.knn, args.precision
+        )
         columns = Columns(path=args.path_column, image=args.image_column, id=args.id_column, label=args.label_column)
         if args.engine == "spark":
             from serving.spark import score_spark
@@ -230,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 
+    quantize = sub.add_parser("quantize", help="add an int8 variant to a bundle, calibrated on training images")
+    quantize.add_argument("name", help="bundle name: the folder under --models-dir")
+    quantize.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
+    quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: 512)")
+    add_data_options(quantize)
+    quantize.set_defaults(func=cmd_quantize)
+
     report = sub.add_parser("report", help="compare evaluated runs side by side")
     report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")
     report.set_defaults(func=cmd_report)
@@ -248,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together, written as one part (default: 1024)")
     score.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: the cores)")
     score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
+    score.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="fp32, or int8 for the bundle's quantised variant (`cifar10 quantize`)")  # fmt: skip
     score.add_argument("--path-column", default="path", help="table column of image paths (default: path)")
     score.add_argument("--image-column", default="image", help="table column of image bytes (default: image)")
     score.add_argument("--id-column", default="id", help="table column of row ids (default: id, else the path or row number)")

@@ -1,0 +1,93 @@
+"""`cifar10 quantize` on a copy of the committed CNN bundle: the int8 variant, its checks, serving it."""
+
+import shutil
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.harness import running
+from serving.bundle import Bundle, BundleError, MissingVariant
+from serving.settings import Settings
+from tests.conftest import REPO
+from tests.test_service import encode
+from training.data import load_cifar10
+from training.quantize import quantize
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    return load_cifar10(shared_data)
+
+
+@pytest.fixture(scope="module")
+def models(cifar, tmp_path_factory):
+    """models/: the CNN bundle with an int8 variant, and the default bundle without one."""
+    root = tmp_path_factory.mktemp("quantize") / "models"
+    for name in ("cnn", "airbench"):
+        shutil.copytree(REPO / "models" / name, root / name)
+    quantize(root / "cnn", cifar, calibration_images=256)
+    return root
+
+
+@pytest.fixture
+def copy(models, tmp_path):
+    return shutil.copytree(models / "cnn", tmp_path / "cnn")
+
+
+def test_the_variant_is_listed_hashed_and_as_accurate(models):
+    fp32, int8 = Bundle.load(models / "cnn"), Bundle.load(models / "cnn", precision="int8")
+    (variant,) = int8.manifest.variants
+    assert variant.precision == "int8" and variant.calibration_images == 256
+    assert variant.file in int8.manifest.files and (models / "cnn" / variant.file).is_file()
+    assert int8.precision == "int8" and int8.test_accuracy == variant.test_accuracy
+    assert abs(int8.test_accuracy - fp32.test_accuracy) < 0.005  # measured on all 10,000 test images
+
+
+def test_int8_predictions_agree_with_fp32(models, cifar):
+    pixels = cifar.test.images[:500].permute(0, 2, 3, 1).contiguous().numpy()
+    fp32 = Bundle.load(models / "cnn").predict(pixels).logits.argmax(1)
+    int8 = Bundle.load(models / "cnn", precision="int8").predict(pixels).logits.argmax(1)
+    assert (fp32 == int8).mean() > 0.95
+
+
+def test_a_tampered_variant_is_refused_and_the_fp32_graph_still_loads(copy):
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.int8.onnx: sha256 .* does not match"):
+        Bundle.load(copy, precision="int8")
+    assert Bundle.load(copy).precision == "fp32"
+
+
+def test_quantizing_again_replaces_the_variant(copy, cifar):
+    quantize(copy, cifar, calibration_images=64)
+    (variant,) = Bundle.load(copy, precision="int8").manifest.variants
+    assert variant.calibration_images == 64
+
+
+def test_a_bundle_without_the_variant_says_how_to_make_one():
+    with pytest.raises(MissingVariant, match="cifar10 quantize cnn"):
+        Bundle.load(REPO / "models" / "cnn", precision="int8")
+
+
+def test_an_unknown_precision_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("CIFAR10_PRECISION", "int4")
+    with pytest.raises(ValueError, match="CIFAR10_PRECISION must be one of fp32, int8"):
+        Settings.from_env()
+
+
+def test_the_service_serves_int8_where_a_bundle_has_it(models, tmp_path, shared_data):
+    env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_DEFAULT_MODEL="cnn", CIFAR10_PRECISION="int8")
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
+    log = tmp_path / "serve.log"
+    with running(command, log, env=env) as url:
+        listed = {m["name"]: m for m in httpx.post(f"{url}/models", json={}).json()}
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        answer = httpx.post(f"{url}/classify", files=[("images", ("0.png", encode(pixels), "image/png"))], timeout=30)
+    assert listed["cnn"]["precision"] == "int8"
+    assert listed["cnn"]["test_accuracy"] == Bundle.load(models / "cnn", precision="int8").test_accuracy
+    assert listed["airbench"]["precision"] == "fp32"  # no variant: its fp32 graph, with a warning
+    assert answer.status_code == 200 and answer.json()[0]["label"]
+    assert "has no int8 variant" in log.read_text()
