@@ -1,12 +1,14 @@
 """Inference throughput of a bundle in process: onnxruntime against PyTorch eager, by batch size.
 
-    python bench/model_throughput.py [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3]
+    python -m bench.model_throughput [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3]
 
 onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
 eager runs the same trained weights (from --run, else an untrained model of the bundle's
 architecture: the cost is the same) in fp32 and in bf16 autocast. Each figure is the best of
 alternating rounds, and "of peak" relates it to the machine's effective fp32 peak measured in
-the same run (training.hardware.peak_flops), forward FLOPs × images/s over that peak.
+the same run (training.hardware.peak_flops), forward FLOPs × images/s over that peak. A bundle
+with an int8 variant (`cifar10 quantize`) gets an onnxruntime int8 column and its gain over fp32.
+Both sides run the bundle's test-time augmentation views.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from serving.bundle import Bundle
 from training.evaluate import autocast
 from training.hardware import describe, forward_flops, peak_flops
-from training.models import build_model
+from training.models import TestTimeAugmentation, build_model
 
 BATCHES = (1, 8, 64, 256)
 
@@ -45,17 +47,20 @@ def main() -> None:
 
     bundle = Bundle.load(args.bundle)
     manifest = bundle.manifest
+    int8 = Bundle.load(args.bundle, precision="int8") if any(v.precision == "int8" for v in manifest.variants) else None
     model = build_model(manifest.architecture, manifest.normalization.mean, manifest.normalization.std)
     if args.run:
         from training.train import load_checkpoint
 
         model.load_state_dict(load_checkpoint(Path(args.run))["model"])
-    model.eval()
+    model = TestTimeAugmentation(model.eval(), manifest.test_time_augmentation).eval()  # the graph's views, too
     cpu = torch.device("cpu")
     flops = forward_flops(model)
     peak = peak_flops(cpu, torch.float32)
     print(f"device: {describe(cpu)}; onnxruntime on {bundle.providers[0]}; bundle {manifest.name} ({manifest.architecture})")
-    print(f"forward: {flops / 1e9:.3f} GFLOP/image; effective fp32 peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"forward: {flops / 1e9:.3f} GFLOP/image (test-time augmentation: {manifest.test_time_augmentation}); effective fp32 peak {peak / 1e9:.0f} GFLOP/s")
+    if int8:
+        print(f"test accuracy (manifest, every test image): fp32 {bundle.test_accuracy:.2%}, int8 {int8.test_accuracy:.2%}")
 
     def settings(batch: int) -> dict:
         pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
@@ -68,7 +73,8 @@ def main() -> None:
 
             return run
 
-        return {"onnxruntime fp32": lambda: bundle.predict(pixels), "PyTorch eager fp32": eager(False), "PyTorch eager bf16": eager(True)}
+        runs = {"onnxruntime fp32": lambda: bundle.predict(pixels), "PyTorch eager fp32": eager(False), "PyTorch eager bf16": eager(True)}
+        return runs | ({"onnxruntime int8": lambda: int8.predict(pixels)} if int8 else {})
 
     best: dict[tuple[int, str], float] = {}
     for _ in range(args.rounds):
@@ -77,11 +83,13 @@ def main() -> None:
                 best[batch, name] = max(best.get((batch, name), 0.0), rate(run, batch, args.seconds))
 
     names = list(settings(1))
-    print(f"\n{'batch':>5s}  " + "  ".join(f"{n:>20s}" for n in names) + f"  {'ort / eager fp32':>16s}  {'ort of peak':>11s}")
+    int8_column = f"  {'int8 / fp32':>11s}" if int8 else ""
+    print(f"\n{'batch':>5s}  " + "  ".join(f"{n:>20s}" for n in names) + f"  {'ort / eager fp32':>16s}  {'ort of peak':>11s}" + int8_column)
     for batch in BATCHES:
         row = [best[batch, n] for n in names]
         ratio = row[0] / row[1]
-        print(f"{batch:5d}  " + "  ".join(f"{r:14.0f} img/s" for r in row) + f"  {ratio:15.2f}x  {row[0] * flops / peak:10.0%}")
+        gain = f"  {row[3] / row[0]:10.2f}x" if int8 else ""
+        print(f"{batch:5d}  " + "  ".join(f"{r:14.0f} img/s" for r in row) + f"  {ratio:15.2f}x  {row[0] * flops / peak:10.0%}" + gain)
 
 
 if __name__ == "__main__":
