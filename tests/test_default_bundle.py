@@ -32,3 +32,12 @@ def test_each_bundle_reproduces_its_stated_accuracy(name, floor, test_set):
     assert network == pytest.approx(bundle.manifest.accuracy.onnx, abs=0.001)
     assert knn == pytest.approx(bundle.manifest.knn.test_accuracy, abs=0.001)
     assert network >= floor
+
+
+@pytest.mark.parametrize("name", ["airbench", "cnn"])
+def test_each_int8_variant_reproduces_its_stated_accuracy(name, test_set):
+    bundle = Bundle.load(REPO / "models" / name, precision="int8")
+    images, labels = test_set
+    accuracy = (bundle.predict(images).logits.argmax(1) == labels).mean()
+    assert accuracy == pytest.approx(bundle.test_accuracy, abs=0.001)
+    assert abs(bundle.test_accuracy - bundle.manifest.accuracy.onnx) <= 0.005  # within half a point of fp32
