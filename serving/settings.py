@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,21 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CIFAR10_{name}", default)
 
 
-def _cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU set, capped by a container's CPU quota.
+
+    `docker run --cpus 2` leaves every host core in the CPU set and sets a cgroup v2 quota
+    instead ("200000 100000" in cpu.max): without the cap, onnxruntime would start a thread
+    per host core and the quota would throttle them.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a format we do not know: the CPU set
+        pass
+    return cores
 
 
 def _names(value: str) -> tuple[str, ...]:

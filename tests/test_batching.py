@@ -1,5 +1,6 @@
 """The batcher merges concurrent requests into single onnxruntime calls and bounds its queue."""
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,3 +61,14 @@ def test_settings_refuse_a_zero_queue(monkeypatch):
     monkeypatch.setenv("CIFAR10_MAX_QUEUE", "0")  # queue.Queue(0) would mean unbounded
     with pytest.raises(ValueError, match="CIFAR10_MAX_QUEUE=0"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("odd", None)])
+def test_threads_default_to_the_containers_cpu_quota(tmp_path, cpu_max, expected):
+    from serving.settings import _cores
+
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    cpu_set = len(os.sched_getaffinity(0))
+    assert _cores(path) == min(cpu_set, expected or cpu_set)
+    assert _cores(tmp_path / "absent") == cpu_set
