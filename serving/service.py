@@ -60,7 +60,7 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     return bundles
 
 
-@bentoml.service(name="cifar10", threads=Settings.from_env().request_threads, traffic={"timeout": 60})
+@bentoml.service(name="cifar10", workers=Settings.from_env().workers, threads=Settings.from_env().request_threads, traffic={"timeout": 60})
 class CIFAR10:
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs

@@ -47,6 +47,7 @@ class Settings:
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_neighbours: int = 50
+    workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
     request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
     max_batch_size: int = 64  # images in one onnxruntime call; the CNN's rate peaks at 8-64 (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
@@ -54,7 +55,7 @@ class Settings:
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
-        positive = ("request_threads", "max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_neighbours")
+        positive = ("workers", "request_threads", "max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_neighbours")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         if self.precision not in PRECISIONS:
             raise ValueError(f"CIFAR10_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -73,6 +74,7 @@ class Settings:
             max_images=int(_env("MAX_IMAGES", "64")),
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
+            workers=int(_env("WORKERS", "1")),
             request_threads=int(_env("REQUEST_THREADS", "8")),
             max_batch_size=int(_env("MAX_BATCH_SIZE", "64")),
             max_latency_ms=float(_env("MAX_LATENCY_MS", "0")),
