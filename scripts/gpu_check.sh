@@ -50,6 +50,8 @@ curl -sf localhost:3300/readyz > /dev/null || { tail -50 "$WORK/serve.log"; fail
 grep "provider in use" "$WORK/serve.log"
 grep -q "provider in use CUDAExecutionProvider" "$WORK/serve.log" || fail "onnxruntime fell back to the CPU"
 curl -s -X POST localhost:3300/models -H 'Content-Type: application/json' -d '{}'; echo
+PYTHONPATH=. python scripts/check_served.py http://localhost:3300 --data-dir "$DATA" --models-dir "$WORK/models" \
+  || fail "the GPU-served answers differ from the bundle's offline ones"
 
 step "HTTP load against the GPU-served bundle"
 python -m bench.http_load --url http://localhost:3300 --data-dir "$DATA" --concurrency 1 16 64 --images 1 64 --seconds 10

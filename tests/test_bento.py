@@ -27,3 +27,18 @@ def test_the_built_bento_serves_from_anywhere(tmp_path):
     with running(command, tmp_path / "serve.log", env=env, cwd=elsewhere) as url:
         models = httpx.post(f"{url}/models", json={}, timeout=10).json()
         assert [m["name"] for m in models] == ["airbench", "cnn"]
+
+
+def test_the_bentofile_states_the_settings_defaults(monkeypatch):
+    import yaml
+
+    from serving.settings import Settings
+
+    envs = {e["name"]: str(e["value"]) for e in yaml.safe_load((REPO / "bentofile.yaml").read_text())["envs"]}
+    assert envs.pop("CIFAR10_PROVIDERS") == "CPUExecutionProvider" and "CIFAR10_THREADS" not in envs
+    for name in envs:
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings.from_env()
+    for name, value in envs.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env() == defaults, "bentofile.yaml's envs differ from serving/settings.py's defaults"
