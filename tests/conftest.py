@@ -48,3 +48,11 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "test_batch").is_file():
         pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA} (set CIFAR10_TEST_DATA to its folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_data):
+    """The real CIFAR-10, loaded once for every test that trains, exports or evaluates (read only)."""
+    from training.data import load_cifar10  # not at import: serving's tests run without torch
+
+    return load_cifar10(shared_data)

@@ -29,11 +29,6 @@ PNGS = [
 
 
 @pytest.fixture(scope="module")
-def cifar(shared_data):
-    return load_cifar10(shared_data)
-
-
-@pytest.fixture(scope="module")
 def tiny_run(cifar, tmp_path_factory):
     """cnn-baseline on the first 600 images, the last 100 of them held out."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"

@@ -14,15 +14,9 @@ from PIL import Image
 from serving.bundle import Bundle, BundleError
 from serving.manifest import Manifest
 from training.analysis import load_trained
-from training.data import load_cifar10
 from training.export import export
 from training.recipes import get_recipe
 from training.train import train
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_data):
-    return load_cifar10(shared_data)
 
 
 @pytest.fixture(scope="module")

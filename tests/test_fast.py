@@ -8,7 +8,6 @@ import torch
 
 from serving.bundle import Bundle
 from training.analysis import load_trained
-from training.data import load_cifar10
 from training.export import export
 from training.fast import epoch_images, init_whitening, lr_factor, train_fast
 from training.models import TestTimeAugmentation, airbench
@@ -16,11 +15,6 @@ from training.recipes import get_recipe
 from training.train import load_checkpoint, normalization
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_data):
-    return load_cifar10(shared_data)
 
 
 def test_the_first_conv_whitens_training_patches(cifar):

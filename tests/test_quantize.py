@@ -12,13 +12,7 @@ from serving.bundle import Bundle, BundleError, MissingVariant
 from serving.settings import Settings
 from tests.conftest import REPO
 from tests.test_service import encode
-from training.data import load_cifar10
 from training.quantize import quantize
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_data):
-    return load_cifar10(shared_data)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import time
 import pytest
 import torch
 
-from training.data import load_cifar10
 from training.errors import UserError
 from training.recipes import get_recipe, lr_at
 from training.report import runs_table
 from training.train import load_checkpoint, pick_device, train
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def cifar(shared_data):
-    return load_cifar10(shared_data)
 
 
 def test_training_lowers_the_loss(cifar, tmp_path):
