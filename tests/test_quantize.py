@@ -1,5 +1,6 @@
 """`cifar10 quantize` on a copy of the committed CNN bundle: the int8 variant, its checks, serving it."""
 
+import json
 import shutil
 import sys
 
@@ -15,12 +16,23 @@ from tests.test_service import encode
 from training.quantize import quantize
 
 
+def without_variants(folder):
+    """The bundle as `cifar10 export` wrote it: no variant, nor its file."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for variant in manifest["variants"]:
+        del manifest["files"][variant["file"]]
+        (folder / variant["file"]).unlink()
+    manifest["variants"] = []
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def models(cifar, tmp_path_factory):
-    """models/: the CNN bundle with an int8 variant, and the default bundle without one."""
+    """models/: the CNN bundle with a fresh int8 variant, and the default bundle without one."""
     root = tmp_path_factory.mktemp("quantize") / "models"
     for name in ("cnn", "airbench"):
-        shutil.copytree(REPO / "models" / name, root / name)
+        without_variants(shutil.copytree(REPO / "models" / name, root / name))
     quantize(root / "cnn", cifar, calibration_images=256)
     return root
 
@@ -61,9 +73,9 @@ def test_quantizing_again_replaces_the_variant(copy, cifar):
     assert variant.calibration_images == 64
 
 
-def test_a_bundle_without_the_variant_says_how_to_make_one():
-    with pytest.raises(MissingVariant, match="cifar10 quantize cnn"):
-        Bundle.load(REPO / "models" / "cnn", precision="int8")
+def test_a_bundle_without_the_variant_says_how_to_make_one(models):
+    with pytest.raises(MissingVariant, match="cifar10 quantize airbench"):
+        Bundle.load(models / "airbench", precision="int8")
 
 
 def test_an_unknown_precision_setting_is_refused(monkeypatch):
