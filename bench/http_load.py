@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from bench.harness import REPO, running
+from training.machine import cpu_model
 
 SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
 NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "{workers}"]
@@ -120,8 +121,7 @@ def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[int, float]:
