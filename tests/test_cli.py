@@ -38,6 +38,7 @@ def test_data_prints_the_facts_and_writes_the_grid(tiny_cifar, tmp_path, capsys)
         (["train", "cnn-baseline", "--data-dir", "/nonexistent/cifar"], "CIFAR-10 folder not found"),
         (["data", "--data-dir", "/nonexistent/cifar"], "--download"),
         (["train", "cnn-baseline", "--device", "tpu"], "unknown device"),
+        (["quantize", "nope", "--models-dir", "models"], "models/nope/manifest.json: missing"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(capsys, argv, message):

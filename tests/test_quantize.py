@@ -13,6 +13,7 @@ from serving.bundle import Bundle, BundleError, MissingVariant
 from serving.settings import Settings
 from tests.conftest import REPO
 from tests.test_service import encode
+from training.errors import UserError
 from training.quantize import quantize
 
 
@@ -71,6 +72,14 @@ def test_quantizing_again_replaces_the_variant(copy, cifar):
     quantize(copy, cifar, calibration_images=64)
     (variant,) = Bundle.load(copy, precision="int8").manifest.variants
     assert variant.calibration_images == 64
+
+
+@pytest.mark.parametrize("count", [0, 50_001])
+def test_calibration_needs_between_one_and_all_training_images(copy, cifar, count):
+    with pytest.raises(UserError, match="--calibration-images must lie in 1..50000"):
+        quantize(copy, cifar, calibration_images=count)
+    (variant,) = Bundle.load(copy, precision="int8").manifest.variants  # the earlier variant, untouched
+    assert variant.calibration_images == 256
 
 
 def test_a_bundle_without_the_variant_says_how_to_make_one(models):

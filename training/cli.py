@@ -113,15 +113,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from serving.bundle import Bundle, BundleError
+    from serving.bundle import BundleError, read_manifest
     from training.data import load_cifar10
     from training.quantize import quantize
 
     folder = Path(args.models_dir) / args.name
-    data = load_cifar10(args.data_dir, download=args.download)
     try:
-        fp32 = Bundle.load(folder).test_accuracy
-        variant = quantize(folder, data, args.calibration_images)
+        fp32 = read_manifest(folder).accuracy.onnx  # before reading the data: a wrong name fails fast
+        variant = quantize(folder, load_cifar10(args.data_dir, download=args.download), args.calibration_images)
     except BundleError as exc:
         raise UserError(str(exc)) from None
     size = (folder / variant.file).stat().st_size
