@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+# our service, as `bentoml serve` in the repository root would start it
+SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
 
 
 def free_port() -> int:
@@ -21,8 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90, path: str = "/readyz") -> bool:
-    """Poll url+path until it answers 200; False if the process dies or time runs out."""
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90, path: str = "/readyz", poll: float = 0.5) -> bool:
+    """Poll url+path every `poll` seconds until it answers 200; False if the process dies or time runs out."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -30,15 +35,31 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90, path: s
                 return True
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(poll)
     return False
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants (a server's supervisor and workers), in bytes."""
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen
+
+    @property
+    def rss(self) -> int:
+        return tree_rss(self.process.pid)
 
 
 @contextmanager
 def running(
-    command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO, ready_path: str = "/readyz"
-) -> Iterator[str]:
-    """Run `command` (which gets the port as {port}) and yield its base URL once it is ready."""
+    command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO, ready_path: str = "/readyz", poll: float = 0.5
+) -> Iterator[Server]:
+    """Run `command` (which gets the port as {port}) and yield it once `ready_path` answers 200."""
     port = free_port()
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it
         process = subprocess.Popen(
@@ -47,9 +68,9 @@ def running(
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
-            if not wait_ready(url, process, path=ready_path):
+            if not wait_ready(url, process, path=ready_path, poll=poll):
                 raise RuntimeError(f"{command[:4]} was not ready within 90 s; its log:\n{log.read_text()[-3000:]}")
-            yield url
+            yield Server(url, process)
         finally:
             process.terminate()
             try:

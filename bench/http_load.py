@@ -33,10 +33,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.harness import REPO, running
+from bench.harness import REPO, SERVE, running
 from training.machine import cpu_model
 
-SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
 NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "{workers}"]
 
 
@@ -186,15 +185,15 @@ def main() -> None:
     (REPO / "logs").mkdir(exist_ok=True)
     print(f"\nours: bentoml serve serving.service:CIFAR10 {' '.join(args.env)}")
     print("\n".join(HEADER), flush=True)
-    with running(SERVE, REPO / "logs" / "http_load_server.log", env=env) as url:
-        ours = run_all(url, blobs, args.images, args.concurrency, args.seconds, args.model)
+    with running(SERVE, REPO / "logs" / "http_load_server.log", env=env) as server:
+        ours = run_all(server.url, blobs, args.images, args.concurrency, args.seconds, args.model)
     if not args.naive:
         return
     print(f"\nnaive: uvicorn bench.naive_app:app --workers {args.workers} (eager PyTorch fp32, one forward per request)")
     print("\n".join(HEADER), flush=True)
     command = [part.replace("{workers}", str(args.workers)) for part in NAIVE]
-    with running(command, REPO / "logs" / "http_load_naive.log", env={"BENCH_BUNDLE": str(bundle)}) as url:
-        naive = run_all(url, blobs, args.images, args.concurrency, args.seconds, None)
+    with running(command, REPO / "logs" / "http_load_naive.log", env={"BENCH_BUNDLE": str(bundle)}) as server:
+        naive = run_all(server.url, blobs, args.images, args.concurrency, args.seconds, None)
     print()
     print(compare(ours, naive))
 

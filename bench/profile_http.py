@@ -22,8 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.harness import REPO, free_port, wait_ready
-from bench.http_load import NAIVE, SERVE, load, machine, test_pngs
+from bench.harness import REPO, SERVE, running
+from bench.http_load import NAIVE, load, machine, test_pngs
 
 # innermost frames of a thread that waits rather than works (py-spy's idle detection misses these)
 WAITING = ("Condition.wait", "select (selectors.py", "_read_from_self", "sleep", "Event.wait", "Thread.join", "_worker (concurrent")
@@ -87,43 +87,34 @@ def main() -> None:
 
     settings = Settings.from_env()
     model = args.model or settings.default_model
-    port = free_port()
-    command = [p.format(port=port, workers=2) for p in (NAIVE if args.naive else SERVE)]
-    env = dict(os.environ, BENCH_BUNDLE=str(settings.models_dir / model), CIFAR10_DEFAULT_MODEL=model)
+    command = [p.replace("{workers}", "2") for p in (NAIVE if args.naive else SERVE)]
+    env = dict(BENCH_BUNDLE=str(settings.models_dir / model), CIFAR10_DEFAULT_MODEL=model)
     blobs = test_pngs(Path(args.data_dir), 1000)
     print(f"machine: {machine()}; {'naive baseline' if args.naive else 'our service'}, model {model}, "
           f"{args.images} image(s)/request at concurrency {args.concurrency}, {args.seconds:g} s")  # fmt: skip
     (REPO / "logs").mkdir(exist_ok=True)
-    with open(REPO / "logs" / "profile_http_server.log", "w") as log, tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            if not wait_ready(url, server):
-                sys.exit(f"the server did not become ready; see {log.name}")
-            raw = Path(tmp) / "profile.txt"
-            spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.pid), "--subprocesses", "--format", "raw", "--rate", str(args.rate),
-                 "--duration", str(int(args.seconds)), "--output", str(raw)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            result: list = []
-            client = threading.Thread(
-                target=lambda: result.append(asyncio.run(load(url, blobs, args.images, args.concurrency, args.seconds, None if args.naive else model)))
-            )
-            client.start()
-            _, errors = spy.communicate()
-            client.join()
-            if spy.returncode != 0 or not raw.exists():
-                sys.exit(f"py-spy failed: {errors.strip()[-500:]}")
-            from bench.http_load import HEADER
+    with running(command, REPO / "logs" / "profile_http_server.log", env=env) as server, tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "profile.txt"
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(server.process.pid), "--subprocesses", "--format", "raw", "--rate", str(args.rate),
+             "--duration", str(int(args.seconds)), "--output", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        result: list = []
+        client = threading.Thread(
+            target=lambda: result.append(asyncio.run(load(server.url, blobs, args.images, args.concurrency, args.seconds, None if args.naive else model)))
+        )
+        client.start()
+        _, errors = spy.communicate()
+        client.join()
+        if spy.returncode != 0 or not raw.exists():
+            sys.exit(f"py-spy failed: {errors.strip()[-500:]}")
+        from bench.http_load import HEADER
 
-            print("\n".join(HEADER))
-            print(result[0].row())
-            print()
-            print(summarise(raw))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        print("\n".join(HEADER))
+        print(result[0].row())
+        print()
+        print(summarise(raw))
 
 
 if __name__ == "__main__":

@@ -11,49 +11,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 
-from bench.harness import REPO, free_port
-from bench.http_load import SERVE, machine, test_pngs
-
-
-def tree_rss(pid: int) -> int:
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+from bench.harness import REPO, SERVE, running
+from bench.http_load import machine, test_pngs
 
 
 def one_run(env: dict[str, str], blobs: list[bytes], requests: int) -> tuple[float, int, int]:
-    port = free_port()
     started = time.perf_counter()
-    with open(REPO / "logs" / "startup_server.log", "w") as log:
-        server = subprocess.Popen([p.format(port=port) for p in SERVE], cwd=REPO, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if server.poll() is not None:
-                sys.exit("the server exited before it was ready; see logs/startup_server.log")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+    with running(SERVE, REPO / "logs" / "startup_server.log", env=env, poll=0.05) as server:
         ready = time.perf_counter() - started
         time.sleep(1)
-        idle = tree_rss(server.pid)
-        with httpx.Client(base_url=url, timeout=60) as client:
+        idle = server.rss
+        with httpx.Client(base_url=server.url, timeout=60) as client:
             for i in range(requests):
                 client.post("/classify", files=[("images", ("x.png", blobs[i % len(blobs)], "image/png"))])
-        return ready, idle, tree_rss(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        return ready, idle, server.rss
 
 
 def main() -> None:

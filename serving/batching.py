@@ -22,25 +22,18 @@ import numpy as np
 from serving.bundle import Bundle, Prediction
 
 
-class Overloaded(Exception):
-    """More requests are waiting than the queue bound allows; the caller should answer 429."""
-
-
 class Batcher:
-    def __init__(self, bundle: Bundle, max_batch_size: int, max_latency_ms: float, max_queue: int, on_batch=None):
+    def __init__(self, bundle: Bundle, max_batch_size: int, max_latency_ms: float, on_batch=None):
         self.bundle = bundle
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000
-        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
+        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()  # bounded upstream: CIFAR10_MAX_CONCURRENCY requests per worker
         self.on_batch = on_batch or (lambda size: None)  # e.g. a histogram of batch sizes
         threading.Thread(target=self._run, name=f"batcher-{bundle.manifest.name}", daemon=True).start()
 
     def predict(self, images: np.ndarray) -> Prediction:
         future: Future = Future()
-        try:
-            self.queue.put_nowait((images, future))
-        except queue.Full:
-            raise Overloaded(f"{self.queue.maxsize} requests are already waiting for {self.bundle.manifest.name}") from None
+        self.queue.put((images, future))
         return future.result()
 
     def _collect(self) -> list[tuple[np.ndarray, Future]]:

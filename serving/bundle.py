@@ -117,14 +117,21 @@ def variant(folder: Path, manifest: Manifest, precision: str) -> Variant | None:
     return found
 
 
+def verify(folder: Path, precision: str = "fp32") -> tuple[Manifest, Variant | None]:
+    """The manifest, and the variant for `precision`, once the files to load have their listed sha256."""
+    manifest = read_manifest(folder)
+    chosen = variant(folder, manifest, precision)
+    check_files(folder, manifest, (chosen.file if chosen else MODEL_FILE, KNN_FILE))
+    return manifest, chosen
+
+
 class Bundle:
     """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
 
-    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline, precision: str = "fp32"):
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline, chosen: Variant | None = None):
         self.folder, self.manifest, self.session, self.head = folder, manifest, session, head
         self.providers = session.get_providers()  # what onnxruntime really uses, not what was asked
-        self.precision = precision
-        chosen = variant(folder, manifest, precision)
+        self.precision = chosen.precision if chosen else "fp32"
         self.test_accuracy = chosen.test_accuracy if chosen else manifest.accuracy.onnx  # of the graph in use
 
     @classmethod
@@ -133,10 +140,8 @@ class Bundle:
     ) -> Bundle:
         """precision 'int8' loads the bundle's int8 variant (MissingVariant where it has none)."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        chosen = variant(folder, manifest, precision)
+        manifest, chosen = verify(folder, precision)  # before the pickle below is opened
         model_path = folder / (chosen.file if chosen else MODEL_FILE)
-        check_files(folder, manifest, (model_path.name, KNN_FILE))  # before the pickle below is opened
         try:
             session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
@@ -145,7 +150,7 @@ class Bundle:
         head = joblib.load(folder / KNN_FILE)
         if not isinstance(head, Pipeline):
             raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
-        bundle = cls(folder, manifest, session, head, precision)
+        bundle = cls(folder, manifest, session, head, chosen)
         asked = providers or ["CPUExecutionProvider"]
         log.info("bundle %s (%s) from %s: provider in use %s (asked for %s)", manifest.name, precision, folder, bundle.providers[0], asked)
         return bundle

@@ -8,22 +8,28 @@ Settings come from CIFAR10_* environment variables (serving/settings.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import bentoml
 import numpy as np
 import onnxruntime as ort
 from bentoml.exceptions import BadInput, BentoMLException
+from pydantic import Field
 
-from serving.batching import Batcher, Overloaded
-from serving.bundle import Bundle, BundleError, MissingVariant, Prediction
+from serving import mends
+from serving.batching import Batcher
+from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, verify
+from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
-from serving.uploads import RawImageBody, refuse_urls_for_files
+from serving.uploads import RawImageBody
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
+T = TypeVar("T")
 
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""
@@ -37,7 +43,7 @@ def preload_cuda(providers: list[str]) -> None:
         ort.preload_dlls()
 
 
-def load_bundles(settings: Settings) -> dict[str, Bundle]:
+def bundle_folders(settings: Settings) -> list[Path]:
     if not settings.models_dir.is_dir():
         raise BundleError(f"models folder {settings.models_dir} not found; set CIFAR10_MODELS_DIR or run from the repository root")
     folders = [settings.models_dir / n for n in settings.models] or sorted(
@@ -45,44 +51,80 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
     )
     if not folders:
         raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
+    return folders
+
+
+def each_bundle(settings: Settings, open_one: Callable[[Path], T]) -> list[T]:
+    """open_one(folder) for every bundle to serve; one that raises BundleError stops all, or is skipped (CIFAR10_BROKEN_BUNDLES)."""
+    opened = []
+    for folder in bundle_folders(settings):
+        try:
+            opened.append(open_one(folder))
+        except BundleError as exc:
+            if settings.broken_bundles == "fail":
+                raise BundleError(f"{exc}\n(set CIFAR10_BROKEN_BUNDLES=skip to serve the other bundles without it)") from None
+            log.error("skipping a bundle that cannot be served (CIFAR10_BROKEN_BUNDLES=skip): %s", exc)
+    if not opened:
+        raise BundleError(f"no bundle in {settings.models_dir} can be served; see the errors above")
+    return opened
+
+
+def check_bundle(folder: Path, settings: Settings) -> None:
+    """The checks of Bundle.load that need no onnxruntime session: the manifest and every file's sha256."""
+    try:
+        verify(folder, settings.precision)
+    except MissingVariant:  # served as fp32, with a warning from the worker
+        verify(folder)
+
+
+def load_bundles(settings: Settings) -> dict[str, Bundle]:
     providers = list(settings.providers) or default_providers()
     preload_cuda(providers)
-    bundles = {}
-    for folder in folders:
-        try:
-            bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None, precision=settings.precision)
-        except MissingVariant as exc:
-            log.warning("%s: serving its fp32 graph", exc)
-            bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
-        bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
-        log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
-        bundles[bundle.manifest.name] = bundle
-    return bundles
+    return {b.manifest.name: b for b in each_bundle(settings, lambda folder: load_bundle(folder, providers, settings))}
 
 
-@bentoml.service(name="cifar10", workers=Settings.from_env().workers, threads=Settings.from_env().request_threads, traffic={"timeout": 60})
+def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundle:
+    try:
+        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None, precision=settings.precision)
+    except MissingVariant as exc:
+        log.warning("%s: serving its fp32 graph", exc)
+        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
+    bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
+    log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
+    return bundle
+
+
+SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
+ROUTES = ("/classify", "/topk", "/embed", "/knn")
+# at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint, with its own message
+Images = Annotated[list[Path], Field(min_length=1)]
+
+
+@bentoml.service(name="cifar10", workers=SETTINGS.workers, threads=SETTINGS.request_threads, traffic={"timeout": SETTINGS.timeout_s})
 class CIFAR10:
+    @bentoml.on_deployment
+    def check_bundles() -> None:
+        """Runs once in BentoML's supervisor before any worker starts: a broken bundle ends `bentoml serve` here
+        with exit status 1 and the reason, where a worker failing in __init__ would be restarted over and over."""
+        each_bundle(SETTINGS, lambda folder: check_bundle(folder, SETTINGS))
+
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs
         from prometheus_client import Counter, Histogram
 
-        self.settings = s = Settings.from_env()
+        self.settings = s = SETTINGS
         self.bundles = load_bundles(s)
         self.default = s.default_model if s.default_model in self.bundles else next(iter(self.bundles))
         self.predictions = Counter("cifar10_predictions", "Images classified, per model and label", ["model", "label"])
         sizes = Histogram("cifar10_batch_size", "Images per onnxruntime call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batchers = {
-            name: Batcher(bundle, s.max_batch_size, s.max_latency_ms, s.max_queue, sizes.labels(model=name).observe)
+            name: Batcher(bundle, s.max_batch_size, s.max_latency_ms, sizes.labels(model=name).observe)
             for name, bundle in self.bundles.items()
         }
 
     def _predict(self, bundle: Bundle, images: list[Path]) -> Prediction:
         """Decode, then run in the bundle's batcher together with concurrent requests."""
-        pixels = self._pixels(images)
-        try:
-            return self.batchers[bundle.manifest.name].predict(pixels)
-        except Overloaded as exc:  # 429, not 503: BentoML hides the message of every 5xx
-            raise BentoMLException(f"{exc}; retry later", error_code=HTTPStatus.TOO_MANY_REQUESTS) from None
+        return self.batchers[bundle.manifest.name].predict(self._pixels(images))
 
     def _count(self, bundle: Bundle, labels: list[str]) -> None:
         for label in labels:
@@ -98,8 +140,6 @@ class CIFAR10:
         return self.bundles[name]
 
     def _pixels(self, images: list[Path]) -> np.ndarray:
-        if not images:
-            raise BadInput("no image: send one or more files in the multipart field 'images'")
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         arrays = []
@@ -117,7 +157,7 @@ class CIFAR10:
         return np.stack(arrays)
 
     @bentoml.api
-    def classify(self, images: list[Path], model: str | None = None) -> list[Classification]:
+    def classify(self, images: Images, model: str | None = None) -> list[Classification]:
         """The most probable class of each image."""
         bundle = self._bundle(model)
         probs = self._predict(bundle, images).probabilities
@@ -126,7 +166,7 @@ class CIFAR10:
         return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
 
     @bentoml.api
-    def topk(self, images: list[Path], k: int = 3, model: str | None = None) -> list[TopK]:
+    def topk(self, images: Images, k: Annotated[int, Field(ge=1)] = 3, model: str | None = None) -> list[TopK]:
         """The k most probable classes of each image."""
         bundle = self._bundle(model)
         classes = bundle.manifest.classes
@@ -138,16 +178,14 @@ class CIFAR10:
         return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
 
     @bentoml.api
-    def embed(self, images: list[Path], model: str | None = None) -> list[Embedding]:
+    def embed(self, images: Images, model: str | None = None) -> list[Embedding]:
         """The penultimate-layer embedding of each image."""
         embeddings = self._predict(self._bundle(model), images).embeddings
         return [Embedding(embedding=e.tolist()) for e in embeddings]
 
     @bentoml.api
-    def knn(self, images: list[Path], neighbours: int = 5, model: str | None = None) -> list[KnnAnswer]:
+    def knn(self, images: Images, neighbours: Annotated[int, Field(ge=1, le=SETTINGS.max_neighbours)] = 5, model: str | None = None) -> list[KnnAnswer]:
         """The KNN head's vote on each image's embedding, and its nearest training images."""
-        if not 1 <= neighbours <= self.settings.max_neighbours:
-            raise BadInput(f"neighbours must lie in 1..{self.settings.max_neighbours}, got {neighbours}")
         bundle = self._bundle(model)
         classes = bundle.manifest.classes
         votes, distances, indices, labels = bundle.knn(self._predict(bundle, images).embeddings, neighbours)
@@ -175,8 +213,9 @@ class CIFAR10:
         ]
 
 
-refuse_urls_for_files()
+mends.apply()
+# Outermost first: one error shape for every answer below it, then load shedding, then the raw-body form
+CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
+CIFAR10.add_asgi_middleware(Admission, paths=ROUTES, max_concurrency=SETTINGS.max_concurrency)
 # One image may also come as the raw body (Content-Type image/* or application/octet-stream).
-CIFAR10.add_asgi_middleware(
-    RawImageBody, paths=("/classify", "/topk", "/embed", "/knn"), max_bytes=Settings.from_env().max_image_bytes
-)
+CIFAR10.add_asgi_middleware(RawImageBody, paths=ROUTES, max_bytes=SETTINGS.max_image_bytes)

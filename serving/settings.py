@@ -43,6 +43,7 @@ class Settings:
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session; 0: its own choice
+    broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
@@ -51,16 +52,20 @@ class Settings:
     request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
     max_batch_size: int = 64  # images in one onnxruntime call; the CNN's rate peaks at 8-64 (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
-    max_queue: int = 64  # requests waiting per model; beyond it a request gets 429 at once
+    max_concurrency: int = 64  # requests in flight per worker; beyond it a request gets 429 at once
+    timeout_s: float = 60.0  # a request not answered by then gets 504
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
-        positive = ("workers", "request_threads", "max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_neighbours")
-        bad = [f"CIFAR10_{name.upper()}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        positive = ("workers", "request_threads", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_neighbours", "timeout_s")
+        bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
+        bad += [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be >= 0)" for name in ("threads", "max_latency_ms") if getattr(self, name) < 0]
+        if self.broken_bundles not in ("fail", "skip"):
+            bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"CIFAR10_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if bad or self.threads < 0 or self.max_latency_ms < 0:
-            raise ValueError(f"settings must be positive (threads and latency may be 0): {bad or [self.threads, self.max_latency_ms]}")
+            bad.append(f"CIFAR10_PRECISION={self.precision!r} (must be one of {', '.join(PRECISIONS)})")
+        if bad:
+            raise ValueError(f"settings without meaning: {'; '.join(bad)}")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -70,6 +75,7 @@ class Settings:
             default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
             threads=int(_env("THREADS", str(_cores()))),
+            broken_bundles=_env("BROKEN_BUNDLES", "fail"),
             precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
@@ -78,6 +84,7 @@ class Settings:
             request_threads=int(_env("REQUEST_THREADS", "8")),
             max_batch_size=int(_env("MAX_BATCH_SIZE", "64")),
             max_latency_ms=float(_env("MAX_LATENCY_MS", "0")),
-            max_queue=int(_env("MAX_QUEUE", "64")),
+            max_concurrency=int(_env("MAX_CONCURRENCY", "64")),
+            timeout_s=float(_env("TIMEOUT_S", "60")),
             limits=Limits(max_pixels=int(_env("MAX_PIXELS", str(DEFAULT_LIMITS.max_pixels)))),
         )

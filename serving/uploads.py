@@ -9,12 +9,10 @@ per-image byte limit and refused with 413 beyond it, before BentoML stores anyth
 
 from __future__ import annotations
 
-import json
 import secrets
 from urllib.parse import parse_qsl
 
-from bentoml.exceptions import BadInput
-from starlette.datastructures import UploadFile
+from serving.errors import send_error
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -64,10 +62,7 @@ class RawImageBody:
         await self.app(scope, replay, send)
 
     async def _too_large(self, size: int, send) -> None:
-        # the shape BentoML gives its own 4xx answers, so clients parse one format
-        body = json.dumps([{"error": f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}"}]).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}")
 
 
 def _multipart(image: bytes, content_type: str, fields: list[tuple[str, str]]) -> tuple[bytes, bytes]:
@@ -82,19 +77,3 @@ def _multipart(image: bytes, content_type: str, fields: list[tuple[str, str]]) -
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + image + b"\r\n"
     )
     return b"".join(parts) + b"--" + boundary + b"--\r\n", boundary
-
-
-def refuse_urls_for_files() -> None:
-    """Make a text value where a file upload belongs a 400, instead of a download.
-
-    BentoML 1.4 fetches a URL sent in place of a file (MultipartSerde.ensure_file). A server that
-    fetches what clients name can be steered at other hosts (SSRF); this one never fetches.
-    """
-    from _bentoml_impl.serde import MultipartSerde
-
-    async def files_only(value):
-        if isinstance(value, UploadFile):
-            return value
-        raise BadInput("'images' must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
-
-    MultipartSerde.ensure_file = staticmethod(files_only)

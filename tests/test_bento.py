@@ -24,8 +24,8 @@ def test_the_built_bento_serves_from_anywhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     command = [*bentoml, "serve", tag, "--host", "127.0.0.1", "--port", "{port}"]
-    with running(command, tmp_path / "serve.log", env=env, cwd=elsewhere) as url:
-        models = httpx.post(f"{url}/models", json={}, timeout=10).json()
+    with running(command, tmp_path / "serve.log", env=env, cwd=elsewhere) as server:
+        models = httpx.post(f"{server.url}/models", json={}, timeout=10).json()
         assert [m["name"] for m in models] == ["airbench", "cnn"]
 
 

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import sys
 
 import httpx
 import numpy as np
 import pytest
 
-from bench.harness import running
+from bench.harness import SERVE, running
 from serving.bundle import Bundle, BundleError, MissingVariant
 from serving.settings import Settings
 from tests.conftest import REPO
@@ -89,15 +88,15 @@ def test_a_bundle_without_the_variant_says_how_to_make_one(models):
 
 def test_an_unknown_precision_setting_is_refused(monkeypatch):
     monkeypatch.setenv("CIFAR10_PRECISION", "int4")
-    with pytest.raises(ValueError, match="CIFAR10_PRECISION must be one of fp32, int8"):
+    with pytest.raises(ValueError, match=r"CIFAR10_PRECISION='int4' \(must be one of fp32, int8\)"):
         Settings.from_env()
 
 
 def test_the_service_serves_int8_where_a_bundle_has_it(models, tmp_path, shared_data):
     env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_DEFAULT_MODEL="cnn", CIFAR10_PRECISION="int8")
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:CIFAR10", "--host", "127.0.0.1", "--port", "{port}"]
     log = tmp_path / "serve.log"
-    with running(command, log, env=env) as url:
+    with running(SERVE, log, env=env) as server:
+        url = server.url
         listed = {m["name"]: m for m in httpx.post(f"{url}/models", json={}).json()}
         pixels = np.zeros((32, 32, 3), np.uint8)
         answer = httpx.post(f"{url}/classify", files=[("images", ("0.png", encode(pixels), "image/png"))], timeout=30)

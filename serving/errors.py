@@ -1,0 +1,131 @@
+"""How the service says no: one JSON error shape, stated in the OpenAPI document, and load shedding.
+
+Every 4xx and 5xx answer is `{"error": "what went wrong and what to do"}`, plus `detail` (a list
+of per-field problems) when BentoML's request validation refuses a parameter. BentoML 1.4 wraps
+the errors its endpoints raise in a one-element list and documents `detail` as a string; the
+`ErrorAnswers` middleware unwraps the list and rewrites `/docs.json` to declare what is really
+sent, including the statuses BentoML leaves out (413, 429, 504).
+
+`Admission` sheds load: beyond `max_concurrency` requests in flight per worker a request gets 429
+at once, with Retry-After, instead of waiting in an unbounded queue past its client's deadline.
+"""
+
+from __future__ import annotations
+
+import json
+
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {
+        "error": {"type": "string", "description": "what went wrong, and what to do about it"},
+        "detail": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "request validation only: one entry per parameter refused (loc, msg, type)",
+        },
+    },
+    "required": ["error"],
+}
+
+# status → when it is sent; every endpoint of the service may answer each of these
+ERROR_STATUSES = {
+    400: "bad request: an image that cannot be decoded or is out of limits, an unknown model, a parameter out of range",
+    413: "an image over CIFAR10_MAX_IMAGE_BYTES",
+    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests already in flight; retry after the Retry-After seconds",
+    500: "a fault of the server (its log has the traceback)",
+    504: "not answered within CIFAR10_TIMEOUT_S",
+}
+
+
+async def send_error(send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+def document_errors(spec: dict, routes: tuple[str, ...]) -> dict:
+    """The OpenAPI document with one Error schema behind every error status of every route."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for bentoml_own in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas.pop(bentoml_own, None)
+    schemas["Error"] = ERROR_SCHEMA
+    reference = {"$ref": "#/components/schemas/Error"}
+    for route in routes:
+        responses = spec["paths"][route]["post"]["responses"]
+        for status in [s for s in responses if str(s) != "200"]:
+            del responses[status]
+        for status, description in ERROR_STATUSES.items():
+            responses[str(status)] = {"description": description, "content": {"application/json": {"schema": reference}}}
+    return spec
+
+
+def one_error(content):
+    """BentoML's error answer as one object whose `error` says what to fix."""
+    if isinstance(content, list) and len(content) == 1 and isinstance(content[0], dict):
+        content = content[0]  # BentoML 1.4 wraps the errors its endpoints raise in a list
+    if isinstance(content, dict) and isinstance(content.get("detail"), list):  # request validation: name each field
+        problems = [": ".join(filter(None, (".".join(map(str, d.get("loc", ()))), d.get("msg", "")))) for d in content["detail"] if isinstance(d, dict)]
+        content = dict(content, error="; ".join(problems) or content.get("error", ""))
+    return content
+
+
+class ErrorAnswers:
+    """Unwrap BentoML's one-element error lists, and serve the corrected OpenAPI document."""
+
+    def __init__(self, app, routes: tuple[str, ...]):
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        document = scope["path"] == "/docs.json"
+        start: dict = {}
+        body = bytearray()
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message["headers"])
+                is_json = headers.get(b"content-type", b"").startswith(b"application/json")
+                if is_json and (document or message["status"] >= 400):
+                    start.update(message)  # held back until the body is complete
+                    return None
+                return await send(message)
+            if not start:
+                return await send(message)
+            body.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return None
+            content = json.loads(body)
+            fixed = json.dumps(document_errors(content, self.routes) if document else one_error(content)).encode()
+            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"] + [(b"content-length", str(len(fixed)).encode())]
+            await send(dict(start, headers=headers))
+            await send({"type": "http.response.body", "body": fixed})
+
+        await self.app(scope, receive, rewrite)
+
+
+class Admission:
+    """At most `max_concurrency` requests to `paths` in flight; the next one gets 429 at once."""
+
+    def __init__(self, app, paths: tuple[str, ...], max_concurrency: int):
+        self.app = app
+        self.paths = paths
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0  # one event loop per worker: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_concurrency:
+            message = f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY); retry later"
+            return await send_error(send, 429, message, ((b"retry-after", b"1"),))
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

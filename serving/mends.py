@@ -1,0 +1,63 @@
+"""Where BentoML 1.4 falls short of this service's promises, the smallest mend for each.
+
+Applied once, when serving/service.py is imported (in BentoML's supervisor and in each worker).
+Each mend has a test in tests/test_reliability.py that fails without it.
+"""
+
+from __future__ import annotations
+
+from bentoml.exceptions import BadInput
+from starlette.datastructures import UploadFile
+
+
+def apply() -> None:
+    refuse_urls_for_files()
+    malformed_forms_are_400()
+    respawn_workers_in_containers()
+
+
+def refuse_urls_for_files() -> None:
+    """A text value where a file upload belongs is a 400, not a download.
+
+    BentoML fetches a URL sent in place of a file (MultipartSerde.ensure_file). A server that
+    fetches what clients name can be steered at other hosts (SSRF); this one never fetches.
+    """
+    from _bentoml_impl.serde import MultipartSerde
+
+    async def files_only(value):
+        if isinstance(value, UploadFile):
+            return value
+        raise BadInput("'images' must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
+
+    MultipartSerde.ensure_file = staticmethod(files_only)
+
+
+def malformed_forms_are_400() -> None:
+    """A malformed multipart body (no boundary, a broken part) is a 400 naming the problem.
+
+    Starlette says so with an HTTPException that BentoML's endpoint wrapper does not expect: it answered 500.
+    """
+    from _bentoml_impl.serde import MultipartSerde
+    from starlette.exceptions import HTTPException
+
+    parse = MultipartSerde.parse_request
+
+    async def parse_or_400(self, request, cls):
+        try:
+            return await parse(self, request, cls)
+        except HTTPException as exc:
+            raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
+
+    MultipartSerde.parse_request = parse_or_400
+
+
+def respawn_workers_in_containers() -> None:
+    """A worker that dies is replaced, in a container too.
+
+    BentoML turns respawning off when BENTOML_CONTAINERIZED is set (its own images set it): a killed
+    worker then leaves the supervisor holding the port with nobody answering, and the container
+    looks alive to everything but a probe with a timeout.
+    """
+    import bentoml.serving
+
+    bentoml.serving.running_inside_container = lambda: False
