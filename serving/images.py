@@ -43,6 +43,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
         raise ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})") from None
     except Image.DecompressionBombError:
         raise ImageError(f"image too large: over {limits.max_pixels:,} pixels") from None
+    except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
+        raise ImageError(f"corrupt or truncated image ({exc})") from None
     with image:
         return _to_pixels(image, limits)
 
@@ -61,7 +63,7 @@ def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
         image.load()
         image = ImageOps.exif_transpose(image)
         rgb = _rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "corrupt"
+    except Exception as exc:  # crafted bytes make Pillow's decoders raise many types, not only OSError
         raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2

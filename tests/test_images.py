@@ -1,13 +1,15 @@
 """serving.images.decode: the pixels it gives for good images, the ImageError it raises for bad ones."""
 
 import io
-import struct
-import zlib
+import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from bench.hostile import FORMATS, png_header_only
 from serving.images import ImageError, Limits, decode
 
 
@@ -58,13 +60,6 @@ def test_cmyk_jpeg_becomes_rgb():
     assert out.shape == (32, 32, 3) and out[..., 0].mean() > 200 and out[..., 1].mean() < 60  # red
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares its size and holds no pixels: what a decompression bomb looks like up front."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -99,3 +94,24 @@ def test_formats_off_the_list_are_refused():
     data = encode(Image.fromarray(random_rgb()), "BMP")
     with pytest.raises(ImageError, match="accepted format"):
         decode(data, Limits(formats=("PNG", "JPEG")))
+
+
+# A bounded fuzz of the decoder in CI; a long run: CIFAR10_FUZZ_EXAMPLES=20000 pytest tests/test_images.py -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("CIFAR10_FUZZ_EXAMPLES", "150"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize="CI" in os.environ)
+@given(data=st.data())
+def test_fuzz_mutated_images_decode_or_raise_image_error(fmt, data):
+    original = encode(Image.fromarray(random_rgb(48, 40)), fmt)
+    mutated = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8), label="mutations")):
+        at = data.draw(st.integers(0, len(mutated) - 1), label="at")
+        mutated[at] = data.draw(st.integers(0, 255), label="byte")
+    mutated = mutated[: data.draw(st.integers(1, len(mutated)), label="length")]
+    try:
+        pixels = decode(bytes(mutated))
+    except ImageError:
+        return
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
