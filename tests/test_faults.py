@@ -1,0 +1,131 @@
+"""Overload, faults and broken bundles against a real `bentoml serve`.
+
+The promises: beyond CIFAR10_MAX_CONCURRENCY a request is refused at once (429, JSON, Retry-After)
+while accepted ones are served; a killed worker is replaced (inside a container too); SIGTERM
+lets in-flight requests finish; bundles damaged on disk after start do not stop serving; a broken
+bundle at start ends the server with the reason, or is skipped when CIFAR10_BROKEN_BUNDLES=skip.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from bench.harness import SERVE, free_port, running
+from bench.hostile import encode, picture
+from tests.conftest import REPO
+
+IMAGE = encode(picture(3), "PNG")
+
+
+def classify(url: str, images: int = 1, model: str = "cnn", timeout: float = 60) -> httpx.Response:
+    files = [("images", (f"{i}.png", IMAGE, "image/png")) for i in range(images)]
+    return httpx.post(f"{url}/classify", files=files, data={"model": model}, timeout=timeout)
+
+
+def timed(call):
+    started = time.perf_counter()
+    answer = call()
+    return answer, time.perf_counter() - started
+
+
+def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_served(tmp_path):
+    env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MAX_CONCURRENCY": "4"}
+    with running(SERVE, tmp_path / "serve.log", env=env) as server:
+        slow = lambda _: timed(lambda: classify(server.url, images=16, model="airbench"))  # noqa: E731  (about 0.1 s of work each)
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(slow, range(24)))
+        statuses = [a.status_code for a, _ in answers]
+        refused = [(a, t) for a, t in answers if a.status_code == 429]
+        served = sorted(t for a, t in answers if a.status_code == 200)
+        assert set(statuses) == {200, 429} and len(served) >= 4, statuses
+        for answer, _ in refused:
+            assert "CIFAR10_MAX_CONCURRENCY" in answer.json()["error"] and answer.headers["retry-after"] == "1"
+        assert max(t for _, t in refused) < served[len(served) // 2]  # refused before the typical accepted one is answered
+        assert classify(server.url).status_code == 200  # and afterwards it serves normally
+
+
+@pytest.fixture(scope="module")
+def container_like(tmp_path_factory):
+    """A server on a copy of the bundles, run as in BentoML's image (BENTOML_CONTAINERIZED set)."""
+    folder = tmp_path_factory.mktemp("faults")
+    shutil.copytree(REPO / "models", folder / "models")
+    env = {"CIFAR10_MODELS_DIR": str(folder / "models"), "BENTOML_CONTAINERIZED": "true"}
+    with running(SERVE, folder / "serve.log", env=env) as server:
+        yield server, folder
+
+
+def worker(server) -> psutil.Process:
+    (child,) = psutil.Process(server.process.pid).children()
+    return child
+
+
+def test_a_killed_worker_is_replaced_in_a_container_too(container_like):
+    server, _ = container_like
+    killed = worker(server)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    assert worker(server).pid != killed.pid
+    assert classify(server.url).status_code == 200
+
+
+def test_bundles_damaged_on_disk_after_start_do_not_stop_serving(container_like):
+    server, folder = container_like
+    shutil.rmtree(folder / "models" / "cnn")
+    (folder / "models" / "airbench" / "model.onnx").write_bytes(b"garbage")
+    assert classify(server.url, model="cnn").status_code == 200
+    assert classify(server.url, model="airbench").status_code == 200
+    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+
+
+def test_sigterm_lets_requests_in_flight_finish(container_like):
+    server, _ = container_like
+    with ThreadPoolExecutor(6) as pool:
+        in_flight = [pool.submit(classify, server.url, 64, "airbench") for _ in range(6)]  # about 1.5 s of work in all
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        statuses = [f.result().status_code for f in in_flight]
+    assert statuses == [200] * 6
+    assert server.process.wait(30) == 0
+    with pytest.raises(httpx.TransportError):
+        classify(server.url, timeout=2)
+
+
+@pytest.fixture
+def one_broken(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models", models)
+    with open(models / "cnn" / "knn.pkl", "r+b") as f:
+        f.seek(100)
+        f.write(b"x")
+    return models
+
+
+def test_a_broken_bundle_at_start_ends_the_server_with_the_reason(one_broken, tmp_path):
+    command = [part.format(port=free_port()) for part in SERVE]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, CIFAR10_MODELS_DIR=str(one_broken)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "cnn/knn.pkl: sha256" in result.stderr + result.stdout and "CIFAR10_BROKEN_BUNDLES=skip" in result.stderr + result.stdout
+
+
+def test_a_broken_bundle_is_skipped_when_the_setting_says_so(one_broken, tmp_path):
+    env = {"CIFAR10_MODELS_DIR": str(one_broken), "CIFAR10_BROKEN_BUNDLES": "skip"}
+    with running(SERVE, tmp_path / "serve.log", env=env) as server:
+        assert [m["name"] for m in httpx.post(f"{server.url}/models", json={}, timeout=10).json()] == ["airbench"]
+        assert classify(server.url, model="airbench").status_code == 200
+        assert classify(server.url, model="cnn").status_code == 400
+    assert "skipping a bundle that cannot be served" in (tmp_path / "serve.log").read_text()
