@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import os
 import pickle
 import platform
+import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -107,6 +109,62 @@ async def load(
 
         await asyncio.gather(*(client_loop(c * per_request) for c in range(concurrency)))
     return Result(per_request, concurrency, seconds, latencies, errors)
+
+
+@dataclass
+class Answers:
+    """What an open-loop run got back: latencies of the served and the refused, and every other outcome."""
+
+    rate: float  # requests/s offered
+    seconds: float
+    served: list[float] = field(default_factory=list)  # 200
+    refused: list[float] = field(default_factory=list)  # 429
+    failed: collections.Counter = field(default_factory=collections.Counter)  # any other status, or the client's exception
+
+    @property
+    def sent(self) -> int:
+        return len(self.served) + len(self.refused) + sum(self.failed.values())
+
+
+async def open_loop(url: str, blobs: list[bytes], rate: float, seconds: float, model: str | None = None, deadline: float = 30.0) -> Answers:
+    """Single-image requests arriving at `rate`/s (Poisson) for `seconds`, whether or not earlier ones were answered:
+    how clients at large behave, unlike a closed loop. Latency counts from each request's scheduled time, so a
+    client that falls behind shows as latency too. A request not answered within `deadline` is a failure."""
+    answers = Answers(rate, seconds)
+    arrivals = random.Random(0)
+    params = {"model": model} if model else {}
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=deadline) as client:
+
+        async def one(blob: bytes, scheduled: float) -> None:
+            try:
+                status = (await client.post("/classify", content=blob, params=params, headers={"Content-Type": "image/png"})).status_code
+            except httpx.HTTPError as exc:
+                answers.failed[type(exc).__name__] += 1
+                return
+            latency = time.perf_counter() - scheduled
+            if status in (200, 429):
+                (answers.served if status == 200 else answers.refused).append(latency)
+            else:
+                answers.failed[str(status)] += 1
+
+        pending: set[asyncio.Task] = set()
+        start, offset, i = time.perf_counter(), 0.0, 0
+        while offset < seconds:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            task = asyncio.create_task(one(blobs[i % len(blobs)], start + offset))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+            offset += arrivals.expovariate(rate)
+        await asyncio.gather(*pending)
+    return answers
+
+
+def saturation(url: str, blobs: list[bytes], model: str | None, seconds: float = 8.0) -> float:
+    """Single-image requests/s the server sustains: a closed loop at concurrency 32 (where the rate peaks, docs/performance.md)."""
+    result = asyncio.run(load(url, blobs, 1, 32, seconds, model))
+    return len(result.latencies) / result.seconds
 
 
 def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[int], seconds: float, model: str | None) -> list[Result]:

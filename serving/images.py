@@ -45,8 +45,13 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
         raise ImageError(f"image too large: over {limits.max_pixels:,} pixels") from None
     except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
         raise ImageError(f"corrupt or truncated image ({exc})") from None
-    with image:
-        return _to_pixels(image, limits)
+    try:
+        with image:
+            return _to_pixels(image, limits)
+    except ImageError:
+        raise
+    except Exception as exc:  # crafted bytes make Pillow raise many types here too (TypeError from a TIFF's n_frames, …)
+        raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
 
 
 def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
@@ -59,12 +64,8 @@ def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
         raise ImageError("animated images are not accepted; send a single frame")
     if image.format == "JPEG":
         image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb = _rgb(image)
-    except Exception as exc:  # crafted bytes make Pillow's decoders raise many types, not only OSError
-        raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
+    image.load()
+    rgb = _rgb(ImageOps.exif_transpose(image))
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
     square = rgb.crop((left, top, left + side, top + side))

@@ -7,6 +7,7 @@ Settings come from CIFAR10_* environment variables (serving/settings.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -26,7 +27,7 @@ from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
-from serving.uploads import RawImageBody
+from serving.uploads import RawImageBody, Upload
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -96,8 +97,8 @@ def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundl
 
 SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
 ROUTES = ("/classify", "/topk", "/embed", "/knn")
-# at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint, with its own message
-Images = Annotated[list[Path], Field(min_length=1)]
+# at least one image per request, each as its bytes; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
+Images = Annotated[list[Upload], Field(min_length=1)]
 
 
 @bentoml.service(name="cifar10", workers=SETTINGS.workers, threads=SETTINGS.request_threads, traffic={"timeout": SETTINGS.timeout_s})
@@ -106,7 +107,9 @@ class CIFAR10:
     def check_bundles() -> None:
         """Runs once in BentoML's supervisor before any worker starts: a broken bundle ends `bentoml serve` here
         with exit status 1 and the reason, where a worker failing in __init__ would be restarted over and over."""
-        each_bundle(SETTINGS, lambda folder: check_bundle(folder, SETTINGS))
+        # the supervisor runs where `bentoml serve` was started; workers run in the service's working dir (a bento's src/)
+        settings = dataclasses.replace(SETTINGS, models_dir=Path(CIFAR10.working_dir) / SETTINGS.models_dir)
+        each_bundle(settings, lambda folder: check_bundle(folder, settings))
 
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs
@@ -122,7 +125,7 @@ class CIFAR10:
             for name, bundle in self.bundles.items()
         }
 
-    def _predict(self, bundle: Bundle, images: list[Path]) -> Prediction:
+    def _predict(self, bundle: Bundle, images: list[bytes]) -> Prediction:
         """Decode, then run in the bundle's batcher together with concurrent requests."""
         return self.batchers[bundle.manifest.name].predict(self._pixels(images))
 
@@ -139,19 +142,18 @@ class CIFAR10:
             raise BadInput(f"unknown model {name!r}; loaded: {', '.join(self.bundles)}")
         return self.bundles[name]
 
-    def _pixels(self, images: list[Path]) -> np.ndarray:
+    def _pixels(self, images: list[bytes]) -> np.ndarray:
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         arrays = []
-        for i, path in enumerate(images):
-            size = path.stat().st_size
-            if size > self.settings.max_image_bytes:
+        for i, data in enumerate(images):
+            if len(data) > self.settings.max_image_bytes:
                 raise BentoMLException(
-                    f"image {i}: {size:,} bytes, over the limit of {self.settings.max_image_bytes:,}",
+                    f"image {i}: {len(data):,} bytes, over the limit of {self.settings.max_image_bytes:,}",
                     error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 )
             try:
-                arrays.append(decode(path.read_bytes(), self.settings.limits))
+                arrays.append(decode(data, self.settings.limits))
             except ImageError as exc:
                 raise BadInput(f"image {i}: {exc}") from None
         return np.stack(arrays)

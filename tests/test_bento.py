@@ -30,12 +30,16 @@ def test_the_built_bento_serves_from_anywhere(tmp_path):
 
 
 def test_the_bentofile_states_the_settings_defaults(monkeypatch):
+    import dataclasses
+
     import yaml
 
     from serving.settings import Settings
 
     envs = {e["name"]: str(e["value"]) for e in yaml.safe_load((REPO / "bentofile.yaml").read_text())["envs"]}
     assert envs.pop("CIFAR10_PROVIDERS") == "CPUExecutionProvider" and "CIFAR10_THREADS" not in envs
+    known = {f"CIFAR10_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name != "limits"} | {"CIFAR10_MAX_PIXELS"}
+    assert set(envs) <= known, f"bentofile.yaml names settings that do not exist: {set(envs) - known}"
     for name in envs:
         monkeypatch.delenv(name, raising=False)
     defaults = Settings.from_env()

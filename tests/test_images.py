@@ -96,6 +96,14 @@ def test_formats_off_the_list_are_refused():
         decode(data, Limits(formats=("PNG", "JPEG")))
 
 
+def test_a_tiff_whose_frame_count_fails_is_corrupt():
+    """Found by the fuzz below: asking this mutated TIFF for its frame count raised TypeError inside Pillow."""
+    data = bytearray(encode(Image.fromarray(random_rgb(48, 40)), "TIFF"))
+    data[8] = 7
+    with pytest.raises(ImageError, match="corrupt or truncated TIFF image"):
+        decode(bytes(data[:140]))
+
+
 # A bounded fuzz of the decoder in CI; a long run: CIFAR10_FUZZ_EXAMPLES=20000 pytest tests/test_images.py -k fuzz
 FUZZ_EXAMPLES = int(os.environ.get("CIFAR10_FUZZ_EXAMPLES", "150"))
 

@@ -1,0 +1,70 @@
+"""Overload: open-loop load at multiples of the measured saturation rate, and what the server does with it.
+
+    python -m bench.overload [--model airbench] [--factors 1 2 4] [--seconds 10] [--env CIFAR10_MAX_CONCURRENCY=64]
+
+Starts `bentoml serve` here, measures the saturation rate (closed loop, concurrency 32), then offers
+single-image requests at each factor × that rate (Poisson arrivals; each client waits at most
+--deadline s) and prints, per factor: served/s, the share refused with 429 and how fast, the
+latency of the served, any other outcome (5xx, timeouts, connection errors). Last, a short run at
+half the saturation rate checks that the server serves normally again, and that it never died.
+The client shares the machine with the server: the rate it really offered is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import REPO, SERVE, running
+from bench.http_load import Answers, machine, open_loop, saturation, test_pngs
+
+HEADER = [
+    "| load | offered req/s | sent req/s | served req/s | refused (429) | 429 p99 ms | served p50 ms | served p99 ms | other outcomes |",
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+]
+
+
+def ms(latencies: list[float], q: float) -> str:
+    return f"{np.percentile(latencies, q) * 1000:,.0f}" if latencies else "-"
+
+
+def row(label: str, a: Answers) -> str:
+    others = ", ".join(f"{n}× {what}" for what, n in a.failed.most_common()) or "none"
+    return (
+        f"| {label} | {a.rate:,.0f} | {a.sent / a.seconds:,.0f} | {len(a.served) / a.seconds:,.1f} | {len(a.refused) / max(a.sent, 1):.1%} | "
+        f"{ms(a.refused, 99)} | {ms(a.served, 50)} | {ms(a.served, 99)} | {others} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="bundle to ask for (default: the service's default)")
+    parser.add_argument("--factors", type=float, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per factor")
+    parser.add_argument("--deadline", type=float, default=10.0, help="seconds a client waits for its answer")
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="service settings")
+    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    args = parser.parse_args()
+
+    blobs = test_pngs(Path(args.data_dir), 1000)
+    env = dict(item.split("=", 1) for item in args.env)
+    (REPO / "logs").mkdir(exist_ok=True)
+    with running(SERVE, REPO / "logs" / "overload_server.log", env=env) as server:
+        rate = saturation(server.url, blobs, args.model)
+        print(f"machine: {machine()}; model {args.model or 'default'}; settings {' '.join(args.env) or 'defaults'}")
+        print(f"saturation (closed loop, concurrency 32): {rate:,.1f} requests/s; {args.seconds:g} s per load; deadline {args.deadline:g} s\n")
+        print("\n".join(HEADER), flush=True)
+        for factor in args.factors:
+            answers = asyncio.run(open_loop(server.url, blobs, factor * rate, args.seconds, args.model, args.deadline))
+            print(row(f"{factor:g}× saturation", answers), flush=True)
+        after = asyncio.run(open_loop(server.url, blobs, 0.5 * rate, args.seconds, args.model, args.deadline))
+        print(row("afterwards, 0.5×", after))
+        print(f"\nserver process alive throughout: {server.process.poll() is None}; memory {server.rss / 2**20:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
