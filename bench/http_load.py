@@ -116,48 +116,92 @@ class Answers:
     """What an open-loop run got back: latencies of the served and the refused, and every other outcome."""
 
     rate: float  # requests/s offered
-    seconds: float
+    seconds: float  # of offering
     served: list[float] = field(default_factory=list)  # 200
     refused: list[float] = field(default_factory=list)  # 429
-    failed: collections.Counter = field(default_factory=collections.Counter)  # any other status, or the client's exception
+    failed: collections.Counter = field(default_factory=collections.Counter)  # any other status, a timeout, a lost connection
+    until_last: float = 0.0  # seconds from the first request to the last answer
 
     @property
     def sent(self) -> int:
         return len(self.served) + len(self.refused) + sum(self.failed.values())
 
 
+def raw_request(url: str, blob: bytes, model: str | None) -> bytes:
+    """One image as the raw body of POST /classify, encoded once: the open-loop client must be cheap."""
+    host = url.split("//", 1)[1]
+    query = f"?model={model}" if model else ""
+    head = f"POST /classify{query} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {len(blob)}\r\n\r\n"
+    return head.encode() + blob
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
+    """(status, whether the server keeps the connection open) for one HTTP/1.1 request."""
+    writer.write(request)
+    status = int((await reader.readline()).split()[1])
+    length, keep = 0, True
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        elif name.lower() == "connection" and value.strip().lower() == "close":
+            keep = False
+    await reader.readexactly(length)
+    return status, keep
+
+
 async def open_loop(url: str, blobs: list[bytes], rate: float, seconds: float, model: str | None = None, deadline: float = 30.0) -> Answers:
     """Single-image requests arriving at `rate`/s (Poisson) for `seconds`, whether or not earlier ones were answered:
     how clients at large behave, unlike a closed loop. Latency counts from each request's scheduled time, so a
-    client that falls behind shows as latency too. A request not answered within `deadline` is a failure."""
+    client that falls behind shows as latency too; one not answered within `deadline` counts as a timeout.
+    Plain asyncio streams with keep-alive connections, not httpx: on a small machine the client must cost the
+    server as little CPU as it can."""
     answers = Answers(rate, seconds)
     arrivals = random.Random(0)
-    params = {"model": model} if model else {}
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=deadline) as client:
+    requests = [raw_request(url, blob, model) for blob in blobs]
+    host, port = url.split("//", 1)[1].split(":")
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-        async def one(blob: bytes, scheduled: float) -> None:
-            try:
-                status = (await client.post("/classify", content=blob, params=params, headers={"Content-Type": "image/png"})).status_code
-            except httpx.HTTPError as exc:
-                answers.failed[type(exc).__name__] += 1
-                return
-            latency = time.perf_counter() - scheduled
-            if status in (200, 429):
-                (answers.served if status == 200 else answers.refused).append(latency)
-            else:
-                answers.failed[str(status)] += 1
+    async def one(request: bytes, scheduled: float) -> None:
+        connection = None
+        try:
+            async with asyncio.timeout(max(0.001, scheduled + deadline - time.perf_counter())):
+                while idle:  # a kept-alive connection the server may have closed meanwhile: retry on the next, as clients do
+                    connection = idle.pop()
+                    try:
+                        status, keep = await exchange(*connection, request)
+                        break
+                    except (OSError, asyncio.IncompleteReadError, IndexError):
+                        connection[1].close()
+                        connection = None
+                if connection is None:
+                    connection = await asyncio.open_connection(host, int(port))
+                    status, keep = await exchange(*connection, request)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as exc:
+            answers.failed["timeout" if isinstance(exc, TimeoutError) else "connection lost"] += 1
+            if connection:
+                connection[1].close()
+            return
+        latency = time.perf_counter() - scheduled
+        idle.append(connection) if keep else connection[1].close()
+        if status in (200, 429):
+            (answers.served if status == 200 else answers.refused).append(latency)
+        else:
+            answers.failed[str(status)] += 1
 
-        pending: set[asyncio.Task] = set()
-        start, offset, i = time.perf_counter(), 0.0, 0
-        while offset < seconds:
-            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            task = asyncio.create_task(one(blobs[i % len(blobs)], start + offset))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            i += 1
-            offset += arrivals.expovariate(rate)
-        await asyncio.gather(*pending)
+    pending: set[asyncio.Task] = set()
+    start, offset, i = time.perf_counter(), 0.0, 0
+    while offset < seconds:
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        task = asyncio.create_task(one(requests[i % len(requests)], start + offset))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        i += 1
+        offset += arrivals.expovariate(rate)
+    await asyncio.gather(*pending)
+    answers.until_last = time.perf_counter() - start
+    for _, writer in idle:
+        writer.close()
     return answers
 
 

@@ -14,6 +14,7 @@ def apply() -> None:
     refuse_urls_for_files()
     malformed_forms_are_400()
     respawn_workers_in_containers()
+    shed_load_early()
 
 
 def refuse_urls_for_files() -> None:
@@ -61,3 +62,27 @@ def respawn_workers_in_containers() -> None:
     import bentoml.serving
 
     bentoml.serving.running_inside_container = lambda: False
+
+
+def shed_load_early() -> None:
+    """Refusing a request beyond CIFAR10_MAX_CONCURRENCY costs next to nothing.
+
+    BentoML puts a service's own middleware innermost, under tracing, access logging and its
+    timeout; a 429 paid for all of them, and at eight times the saturating load on 2 cores the
+    refusals alone took the worker's event loop (docs/operations.md). The admission check moves to
+    just under BentoML's request metrics, which still count every refusal.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    from serving.errors import Admission
+
+    stack = ServiceAppFactory.middlewares
+
+    def admission_early(self):
+        middlewares = stack.fget(self)
+        admission = [m for m in middlewares if m.cls is Admission]
+        rest = [m for m in middlewares if m.cls is not Admission]
+        metrics = 1 if rest and rest[0].cls.__name__ == "RunnerTrafficMetricsMiddleware" else 0
+        return rest[:metrics] + admission + rest[metrics:]
+
+    ServiceAppFactory.middlewares = property(admission_early)
