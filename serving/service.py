@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from bentoml.exceptions import BadInput, BentoMLException
 from pydantic import Field
+from starlette.datastructures import UploadFile
 
 from serving import mends
 from serving.batching import Batcher
@@ -27,7 +28,7 @@ from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
-from serving.uploads import RawImageBody, Upload
+from serving.uploads import RawImageBody, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -97,7 +98,7 @@ def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundl
 
 SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
 ROUTES = ("/classify", "/topk", "/embed", "/knn")
-# at least one image per request, each as its bytes; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
+# at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
 Images = Annotated[list[Upload], Field(min_length=1)]
 
 
@@ -125,7 +126,7 @@ class CIFAR10:
             for name, bundle in self.bundles.items()
         }
 
-    def _predict(self, bundle: Bundle, images: list[bytes]) -> Prediction:
+    def _predict(self, bundle: Bundle, images: list[UploadFile]) -> Prediction:
         """Decode, then run in the bundle's batcher together with concurrent requests."""
         return self.batchers[bundle.manifest.name].predict(self._pixels(images))
 
@@ -142,16 +143,15 @@ class CIFAR10:
             raise BadInput(f"unknown model {name!r}; loaded: {', '.join(self.bundles)}")
         return self.bundles[name]
 
-    def _pixels(self, images: list[bytes]) -> np.ndarray:
+    def _pixels(self, images: list[UploadFile]) -> np.ndarray:
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         arrays = []
-        for i, data in enumerate(images):
-            if len(data) > self.settings.max_image_bytes:
-                raise BentoMLException(
-                    f"image {i}: {len(data):,} bytes, over the limit of {self.settings.max_image_bytes:,}",
-                    error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                )
+        for i, upload in enumerate(images):
+            try:
+                data = upload_bytes(upload, self.settings.max_image_bytes)
+            except ValueError as exc:
+                raise BentoMLException(f"image {i}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             try:
                 arrays.append(decode(data, self.settings.limits))
             except ImageError as exc:

@@ -84,14 +84,23 @@ def _multipart(image: bytes, content_type: str, fields: list[tuple[str, str]]) -
     return b"".join(parts) + b"--" + boundary + b"--\r\n", boundary
 
 
-def _in_memory(value, handler):
+def _upload(value, handler):
     if not isinstance(value, UploadFile):  # a URL or text where a file belongs: never fetched, never written
         raise ValueError("must be an uploaded file (multipart) or the raw body")
-    return value.file.read()
+    return value
 
 
-# One uploaded image, handed to the endpoint as its bytes. Declared as a Path so that BentoML parses
-# and documents it as a multipart file; the validator then skips BentoML's own, which writes each
-# upload to a temporary file named after the client's filename (a 500 for names over 255 bytes) that
-# the endpoint would only read back.
-Upload = Annotated[Path, WrapValidator(_in_memory)]
+def upload_bytes(upload: UploadFile, limit: int) -> bytes:
+    """The file's bytes, or ValueError when it holds more than `limit`: an over-limit file is never read into memory."""
+    size = upload.file.seek(0, 2)
+    if size > limit:
+        raise ValueError(f"{size:,} bytes, over the limit of {limit:,}")
+    upload.file.seek(0)
+    return upload.file.read()
+
+
+# One uploaded image, handed to the endpoint as Starlette's UploadFile (spooled: in memory up to 1 MB,
+# on disk beyond). Declared as a Path so that BentoML parses and documents it as a multipart file; the
+# validator then skips BentoML's own, which copies each upload into a temporary file named after the
+# client's filename (a 500 for names over 255 bytes) that the endpoint would only read back.
+Upload = Annotated[Path, WrapValidator(_upload)]

@@ -40,7 +40,7 @@ def test_each_hostile_upload_gets_its_answer_and_the_next_request_succeeds(serve
 
 
 def test_the_catalogue_three_times_over_leaves_memory_flat(server):
-    """After the cases above warmed every path: three more rounds of all of them grow the server by < 32 MiB."""
+    """After a warm-up round, three more rounds of every case grow the server by less than 32 MiB."""
     _, before, after = run(server.url, lambda: server.rss, rounds=3)
     assert after - before < 32 * 2**20, f"{(after - before) / 2**20:.1f} MiB more"
 
