@@ -36,11 +36,12 @@ class Case:
     message: str = ""  # a fragment of the JSON error ("" for 200)
     raw_type: str = ""  # Content-Type of a raw-body request
     data: dict = field(default_factory=dict)  # form fields
+    filename: str = ""  # of every upload ("0.bin", "1.bin", … when empty)
 
     def send(self, client: httpx.Client) -> httpx.Response:
         if self.raw_type:
             return client.post("/classify", content=self.files[0], headers={"Content-Type": self.raw_type})
-        uploads = [("images", (f"{i}.bin", blob, "application/octet-stream")) for i, blob in enumerate(self.files)]
+        uploads = [("images", (self.filename or f"{i}.bin", blob, "application/octet-stream")) for i, blob in enumerate(self.files)]
         return client.post("/classify", files=uploads, data=self.data)
 
 
@@ -121,6 +122,8 @@ def catalogue() -> dict[str, Case]:
         "raw body over the size limit": Case([b"\x89PNG" + bytes(MAX_IMAGE_BYTES)], 413, "over the limit", raw_type="image/png"),
         "65 images in one request": Case([encode(picture(size=8), "PNG")] * 65, 400, "at most 64"),
         "model name with a path": Case([encode(picture(), "PNG")], 400, "unknown model", data={"model": "../models/cnn"}),
+        "file name with a path": Case([encode(picture(), "PNG")], 200, filename="../../../../tmp/evil.png"),
+        "file name of 300 bytes": Case([encode(picture(), "PNG")], 200, filename="é" * 150 + ".png"),
     }
     return cases
 
@@ -170,13 +173,13 @@ def run(url: str, rss, rounds: int) -> tuple[list[str], int, int]:
 
 def main() -> None:
     from bench.harness import REPO, SERVE, running
-    from training.machine import cpu_model
+    from bench.http_load import machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running service (its memory is then not reported)")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    print(f"machine: {cpu_model()}; {len(catalogue())} cases × {args.rounds} rounds, each followed by a good request")
+    print(f"machine: {machine()}; {len(catalogue())} cases × {args.rounds} rounds, each followed by a good request")
     print("| case | status | slowest answer |\n| --- | ---: | ---: |")
     if args.url:
         print("\n".join(run(args.url, lambda: 0, args.rounds)[0]))

@@ -150,14 +150,16 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return status, keep
 
 
-async def open_loop(url: str, blobs: list[bytes], rate: float, seconds: float, model: str | None = None, deadline: float = 30.0) -> Answers:
+async def open_loop(
+    url: str, blobs: list[bytes], rate: float, seconds: float, model: str | None = None, deadline: float = 30.0, seed: int = 0
+) -> Answers:
     """Single-image requests arriving at `rate`/s (Poisson) for `seconds`, whether or not earlier ones were answered:
     how clients at large behave, unlike a closed loop. Latency counts from each request's scheduled time, so a
     client that falls behind shows as latency too; one not answered within `deadline` counts as a timeout.
     Plain asyncio streams with keep-alive connections, not httpx: on a small machine the client must cost the
     server as little CPU as it can."""
     answers = Answers(rate, seconds)
-    arrivals = random.Random(0)
+    arrivals = random.Random(seed)
     requests = [raw_request(url, blob, model) for blob in blobs]
     host, port = url.split("//", 1)[1].split(":")
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []

@@ -40,7 +40,8 @@ def main() -> None:
         print("| minute | requests | errors | p50 ms | p99 ms | server memory MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
         started, sent, errors, memory = time.monotonic(), 0, 0, []
         while (elapsed := time.monotonic() - started) < args.minutes * 60:
-            answers = asyncio.run(open_loop(server.url, blobs, rate, min(args.every, args.minutes * 60 - elapsed), args.model))
+            interval = min(args.every, args.minutes * 60 - elapsed)
+            answers = asyncio.run(open_loop(server.url, blobs, rate, interval, args.model, seed=len(memory)))
             sent += answers.sent
             errors += answers.sent - len(answers.served)
             memory.append(server.rss / 2**20)

@@ -28,7 +28,7 @@ from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
 from serving.settings import Settings
-from serving.uploads import RawImageBody, Upload, upload_bytes
+from serving.uploads import Bodies, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -219,5 +219,5 @@ mends.apply()
 # Outermost first: one error shape for every answer below it, then load shedding, then the raw-body form
 CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
 CIFAR10.add_asgi_middleware(Admission, paths=ROUTES, max_concurrency=SETTINGS.max_concurrency)
-# One image may also come as the raw body (Content-Type image/* or application/octet-stream).
-CIFAR10.add_asgi_middleware(RawImageBody, paths=ROUTES, max_bytes=SETTINGS.max_image_bytes)
+# Body size limits, and one image as the raw body (Content-Type image/* or application/octet-stream)
+CIFAR10.add_asgi_middleware(Bodies, paths=ROUTES, max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes)

@@ -47,6 +47,7 @@ class Settings:
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
+    max_request_bytes: int = 100_000_000  # a whole multipart request (411 without a Content-Length)
     max_neighbours: int = 50
     workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
     request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
@@ -57,7 +58,7 @@ class Settings:
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
-        positive = ("workers", "request_threads", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_neighbours", "timeout_s")
+        positive = ("workers", "request_threads", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
         bad += [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be >= 0)" for name in ("threads", "max_latency_ms") if getattr(self, name) < 0]
         if self.broken_bundles not in ("fail", "skip"):
@@ -79,6 +80,7 @@ class Settings:
             precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),
             max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
+            max_request_bytes=int(_env("MAX_REQUEST_BYTES", "100000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
             workers=int(_env("WORKERS", "1")),
             request_threads=int(_env("REQUEST_THREADS", "8")),

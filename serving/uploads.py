@@ -1,10 +1,13 @@
 """How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
 
-Raw body: `curl --data-binary @cat.png -H 'Content-Type: image/png' 'URL/topk?k=3'`. BentoML 1.4 parses a request body by its Content-Type into the endpoint's parameters; an image
-body has no parameter to go to. This ASGI middleware rewrites such a request into the
-multipart form the endpoints already take (the body as the one file of `images`, the query
-string as form fields), so both forms share every check after it. The body is read up to the
-per-image byte limit and refused with 413 beyond it, before BentoML stores anything.
+The `Bodies` middleware sees every POST to an endpoint before BentoML reads it:
+- a body over its limit is refused with 413 from its Content-Length (CIFAR10_MAX_REQUEST_BYTES for
+  a form, CIFAR10_MAX_IMAGE_BYTES for one raw image), and a form without a Content-Length (a chunked
+  upload) with 411, so nothing unbounded is ever spooled;
+- a raw body (`curl --data-binary @cat.png -H 'Content-Type: image/png' 'URL/topk?k=3'`) is read up to
+  the per-image limit and rewritten into the multipart form the endpoints take (the body as the one
+  file of `images`, the query string as form fields): BentoML 1.4 parses a body by its Content-Type
+  into parameters, and an image body has no parameter to go to. Both forms then share every check.
 """
 
 from __future__ import annotations
@@ -22,20 +25,26 @@ from serving.errors import send_error
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-class RawImageBody:
-    def __init__(self, app, paths: tuple[str, ...], max_bytes: int):
+class Bodies:
+    def __init__(self, app, paths: tuple[str, ...], max_image_bytes: int, max_request_bytes: int):
         self.app = app
         self.paths = paths
-        self.max_bytes = max_bytes
+        self.max_bytes = max_image_bytes
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if not content_type.startswith(RAW_TYPES):
-            return await self.app(scope, receive, send)
         declared = headers.get(b"content-length", b"")
+        if not content_type.startswith(RAW_TYPES):
+            if not declared.isdigit():
+                return await send_error(send, 411, "send the body with a Content-Length (chunked uploads are not accepted)")
+            if int(declared) > self.max_request_bytes:
+                message = f"request body of {int(declared):,} bytes, over the limit of {self.max_request_bytes:,} (CIFAR10_MAX_REQUEST_BYTES)"
+                return await send_error(send, 413, message)
+            return await self.app(scope, receive, send)
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(int(declared), send)
         body = bytearray()

@@ -14,7 +14,8 @@ from serving.bundle import Bundle
 from serving.images import decode
 from tests.conftest import REPO
 
-MAX_IMAGE_BYTES = 200_000  # small, so that the 413 test needs no huge upload
+MAX_IMAGE_BYTES = 200_000  # small, so that the 413 tests need no huge upload
+MAX_REQUEST_BYTES = 1_000_000
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def server_log(tmp_path_factory):
 def server(server_log):
     env = dict(
         CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        CIFAR10_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
         CIFAR10_DEFAULT_MODEL="cnn",  # the cheap committed bundle; the default one is checked by name below
         CIFAR10_MAX_LATENCY_MS="20",  # so that concurrent requests reliably meet in one batch
     )  # fmt: skip
@@ -179,6 +181,20 @@ def test_bad_raw_bodies_are_4xx(server, body, query, status, message):
     answer = httpx.post(f"{server}/topk{query}", content=body, headers={"Content-Type": "image/png"}, timeout=60)
     assert answer.status_code == status, answer.text
     assert message in answer.json()["error"]
+
+
+def test_a_request_over_its_size_limit_is_refused_before_it_is_read(server):
+    files = [("images", (f"{i}.png", bytes(190_000), "image/png")) for i in range(6)]  # each under the per-file limit
+    answer = httpx.post(f"{server}/classify", files=files, timeout=60)
+    assert answer.status_code == 413 and "CIFAR10_MAX_REQUEST_BYTES" in answer.json()["error"]
+
+
+def test_a_chunked_form_is_411_and_a_chunked_raw_image_is_read(server, test_images):
+    form = httpx.Request("POST", f"{server}/classify", files=upload([encode(test_images[0])]))
+    chunked = httpx.post(f"{server}/classify", content=iter([form.read()]), headers={"Content-Type": form.headers["Content-Type"]}, timeout=60)
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
+    raw = httpx.post(f"{server}/classify", content=iter([encode(test_images[0])]), headers={"Content-Type": "image/png"}, timeout=60)
+    assert raw.status_code == 200
 
 
 def test_a_url_in_place_of_a_file_is_refused_not_fetched(server):
