@@ -65,11 +65,13 @@ def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
     if image.format == "JPEG":
         image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     image.load()
-    rgb = _rgb(ImageOps.exif_transpose(image))
-    side = min(rgb.size)
-    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
-    square = rgb.crop((left, top, left + side, top + side))
-    return np.asarray(square.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
+    rgb = _rgb(image)
+    if rgb.size != (SIZE, SIZE):  # a 32×32 upload is already what crop + resize would give
+        side = min(rgb.size)
+        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -81,4 +83,4 @@ def _rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

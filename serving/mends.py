@@ -1,7 +1,8 @@
 """Where BentoML 1.4 falls short of this service's promises, the smallest mend for each.
 
 Applied once, when serving/service.py is imported (in BentoML's supervisor and in each worker).
-Each mend has a test in tests/test_reliability.py that fails without it.
+The promises they keep are tested in tests/test_hostile.py, tests/test_faults.py and
+tests/test_service.py; the speed they buy is measured by bench/ (docs/operations.md, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ def apply() -> None:
     malformed_forms_are_400()
     respawn_workers_in_containers()
     shed_load_early()
+    cache_response_media_types()
 
 
 def refuse_urls_for_files() -> None:
@@ -86,3 +88,17 @@ def shed_load_early() -> None:
         return rest[:metrics] + admission + rest[metrics:]
 
     ServiceAppFactory.middlewares = property(admission_early)
+
+
+def cache_response_media_types() -> None:
+    """A response's media type is worked out once per output model, not once per response.
+
+    BentoML derives it by generating the output model's whole JSON schema, on every response: a
+    tenth of a worker's time holding the GIL when it answers 64-image requests (py-spy --gil). It
+    depends on the class alone.
+    """
+    import functools
+
+    from _bentoml_sdk.io_models import IOMixin
+
+    IOMixin.mime_type = classmethod(functools.cache(IOMixin.mime_type.__func__))
