@@ -4,10 +4,13 @@ clients keep it busy, and the samples are summed by what they were doing.
     pip install py-spy
     python -m bench.profile_http --model cnn --concurrency 64            # our service
     python -m bench.profile_http --model cnn --concurrency 32 --naive    # bench/naive_app.py
+    python -m bench.profile_http --model cnn --images 64 --concurrency 16 --gil   # only the thread holding the GIL
 
 Each sample is charged to the first frame, from the innermost outwards, that belongs to a known
 part (onnxruntime, image decoding, multipart parsing, our code, BentoML/HTTP/asyncio...). Printed:
-the share of samples per part, and the functions with the most samples of their own.
+the share of samples per part, and the functions with the most samples of their own. With --gil,
+py-spy samples only the thread holding the GIL: where one worker's Python time goes, without the
+threads that are waiting to get it back (onnxruntime's own threads then do not show).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
     args = parser.parse_args()
 
@@ -97,7 +101,7 @@ def main() -> None:
         raw = Path(tmp) / "profile.txt"
         spy = subprocess.Popen(
             ["py-spy", "record", "--pid", str(server.process.pid), "--subprocesses", "--format", "raw", "--rate", str(args.rate),
-             "--duration", str(int(args.seconds)), "--output", str(raw)],
+             "--duration", str(int(args.seconds)), "--output", str(raw), *(["--gil"] if args.gil else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         result: list = []

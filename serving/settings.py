@@ -42,7 +42,7 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
-    threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session; 0: its own choice
+    threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session (from_env: cores / workers); 0: its own choice
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
@@ -75,7 +75,7 @@ class Settings:
             models=_names(_env("MODELS", "")),
             default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
-            threads=int(_env("THREADS", str(_cores()))),
+            threads=int(_env("THREADS", str(max(1, _cores() // int(_env("WORKERS", "1")))))),
             broken_bundles=_env("BROKEN_BUNDLES", "fail"),
             precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),
