@@ -6,6 +6,7 @@ lets in-flight requests finish; bundles damaged on disk after start do not stop 
 bundle at start ends the server with the reason, or is skipped when CIFAR10_BROKEN_BUNDLES=skip.
 """
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from bench import http_load
 from bench.harness import SERVE, free_port, running
 from bench.hostile import encode, picture
 from tests.conftest import REPO
@@ -49,6 +51,19 @@ def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_
             assert "CIFAR10_MAX_CONCURRENCY" in answer.json()["error"] and answer.headers["retry-after"] == "1"
         assert max(t for _, t in refused) < served[len(served) // 2]  # refused before the typical accepted one is answered
         assert classify(server.url).status_code == 200  # and afterwards it serves normally
+
+
+def test_a_short_soak_has_no_errors_and_flat_memory(tmp_path, shared_data):
+    """The CI form of `python -m bench.soak`: 2 × 5 s of open-loop single-image requests at 50/s."""
+    blobs = http_load.test_pngs(shared_data, 200)
+    with running(SERVE, tmp_path / "serve.log", env={"CIFAR10_MODELS_DIR": str(REPO / "models")}) as server:
+        first = asyncio.run(http_load.open_loop(server.url, blobs, 50, 5, "cnn"))
+        warm = server.rss
+        second = asyncio.run(http_load.open_loop(server.url, blobs, 50, 5, "cnn", seed=1))
+        grown = server.rss / warm - 1
+    for answers in (first, second):
+        assert answers.sent > 150 and len(answers.served) == answers.sent, answers.failed
+    assert grown < 0.05, f"memory grew {grown:.1%} between the two halves"
 
 
 @pytest.fixture(scope="module")
