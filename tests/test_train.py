@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,11 @@ def test_training_lowers_the_loss(cifar, tmp_path):
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
     table = runs_table(tmp_path / "runs")
     assert "| first | cnn-baseline (first 512) | 0 | 3 |" in table
+    kept = tmp_path / "runs" / "kept"  # a run folder copied back with its run.json only (as from a GPU machine)
+    kept.mkdir()
+    shutil.copy(run_dir / "run.json", kept / "run.json")
+    (row,) = [line for line in runs_table(tmp_path / "runs").splitlines() if line.startswith("| kept |")]
+    assert row.startswith("| kept | cnn-baseline (first 512) | 0 | 3 |") and "| – |" in row  # epochs from the recipe, no median
 
 
 def test_resume_continues_the_same_history(cifar, tmp_path):
