@@ -26,8 +26,11 @@ import os
 import pickle
 import platform
 import random
+import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +38,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.harness import REPO, SERVE, running
+from bench.harness import REPO, SERVE, Server, running
 from training.machine import cpu_model
 
 NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "{workers}"]
@@ -91,7 +94,6 @@ async def load(
     errors = 0
     count = max(1, min(len(blobs) // per_request, 256))
     requests = [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
-    host, port = url.split("//", 1)[1].split(":")
     start = time.perf_counter()
     counting_from, stop = start + warmup, start + warmup + seconds
 
@@ -100,9 +102,9 @@ async def load(
         connection, i = None, offset
         while (now := time.perf_counter()) < stop:
             try:
-                connection = connection or await asyncio.open_connection(host, int(port))
+                connection = connection or await asyncio.open_connection(*address(url))
                 status, keep = await asyncio.wait_for(exchange(*connection, requests[i % count]), 120)
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError):
+            except LOST:
                 status, keep = 0, False
             i += concurrency
             if not keep and connection:
@@ -120,9 +122,18 @@ async def load(
     return Result(per_request, concurrency, seconds, latencies, errors)
 
 
+# how a connection fails under the clients below: refused, reset, closed mid-answer, a garbled status line, a timeout
+LOST = (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].split(":")
+    return host, int(port)
+
+
 def http_request(url: str, target: str, content_type: str, body: bytes) -> bytes:
-    host = url.split("//", 1)[1]
-    head = f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    host, port = address(url)
+    head = f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 
@@ -180,7 +191,6 @@ async def open_loop(
     answers = Answers(rate, seconds)
     arrivals = random.Random(seed)
     requests = [raw_request(url, blob, model) for blob in blobs]
-    host, port = url.split("//", 1)[1].split(":")
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def one(request: bytes, scheduled: float) -> None:
@@ -196,15 +206,18 @@ async def open_loop(
                         connection[1].close()
                         connection = None
                 if connection is None:
-                    connection = await asyncio.open_connection(host, int(port))
+                    connection = await asyncio.open_connection(*address(url))
                     status, keep = await exchange(*connection, request)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as exc:
+        except LOST as exc:
             answers.failed["timeout" if isinstance(exc, TimeoutError) else "connection lost"] += 1
             if connection:
                 connection[1].close()
             return
         latency = time.perf_counter() - scheduled
-        idle.append(connection) if keep else connection[1].close()
+        if keep:
+            idle.append(connection)
+        else:
+            connection[1].close()
         if status in (200, 429):
             (answers.served if status == 200 else answers.refused).append(latency)
         else:
@@ -226,10 +239,35 @@ async def open_loop(
     return answers
 
 
-def saturation(url: str, blobs: list[bytes], model: str | None, seconds: float = 8.0) -> float:
-    """Single-image requests/s the server sustains: a closed loop at concurrency 32 (where the rate peaks, docs/performance.md)."""
-    result = asyncio.run(load(url, blobs, 1, 32, seconds, model))
-    return len(result.latencies) / result.seconds
+def ms(latencies: list[float], q: float) -> str:
+    """The q-th percentile of latencies in seconds, as whole milliseconds for a table ("-" when empty)."""
+    return f"{np.percentile(latencies, q) * 1000:,.0f}" if latencies else "-"
+
+
+def saturation(url: str, blobs: list[bytes], model: str | None, seconds: float = 8.0, runs: int = 1) -> float:
+    """Single-image requests/s the server sustains: a closed loop at concurrency 32 (where the rate peaks,
+    docs/performance.md); with runs > 1, the median of that many runs, since this machine swings."""
+    rates = []
+    for _ in range(runs):
+        result = asyncio.run(load(url, blobs, 1, 32, seconds, model))
+        rates.append(len(result.latencies) / result.seconds)
+    return statistics.median(rates)
+
+
+def add_service_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --env and --data-dir, as the load benchmarks that start the service take them."""
+    parser.add_argument("--model", help="bundle to ask for (default: the service's default)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="service settings")
+    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+
+
+@contextmanager
+def serving(args: argparse.Namespace, log_name: str) -> Iterator[tuple[Server, list[bytes]]]:
+    """`bentoml serve` here with the --env settings (log in logs/), and 1,000 CIFAR-10 test images as PNG to send it."""
+    blobs = test_pngs(Path(args.data_dir), 1000)
+    (REPO / "logs").mkdir(exist_ok=True)
+    with running(SERVE, REPO / "logs" / log_name, env=dict(item.split("=", 1) for item in args.env)) as server:
+        yield server, blobs
 
 
 def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[int], seconds: float, model: str | None) -> list[Result]:

@@ -15,22 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-from pathlib import Path
 
-import numpy as np
-
-from bench.harness import REPO, SERVE, running
-from bench.http_load import Answers, machine, open_loop, saturation, test_pngs
+from bench.http_load import Answers, add_service_options, machine, ms, open_loop, saturation, serving
 
 HEADER = [
     "| load | offered req/s | served req/s | refused (429) | 429 p99 ms | served p50 ms | served p99 ms | other outcomes |",
     "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
 ]
-
-
-def ms(latencies: list[float], q: float) -> str:
-    return f"{np.percentile(latencies, q) * 1000:,.0f}" if latencies else "-"
 
 
 def row(label: str, a: Answers) -> str:
@@ -43,18 +34,13 @@ def row(label: str, a: Answers) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="bundle to ask for (default: the service's default)")
     parser.add_argument("--factors", type=float, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=10.0, help="per factor")
     parser.add_argument("--deadline", type=float, default=10.0, help="seconds a client waits for its answer")
-    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="service settings")
-    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    add_service_options(parser)
     args = parser.parse_args()
 
-    blobs = test_pngs(Path(args.data_dir), 1000)
-    env = dict(item.split("=", 1) for item in args.env)
-    (REPO / "logs").mkdir(exist_ok=True)
-    with running(SERVE, REPO / "logs" / "overload_server.log", env=env) as server:
+    with serving(args, "overload_server.log") as (server, blobs):
         rate = saturation(server.url, blobs, args.model)
         print(f"machine: {machine()}; model {args.model or 'default'}; settings {' '.join(args.env) or 'defaults'}")
         print(f"saturation (closed loop, concurrency 32): {rate:,.1f} requests/s; {args.seconds:g} s per load; deadline {args.deadline:g} s\n")
@@ -65,7 +51,6 @@ def main() -> None:
         after = asyncio.run(open_loop(server.url, blobs, 0.5 * rate, args.seconds, args.model, args.deadline))
         print(row("afterwards, 0.5×", after))
         print(f"\nserver process alive throughout: {server.process.poll() is None}; memory {server.rss / 2**20:,.0f} MiB")
-
 
 if __name__ == "__main__":
     main()

@@ -15,14 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import statistics
 import time
-from pathlib import Path
 
-from bench.harness import REPO, SERVE, running
-from bench.http_load import machine, open_loop, saturation, test_pngs
-from bench.overload import ms
+from bench.http_load import add_service_options, machine, ms, open_loop, saturation, serving
 
 
 def main() -> None:
@@ -30,16 +25,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--load", type=float, default=0.7, help="fraction of the saturation rate")
     parser.add_argument("--every", type=float, default=30.0, help="seconds per printed row")
-    parser.add_argument("--model", help="bundle to ask for (default: the service's default)")
-    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="service settings")
-    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    add_service_options(parser)
     args = parser.parse_args()
 
-    blobs = test_pngs(Path(args.data_dir), 1000)
-    env = dict(item.split("=", 1) for item in args.env)
-    (REPO / "logs").mkdir(exist_ok=True)
-    with running(SERVE, REPO / "logs" / "soak_server.log", env=env) as server:
-        peak = statistics.median(saturation(server.url, blobs, args.model, seconds=5) for _ in range(3))  # this machine swings
+    with serving(args, "soak_server.log") as (server, blobs):
+        peak = saturation(server.url, blobs, args.model, seconds=5, runs=3)
         rate = args.load * peak
         print(f"machine: {machine()}; model {args.model or 'default'}; saturation {peak:,.1f} requests/s (median of 3); "
               f"{args.minutes:g} min at {rate:,.1f} requests/s ({args.load:.0%})")  # fmt: skip
