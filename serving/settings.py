@@ -42,7 +42,7 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
-    threads: int = field(default_factory=_cores)  # onnxruntime intra-op threads per session (from_env: cores / workers); 0: its own choice
+    threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores shared among the workers; 0: its own choice
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
@@ -60,13 +60,15 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("workers", "request_threads", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
-        bad += [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be >= 0)" for name in ("threads", "max_latency_ms") if getattr(self, name) < 0]
+        bad += [f"CIFAR10_{name.upper()}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
         if self.broken_bundles not in ("fail", "skip"):
             bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
         if self.precision not in PRECISIONS:
             bad.append(f"CIFAR10_PRECISION={self.precision!r} (must be one of {', '.join(PRECISIONS)})")
         if bad:
             raise ValueError(f"settings without meaning: {'; '.join(bad)}")
+        if self.threads is None:  # frozen: set once, here
+            object.__setattr__(self, "threads", max(1, _cores() // self.workers))
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -75,7 +77,7 @@ class Settings:
             models=_names(_env("MODELS", "")),
             default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
-            threads=int(_env("THREADS", str(max(1, _cores() // int(_env("WORKERS", "1")))))),
+            threads=int(threads) if (threads := _env("THREADS", "")) else None,
             broken_bundles=_env("BROKEN_BUNDLES", "fail"),
             precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),

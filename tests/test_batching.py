@@ -50,3 +50,11 @@ def test_threads_default_to_the_containers_cpu_quota(tmp_path, cpu_max, expected
     cpu_set = len(os.sched_getaffinity(0))
     assert _cores(path) == min(cpu_set, expected or cpu_set)
     assert _cores(tmp_path / "absent") == cpu_set
+
+
+def test_threads_default_to_the_cores_shared_among_the_workers():
+    from serving.settings import Settings, _cores
+
+    assert Settings().threads == _cores()
+    assert Settings(workers=2).threads == max(1, _cores() // 2)
+    assert Settings(workers=2, threads=0).threads == 0  # 0: onnxruntime's own choice, kept
