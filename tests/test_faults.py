@@ -53,6 +53,14 @@ def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_
         assert classify(server.url).status_code == 200  # and afterwards it serves normally
 
 
+def test_a_request_past_the_timeout_gets_504_with_the_json_error(tmp_path):
+    env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_TIMEOUT_S": "0.1"}
+    with running(SERVE, tmp_path / "serve.log", env=env) as server:
+        slow = classify(server.url, images=64, model="airbench")  # about 0.25 s of work
+        assert slow.status_code == 504 and "0.1 seconds" in slow.json()["error"]
+        assert classify(server.url).status_code == 200
+
+
 def test_a_short_soak_has_no_errors_and_flat_memory(tmp_path, shared_data):
     """The CI form of `python -m bench.soak`: 2 × 5 s of open-loop single-image requests at 50/s."""
     blobs = http_load.test_pngs(shared_data, 200)
@@ -135,6 +143,16 @@ def test_a_broken_bundle_at_start_ends_the_server_with_the_reason(one_broken, tm
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, CIFAR10_MODELS_DIR=str(one_broken)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "cnn/knn.pkl: sha256" in result.stderr + result.stdout and "CIFAR10_BROKEN_BUNDLES=skip" in result.stderr + result.stdout
+
+
+def test_when_every_bundle_is_broken_skipping_leaves_nothing_and_says_so(one_broken):
+    from serving.bundle import BundleError
+    from serving.service import check_bundle, each_bundle
+    from serving.settings import Settings
+
+    settings = Settings(models_dir=one_broken, models=("cnn",), broken_bundles="skip")
+    with pytest.raises(BundleError, match="can be served; see the errors above"):
+        each_bundle(settings, lambda folder: check_bundle(folder, settings))
 
 
 def test_a_broken_bundle_is_skipped_when_the_setting_says_so(one_broken, tmp_path):

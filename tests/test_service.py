@@ -197,6 +197,19 @@ def test_a_chunked_form_is_411_and_a_chunked_raw_image_is_read(server, test_imag
     assert raw.status_code == 200
 
 
+def test_a_malformed_form_is_a_400_naming_the_problem(server):
+    no_boundary = httpx.post(f"{server}/classify", content=b"{}", headers={"Content-Type": "multipart/form-data"}, timeout=60)
+    assert no_boundary.status_code == 400 and "Missing boundary" in no_boundary.json()["error"]
+    broken = httpx.post(f"{server}/classify", content=b"garbage", headers={"Content-Type": "multipart/form-data; boundary=xyz"}, timeout=60)
+    assert broken.status_code == 400 and "malformed multipart" in broken.json()["error"]
+
+
+def test_a_form_without_images_names_the_missing_field(server):
+    answer = httpx.post(f"{server}/classify", data={"model": "cnn"}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"] == "images: Field required"
+    assert answer.json()["detail"][0]["loc"] == ["images"]
+
+
 def test_a_url_in_place_of_a_file_is_refused_not_fetched(server):
     answer = httpx.post(f"{server}/classify", data={"images": "https://example.com/cat.png"}, timeout=60)
     assert answer.status_code == 400 and "does not fetch URLs" in answer.json()["error"]
