@@ -89,7 +89,7 @@ async def load(
 
     Each client keeps one HTTP/1.1 connection and sends multipart requests encoded once before the
     run (plain asyncio streams, not httpx): on a small machine the client must leave the cores to
-    the server, and encoding 64 files per request in httpx took about a core of its own."""
+    the server, and httpx encoding 64 files per request competed with it for them."""
     latencies: list[float] = []
     errors = 0
     count = max(1, min(len(blobs) // per_request, 256))

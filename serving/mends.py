@@ -93,9 +93,9 @@ def shed_load_early() -> None:
 def cache_response_media_types() -> None:
     """A response's media type is worked out once per output model, not once per response.
 
-    BentoML derives it by generating the output model's whole JSON schema, on every response: a
-    tenth of a worker's time holding the GIL when it answers 64-image requests (py-spy --gil). It
-    depends on the class alone.
+    BentoML derives it by generating the output model's whole JSON schema, on every response, in
+    the worker's one GIL-bound Python thread (it showed under every response in a py-spy --gil
+    profile of 64-image requests). It depends on the class alone.
     """
     import functools
 
