@@ -41,7 +41,7 @@ from PIL import Image
 from bench.harness import REPO, SERVE, Server, running
 from training.machine import cpu_model
 
-NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "{workers}"]
+NAIVE = [sys.executable, "-m", "bench.naive_app", "--port", "{port}", "--workers", "{workers}"]
 
 
 def test_pngs(data_dir: Path, count: int) -> list[bytes]:
@@ -350,7 +350,7 @@ def main() -> None:
         ours = run_all(server.url, blobs, args.images, args.concurrency, args.seconds, args.model)
     if not args.naive:
         return
-    print(f"\nnaive: uvicorn bench.naive_app:app --workers {args.workers} (eager PyTorch fp32, one forward per request)")
+    print(f"\nnaive: python -m bench.naive_app --workers {args.workers} (uvicorn, eager PyTorch fp32, one forward per request)")
     print("\n".join(HEADER), flush=True)
     command = [part.replace("{workers}", str(args.workers)) for part in NAIVE]
     with running(command, REPO / "logs" / "http_load_naive.log", env={"BENCH_BUNDLE": str(bundle)}) as server:

@@ -3,7 +3,9 @@
 Benchmark use only, never shipped. One request's images are decoded with Pillow and run through
 the network in one eager fp32 forward under `torch.inference_mode()`, no batching across requests:
 
-    BENCH_BUNDLE=models/cnn uvicorn bench.naive_app:app --workers 2
+    BENCH_BUNDLE=models/cnn python -m bench.naive_app --port 8000 --workers 2
+
+which is `uvicorn bench.naive_app:app --workers 2` without uvicorn's 40 ms per answer (see serve()).
 
 It builds the bundle's architecture (with the bundle's test-time augmentation, so it does the
 same arithmetic per image) from `training.models`, with the trained weights of BENCH_RUN if given,
@@ -12,8 +14,12 @@ else untrained ones: the cost per image is the same either way.
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn import Config
+from uvicorn.supervisors import Multiprocess
 
 from serving.bundle import read_manifest
 from training.models import TestTimeAugmentation, build_model
@@ -39,7 +47,10 @@ def load_model() -> tuple[torch.nn.Module, list[str]]:
     return TestTimeAugmentation(model.eval(), manifest.test_time_augmentation).eval(), list(manifest.classes)
 
 
-MODEL, CLASSES = load_model()
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    app.state.model, app.state.classes = load_model()  # in each worker, not in the supervisor
+    yield
 
 
 async def classify(request: Request) -> Response:
@@ -52,13 +63,35 @@ async def classify(request: Request) -> Response:
         return JSONResponse({"error": "send at least one file in the field 'images'"}, status_code=400)
     pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
     with torch.inference_mode():
-        probabilities = MODEL(pixels).softmax(1)
+        probabilities = request.app.state.model(pixels).softmax(1)
     confidence, index = probabilities.max(1)
-    return JSONResponse([{"label": CLASSES[i], "confidence": float(c)} for i, c in zip(index.tolist(), confidence.tolist(), strict=True)])
+    classes = request.app.state.classes
+    return JSONResponse([{"label": classes[i], "confidence": float(c)} for i, c in zip(index.tolist(), confidence.tolist(), strict=True)])
 
 
 async def ready(request: Request) -> Response:
     return Response("ok")
 
 
-app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/readyz", ready)])
+app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/readyz", ready)], lifespan=lifespan)
+
+
+def serve(port: int, workers: int) -> None:
+    """`uvicorn bench.naive_app:app --workers N`, with Nagle's algorithm off as uvicorn means it to be.
+
+    uvicorn binds the socket it shares among workers without IPPROTO_TCP, so asyncio does not set
+    TCP_NODELAY on its connections and every answer on a kept-alive connection waits about 40 ms
+    for the client's delayed ACK (uvicorn issue #3149, open). A baseline slowed by that would
+    flatter us: bind the socket as uvicorn's single-process path does."""
+    config = Config("bench.naive_app:app", host="127.0.0.1", port=port, workers=workers)
+    bound = config.bind_socket()
+    tcp = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+    Multiprocess(config, sockets=[tcp]).run()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    serve(args.port, args.workers)

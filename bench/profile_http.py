@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,14 @@ def summarise(raw: Path) -> str:
     return "\n".join(rows)
 
 
+def py_spy() -> str:
+    """py-spy on PATH, or beside this Python (a virtual environment that is not activated)."""
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if not found:
+        sys.exit("py-spy not found: pip install py-spy")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundle name (default: the service's default)")
@@ -100,7 +109,7 @@ def main() -> None:
     with running(command, REPO / "logs" / "profile_http_server.log", env=env) as server, tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.txt"
         spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(server.process.pid), "--subprocesses", "--format", "raw", "--rate", str(args.rate),
+            [py_spy(), "record", "--pid", str(server.process.pid), "--subprocesses", "--format", "raw", "--rate", str(args.rate),
              "--duration", str(int(args.seconds)), "--output", str(raw), *(["--gil"] if args.gil else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip

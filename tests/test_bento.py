@@ -46,3 +46,19 @@ def test_the_bentofile_states_the_settings_defaults(monkeypatch):
     for name, value in envs.items():
         monkeypatch.setenv(name, value)
     assert Settings.from_env() == defaults, "bentofile.yaml's envs differ from serving/settings.py's defaults"
+
+
+def test_the_bento_installs_the_serving_dependencies():
+    """The image gets what `pip install cifar10-serve` gets (BentoML brings itself), uvicorn's fast paths included."""
+    import tomllib
+
+    import yaml
+    from packaging.requirements import Requirement
+
+    def names(requirements):
+        return {Requirement(r).name.lower() for r in requirements}
+
+    served = names(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]) - {"bentoml"}
+    for bentofile in ("bentofile.yaml", "bentofile.gpu.yaml"):
+        packages = {n.removesuffix("-gpu") for n in names(yaml.safe_load((REPO / bentofile).read_text())["python"]["packages"])}
+        assert packages == served, f"{bentofile} installs {sorted(packages)}, pyproject.toml serves with {sorted(served)}"

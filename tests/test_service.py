@@ -40,6 +40,26 @@ def test_the_log_names_the_provider_really_in_use(server, server_log):
     assert "bundle cnn (fp32): provider in use CPUExecutionProvider" in log and "bundle airbench (fp32): provider in use" in log
 
 
+def classify_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "path=/classify" in line]
+
+
+def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, test_images, tmp_path):
+    """BentoML's tracing middleware is most of a small request's Python time; it runs when an exporter is configured."""
+    one = upload([encode(test_images[0])])
+    assert httpx.post(f"{server}/classify", files=one, timeout=30).status_code == 200
+    untraced = classify_lines(server_log.read_text())
+    assert untraced and not any("trace=" in line for line in untraced)
+
+    exporter = '{"services": {"tracing": {"exporter_type": "in_memory"}}}'
+    # its own BENTOML_HOME: a second `bentoml serve` would otherwise empty the first one's metrics folder
+    env = dict(BENTOML_CONFIG_OVERRIDES=exporter, CIFAR10_MODELS="cnn", BENTOML_HOME=str(tmp_path / "bentoml"))
+    with running(SERVE, tmp_path / "traced.log", env=env) as traced:
+        assert httpx.post(f"{traced.url}/classify", files=one, timeout=30).status_code == 200
+    traced_lines = classify_lines((tmp_path / "traced.log").read_text())
+    assert traced_lines and all("trace=" in line for line in traced_lines)
+
+
 @pytest.fixture(scope="module")
 def test_batch(shared_data):
     with open(shared_data / "test_batch", "rb") as f:
