@@ -1,8 +1,9 @@
 """Adaptive batching: concurrent requests for one bundle share a single onnxruntime call.
 
-Request threads put their decoded images on a queue and wait; one thread per bundle takes
-everything queued (up to max_batch_size images, waiting at most max_latency_ms for more once
-it has some), runs one inference, and hands each request its rows. Idle, a request runs at once;
+Requests (coroutines on a worker's event loop) put their decoded images on a queue and await
+their rows; one thread per bundle takes everything queued (up to max_batch_size images, waiting
+at most max_latency_ms for more once it has some), runs one inference, and hands each request
+its rows. Idle, a request runs at once;
 under load, batches grow by themselves while the previous one computes.
 
 BentoML's own batching (`batchable=True`) merges only HTTP calls to an endpoint whose single
@@ -12,6 +13,7 @@ here, after decoding, where every request is already a uint8 array.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -31,10 +33,11 @@ class Batcher:
         self.on_batch = on_batch or (lambda size: None)  # e.g. a histogram of batch sizes
         threading.Thread(target=self._run, name=f"batcher-{bundle.manifest.name}", daemon=True).start()
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    async def predict(self, images: np.ndarray) -> Prediction:
+        """The rows of `images` from the next batch; the caller's event loop goes on meanwhile."""
         future: Future = Future()
         self.queue.put((images, future))
-        return future.result()
+        return await asyncio.wrap_future(future)
 
     def _collect(self) -> list[tuple[np.ndarray, Future]]:
         batch = [self.queue.get()]
@@ -50,7 +53,10 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._collect()
+            # a request abandoned while queued (its client gone, its time out) is dropped, not computed
+            batch = [(images, future) for images, future in self._collect() if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 prediction = self.bundle.predict(np.concatenate([images for images, _ in batch]))
             except Exception as exc:  # every waiting request learns of it; the thread lives on

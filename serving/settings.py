@@ -50,7 +50,6 @@ class Settings:
     max_request_bytes: int = 100_000_000  # a whole multipart request (411 without a Content-Length)
     max_neighbours: int = 50
     workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
-    request_threads: int = 8  # requests one worker handles at once (BentoML's threads)
     max_batch_size: int = 64  # images in one onnxruntime call; the CNN's rate peaks at 8-64 (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
     max_concurrency: int = 64  # requests in flight per worker; beyond it a request gets 429 at once
@@ -58,7 +57,7 @@ class Settings:
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     def __post_init__(self) -> None:
-        positive = ("workers", "request_threads", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
+        positive = ("workers", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
         bad += [f"CIFAR10_{name.upper()}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
         if self.broken_bundles not in ("fail", "skip"):
@@ -85,7 +84,6 @@ class Settings:
             max_request_bytes=int(_env("MAX_REQUEST_BYTES", "100000000")),
             max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
             workers=int(_env("WORKERS", "1")),
-            request_threads=int(_env("REQUEST_THREADS", "8")),
             max_batch_size=int(_env("MAX_BATCH_SIZE", "64")),
             max_latency_ms=float(_env("MAX_LATENCY_MS", "0")),
             max_concurrency=int(_env("MAX_CONCURRENCY", "64")),

@@ -1,7 +1,7 @@
 """The batcher merges concurrent requests into single onnxruntime calls; settings refuse meaningless values."""
 
+import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,12 +24,30 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows(bundle):
     sizes = []
     batcher = Batcher(bundle, max_batch_size=256, max_latency_ms=50, on_batch=sizes.append)
     requests = [images(1 + i % 3, seed=i) for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(batcher.predict, requests))
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.predict(r) for r in requests))
+
+    answers = asyncio.run(all_at_once())
     for request, answer in zip(requests, answers):
         np.testing.assert_allclose(answer.logits, bundle.predict(request).logits, atol=1e-5)
     assert sum(sizes) == sum(len(r) for r in requests)
     assert len(sizes) < len(requests)  # merged: fewer inference calls than requests
+
+
+def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
+    sizes = []
+    batcher = Batcher(bundle, max_batch_size=256, max_latency_ms=300, on_batch=sizes.append)
+
+    async def abandon_one_then_ask_again():
+        abandoned = asyncio.create_task(batcher.predict(images(2, seed=0)))
+        await asyncio.sleep(0.05)  # queued; the batcher waits up to 300 ms for company
+        abandoned.cancel()
+        return await asyncio.wait_for(batcher.predict(images(1, seed=1)), timeout=10)
+
+    answer = asyncio.run(abandon_one_then_ask_again())
+    np.testing.assert_allclose(answer.logits, bundle.predict(images(1, seed=1)).logits, atol=1e-5)
+    assert sizes == [1]  # the abandoned request's images were not computed
 
 
 @pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore")])
