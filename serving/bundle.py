@@ -94,11 +94,13 @@ def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -
         raise BundleError(f"{path}: outputs {shapes} differ from the manifest's logits [N, {expected['logits']}], embedding [N, {expected['embedding']}]")
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -136,14 +138,19 @@ class Bundle:
 
     @classmethod
     def load(
-        cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, precision: str = "fp32"
+        cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, precision: str = "fp32",
+        spinning: bool = True,
     ) -> Bundle:
-        """precision 'int8' loads the bundle's int8 variant (MissingVariant where it has none)."""
+        """precision 'int8' loads the bundle's int8 variant (MissingVariant where it has none).
+
+        spinning: onnxruntime's threads spin-wait for the next call (its default), which is fastest when
+        nothing else needs the cores; False lets them sleep, for a process whose Python work shares the
+        cores with them (docs/performance.md)."""
         folder = Path(folder)
         manifest, chosen = verify(folder, precision)  # before the pickle below is opened
         model_path = folder / (chosen.file if chosen else MODEL_FILE)
         try:
-            session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(model_path), session_options(threads, spinning), providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
             raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from exc
         check_graph(model_path, session, manifest)

@@ -89,10 +89,10 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
 
 def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundle:
     try:
-        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None, precision=settings.precision)
+        bundle = Bundle.load(folder, providers, settings.threads or None, settings.precision, settings.thread_spinning)
     except MissingVariant as exc:
         log.warning("%s: serving its fp32 graph", exc)
-        bundle = Bundle.load(folder, providers=providers, threads=settings.threads or None)
+        bundle = Bundle.load(folder, providers, settings.threads or None, spinning=settings.thread_spinning)
     bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
     log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
     return bundle

@@ -32,6 +32,11 @@ def _cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return cores
 
 
+def _flag(value: str) -> bool | str:
+    """0/1 (or false/true, no/yes) as a bool; anything else as given, for the settings check to name."""
+    return {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}.get(value.strip().lower(), value)
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -43,6 +48,7 @@ class Settings:
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores shared among the workers; 0: its own choice
+    thread_spinning: bool = False  # onnxruntime's threads spin-wait between calls; off, they sleep and leave the cores to HTTP and decoding
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
     max_images: int = 64  # images per request
@@ -60,6 +66,8 @@ class Settings:
         positive = ("workers", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
         bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
         bad += [f"CIFAR10_{name.upper()}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
+        if not isinstance(self.thread_spinning, bool):
+            bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
         if self.broken_bundles not in ("fail", "skip"):
             bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
         if self.precision not in PRECISIONS:
@@ -77,6 +85,7 @@ class Settings:
             default_model=_env("DEFAULT_MODEL", "airbench"),
             providers=_names(_env("PROVIDERS", "")),
             threads=int(threads) if (threads := _env("THREADS", "")) else None,
+            thread_spinning=_flag(_env("THREAD_SPINNING", "0")),
             broken_bundles=_env("BROKEN_BUNDLES", "fail"),
             precision=_env("PRECISION", "fp32"),
             max_images=int(_env("MAX_IMAGES", "64")),

@@ -50,7 +50,7 @@ def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
     assert sizes == [1]  # the abandoned request's images were not computed
 
 
-@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore")])
+@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
 def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
     from serving.settings import Settings
 
@@ -76,3 +76,19 @@ def test_threads_default_to_the_cores_shared_among_the_workers():
     assert Settings().threads == _cores()
     assert Settings(workers=2).threads == max(1, _cores() // 2)
     assert Settings(workers=2, threads=0).threads == 0  # 0: onnxruntime's own choice, kept
+
+
+def test_the_service_lets_onnxruntime_threads_sleep_unless_told(monkeypatch, bundle):
+    from serving.service import load_bundle
+    from serving.settings import Settings
+
+    def spinning(settings) -> bool:
+        options = load_bundle(REPO / "models" / "cnn", ["CPUExecutionProvider"], settings).session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return True
+
+    assert not spinning(Settings.from_env())
+    monkeypatch.setenv("CIFAR10_THREAD_SPINNING", "1")
+    assert spinning(Settings.from_env())

@@ -163,7 +163,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.topk < 0 or args.batch_size < 1 or args.workers < 1 or args.threads < 0:
         raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
     try:
-        bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision)
+        # onnxruntime's threads sleep between calls: they share the cores with the decoding pool
+        bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision, spinning=False)
         if args.topk > len(bundle.manifest.classes):
             raise UserError(f"--topk must lie in 0..{len(bundle.manifest.classes)}, got {args.topk}")
         options = Options(
