@@ -12,8 +12,8 @@ HTTP figures) is measured first. --naive then runs the same load against bench/n
 Each of `concurrency` clients sends a request, waits for the answer, sends the next, for
 --seconds after a one-second warm-up; requests carry real CIFAR-10 test images as PNG. Printed
 per setting: requests/s, images/s, p50/p90/p99 latency and the error rate (any non-200).
-The client is this one Python process (asyncio + httpx): on a small machine it shares the cores
-with the server, which the figures then include.
+The client is this one Python process (asyncio streams, requests encoded before the run): on a
+small machine it shares the cores with the server, which the figures then include.
 """
 
 from __future__ import annotations

@@ -84,9 +84,13 @@ def serve(port: int, workers: int) -> None:
     for the client's delayed ACK (uvicorn issue #3149, open). A baseline slowed by that would
     flatter us: bind the socket as uvicorn's single-process path does."""
     config = Config("bench.naive_app:app", host="127.0.0.1", port=port, workers=workers)
+    Multiprocess(config, sockets=[tcp_listener(config)]).run()
+
+
+def tcp_listener(config: Config) -> socket.socket:
+    """uvicorn's listening socket, declared TCP: asyncio then sets TCP_NODELAY on each connection."""
     bound = config.bind_socket()
-    tcp = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
-    Multiprocess(config, sockets=[tcp]).run()
+    return socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
 
 
 if __name__ == "__main__":

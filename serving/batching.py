@@ -3,8 +3,8 @@
 Requests (coroutines on a worker's event loop) put their decoded images on a queue and await
 their rows; one thread per bundle takes everything queued (up to max_batch_size images, waiting
 at most max_latency_ms for more once it has some), runs one inference, and hands each request
-its rows. Idle, a request runs at once;
-under load, batches grow by themselves while the previous one computes.
+its rows. Idle, a request runs at once; under load, batches grow by themselves while the
+previous one computes.
 
 BentoML's own batching (`batchable=True`) merges only HTTP calls to an endpoint whose single
 parameter is the batch; ours take a list of uploads plus `model` and `k`, so the merge happens
