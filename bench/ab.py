@@ -82,7 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as stubs:
         for round_ in range(1, args.rounds + 1):
             for variant in variants:
-                with running(SERVE, REPO / "logs" / "ab_server.log", env=variant.environment(Path(stubs)), cwd=variant.tree) as server:
+                with running(
+                    SERVE, REPO / "logs" / "ab_server.log", env=variant.environment(Path(stubs)), cwd=variant.tree
+                ) as server:
                     for per_request, concurrency in loads:
                         result = asyncio.run(load(server.url, blobs, per_request, concurrency, args.seconds, args.model))
                         rate = len(result.latencies) / result.seconds * per_request
@@ -97,7 +99,9 @@ def main() -> None:
         for variant in variants:
             measured = rates[(variant.name, per_request, concurrency)]
             median = statistics.median(measured)
-            print(f"| {variant.name} | {per_request} | {concurrency} | {median:,.0f} | {max(measured):,.0f} | {median / first:.2f}× |")
+            print(
+                f"| {variant.name} | {per_request} | {concurrency} | {median:,.0f} | {max(measured):,.0f} | {median / first:.2f}× |"
+            )
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def trace_only_for_an_exporter() -> None:
     """
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.container import BentoMLContainer
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
     stack = ServiceAppFactory.middlewares
 
@@ -108,7 +109,7 @@ def trace_only_for_an_exporter() -> None:
         middlewares = stack.fget(self)
         if BentoMLContainer.tracing.exporter_type.get():
             return middlewares
-        return [m for m in middlewares if m.cls.__name__ != "OpenTelemetryMiddleware"]
+        return [m for m in middlewares if m.cls is not OpenTelemetryMiddleware]
 
     ServiceAppFactory.middlewares = property(traced_if_exported)
 

@@ -2,7 +2,9 @@
 
 import io
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -40,15 +42,19 @@ def test_the_log_names_the_provider_really_in_use(server, server_log):
     assert "bundle cnn (fp32): provider in use CPUExecutionProvider" in log and "bundle airbench (fp32): provider in use" in log
 
 
-def classify_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "path=/classify" in line]
+def classify_lines(log: Path, seconds: float = 10) -> list[str]:
+    """The access-log lines of /classify requests; BentoML writes each just after its answer, so wait for one."""
+    deadline = time.monotonic() + seconds
+    while not (lines := [line for line in log.read_text().splitlines() if "path=/classify" in line]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return lines
 
 
 def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, test_images, tmp_path):
     """BentoML's tracing middleware is most of a small request's Python time; it runs when an exporter is configured."""
     one = upload([encode(test_images[0])])
     assert httpx.post(f"{server}/classify", files=one, timeout=30).status_code == 200
-    untraced = classify_lines(server_log.read_text())
+    untraced = classify_lines(server_log)
     assert untraced and not any("trace=" in line for line in untraced)
 
     exporter = '{"services": {"tracing": {"exporter_type": "in_memory"}}}'
@@ -56,7 +62,7 @@ def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, t
     env = dict(BENTOML_CONFIG_OVERRIDES=exporter, CIFAR10_MODELS="cnn", BENTOML_HOME=str(tmp_path / "bentoml"))
     with running(SERVE, tmp_path / "traced.log", env=env) as traced:
         assert httpx.post(f"{traced.url}/classify", files=one, timeout=30).status_code == 200
-    traced_lines = classify_lines((tmp_path / "traced.log").read_text())
+    traced_lines = classify_lines(tmp_path / "traced.log")
     assert traced_lines and all("trace=" in line for line in traced_lines)
 
 
