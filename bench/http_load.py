@@ -286,10 +286,11 @@ def machine() -> str:
 
 def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[int, float]:
     """images/s of Bundle.predict on decoded test images at batch 1 and 64: the HTTP ceiling."""
-    from serving.bundle import Bundle
+    from serving.bundle import Bundle, default_providers, preload_cuda
     from serving.images import decode
 
-    model = Bundle.load(bundle)
+    preload_cuda(default_providers())
+    model = Bundle.load(bundle, default_providers())  # where the service runs it: CUDA when there is one
     pixels = np.stack([decode(blob) for blob in blobs[:64]])
     rates = {}
     for batch in (1, 64):

@@ -1,8 +1,9 @@
 """Inference throughput of a bundle in process: onnxruntime against PyTorch eager, by batch size.
 
-    python -m bench.model_throughput [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3]
+    python -m bench.model_throughput [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3] [--device cuda]
 
-onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
+On a machine with CUDA both sides run there by default (onnxruntime-gpu's CUDA provider,
+PyTorch on the GPU) and the peak is the GPU's. onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
 eager runs the same trained weights (from --run, else an untrained model of the bundle's
 architecture: the cost is the same) in fp32 and in bf16 autocast. Each figure is the best of
 alternating rounds, and "of peak" relates it to the machine's effective fp32 peak measured in
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.bundle import Bundle
+from serving.bundle import Bundle, default_providers, preload_cuda
 from training.evaluate import autocast
 from training.hardware import describe, forward_flops, peak_flops
 from training.models import TestTimeAugmentation, build_model
@@ -43,33 +44,40 @@ def main() -> None:
     parser.add_argument("--run", help="the run the bundle came from, for the PyTorch side (optional)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per setting and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    bundle = Bundle.load(args.bundle)
+    device = torch.device(args.device)
+    providers = default_providers() if device.type == "cuda" else ["CPUExecutionProvider"]
+    preload_cuda(providers)
+    bundle = Bundle.load(args.bundle, providers)
     manifest = bundle.manifest
-    int8 = Bundle.load(args.bundle, precision="int8") if any(v.precision == "int8" for v in manifest.variants) else None
+    has_int8 = any(v.precision == "int8" for v in manifest.variants)
+    int8 = Bundle.load(args.bundle, providers, precision="int8") if has_int8 else None
     model = build_model(manifest.architecture, manifest.normalization.mean, manifest.normalization.std)
     if args.run:
         from training.train import load_checkpoint
 
         model.load_state_dict(load_checkpoint(Path(args.run))["model"])
     model = TestTimeAugmentation(model.eval(), manifest.test_time_augmentation).eval()  # the graph's views, too
-    cpu = torch.device("cpu")
-    flops = forward_flops(model)
-    peak = peak_flops(cpu, torch.float32)
-    print(f"device: {describe(cpu)}; onnxruntime on {bundle.providers[0]}; bundle {manifest.name} ({manifest.architecture})")
+    flops = forward_flops(model)  # counted on the CPU
+    model = model.to(device)
+    peak = peak_flops(device, torch.float32)
+    print(f"device: {describe(device)}; onnxruntime on {bundle.providers[0]}; bundle {manifest.name} ({manifest.architecture})")
     print(f"forward: {flops / 1e9:.3f} GFLOP/image (test-time augmentation: {manifest.test_time_augmentation}); effective fp32 peak {peak / 1e9:.0f} GFLOP/s")
     if int8:
         print(f"test accuracy (manifest, every test image): fp32 {bundle.test_accuracy:.2%}, int8 {int8.test_accuracy:.2%}")
 
     def settings(batch: int) -> dict:
         pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-        nchw = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        nchw = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
         def eager(bf16: bool):
             def run():
-                with torch.no_grad(), autocast(cpu, bf16):
+                with torch.no_grad(), autocast(device, bf16):
                     model(nchw)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # onnxruntime's calls return with their outputs on the host
 
             return run
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths end to end, in one go, on a machine with an NVIDIA GPU:
-#   train on the GPU → export → serve with onnxruntime's CUDAExecutionProvider → load it over HTTP.
+#   train on the GPU → export → in-process throughput (bench.model_throughput) → serve with
+#   onnxruntime's CUDAExecutionProvider → load it over HTTP (bench.http_load).
 #
 #   bash scripts/gpu_check.sh [DATA_DIR]        # DATA_DIR: CIFAR-10's cifar-10-batches-py folder
 #
@@ -52,6 +53,9 @@ grep -q "provider in use CUDAExecutionProvider" "$WORK/serve.log" || fail "onnxr
 curl -s -X POST localhost:3300/models -H 'Content-Type: application/json' -d '{}'; echo
 PYTHONPATH=. python scripts/check_served.py http://localhost:3300 --data-dir "$DATA" --models-dir "$WORK/models" \
   || fail "the GPU-served answers differ from the bundle's offline ones"
+
+step "the bundle in process on the GPU: onnxruntime's CUDA provider against PyTorch eager, by batch size"
+python -m bench.model_throughput --bundle "$WORK/models/fast" --run "$RUN" --seconds 2 --rounds 1 || fail "bench.model_throughput on cuda"
 
 step "HTTP load against the GPU-served bundle"
 python -m bench.http_load --url http://localhost:3300 --data-dir "$DATA" --concurrency 1 16 64 --images 1 64 --seconds 10

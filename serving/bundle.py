@@ -94,6 +94,18 @@ def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -
         raise BundleError(f"{path}: outputs {shapes} differ from the manifest's logits [N, {expected['logits']}], embedding [N, {expected['embedding']}]")
 
 
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+def preload_cuda(providers: list[str]) -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) when CUDA is asked for."""
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:

@@ -18,14 +18,13 @@ from typing import Annotated, TypeVar
 
 import bentoml
 import numpy as np
-import onnxruntime as ort
 from bentoml.exceptions import BadInput, BentoMLException
 from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from serving import mends
 from serving.batching import Batcher
-from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, verify
+from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
@@ -34,18 +33,6 @@ from serving.uploads import Bodies, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
-
-def default_providers() -> list[str]:
-    """CUDA when this onnxruntime build can see it, else the CPU; onnxruntime reports what it really used."""
-    available = ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
-
-
-def preload_cuda(providers: list[str]) -> None:
-    """Load CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) when CUDA is asked for."""
-    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
-
 
 def bundle_folders(settings: Settings) -> list[Path]:
     if not settings.models_dir.is_dir():
