@@ -76,6 +76,7 @@ def shed_load_early() -> None:
     just under BentoML's request metrics, which still count every refusal.
     """
     from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
     from serving.errors import Admission
 
@@ -85,7 +86,7 @@ def shed_load_early() -> None:
         middlewares = stack.fget(self)
         admission = [m for m in middlewares if m.cls is Admission]
         rest = [m for m in middlewares if m.cls is not Admission]
-        metrics = 1 if rest and rest[0].cls.__name__ == "RunnerTrafficMetricsMiddleware" else 0
+        metrics = 1 if rest and rest[0].cls is RunnerTrafficMetricsMiddleware else 0
         return rest[:metrics] + admission + rest[metrics:]
 
     ServiceAppFactory.middlewares = property(admission_early)
