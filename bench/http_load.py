@@ -289,8 +289,9 @@ def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[i
     from serving.bundle import Bundle, default_providers, preload_cuda
     from serving.images import decode
 
-    preload_cuda(default_providers())
-    model = Bundle.load(bundle, default_providers())  # where the service runs it: CUDA when there is one
+    providers = default_providers()  # where the service runs it: CUDA when there is one
+    preload_cuda(providers)
+    model = Bundle.load(bundle, providers)
     pixels = np.stack([decode(blob) for blob in blobs[:64]])
     rates = {}
     for batch in (1, 64):
@@ -321,14 +322,12 @@ def main() -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running service")
     target.add_argument("--serve", action="store_true", help="start `bentoml serve` in the repository root for the run")
-    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for --serve")
     parser.add_argument("--naive", action="store_true", help="with --serve: also load the naive baseline, and compare")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the naive baseline (default: 2)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per setting")
-    parser.add_argument("--model", help="the bundle to ask for (default: the service's default)")
-    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    add_service_options(parser)  # --model, --env (settings for --serve), --data-dir
     args = parser.parse_args()
 
     blobs = test_pngs(Path(args.data_dir), 1000)

@@ -2,14 +2,14 @@
 
     python -m bench.model_throughput [--bundle models/cnn] [--run runs/cnn-schedule-…] [--seconds 3] [--device cuda]
 
-On a machine with CUDA both sides run there by default (onnxruntime-gpu's CUDA provider,
-PyTorch on the GPU) and the peak is the GPU's. onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
+onnxruntime runs the bundle's `model.onnx` on uint8 pixels exactly as the service does. PyTorch
 eager runs the same trained weights (from --run, else an untrained model of the bundle's
 architecture: the cost is the same) in fp32 and in bf16 autocast. Each figure is the best of
 alternating rounds, and "of peak" relates it to the machine's effective fp32 peak measured in
 the same run (training.hardware.peak_flops), forward FLOPs × images/s over that peak. A bundle
 with an int8 variant (`cifar10 quantize`) gets an onnxruntime int8 column and its gain over fp32.
-Both sides run the bundle's test-time augmentation views.
+Both sides run the bundle's test-time augmentation views. On a machine with CUDA both run there
+by default (onnxruntime-gpu's CUDA provider, PyTorch on the GPU), against the GPU's peak.
 """
 
 from __future__ import annotations

@@ -52,5 +52,6 @@ def main() -> None:
         print(row("afterwards, 0.5×", after))
         print(f"\nserver process alive throughout: {server.process.poll() is None}; memory {server.rss / 2**20:,.0f} MiB")
 
+
 if __name__ == "__main__":
     main()

@@ -48,5 +48,6 @@ def main() -> None:
         print(f"\n{sent:,} requests in {args.minutes:g} min: {refused:,} refused (429), {errors}; memory {memory[0]:,.0f} → "
               f"{memory[-1]:,.0f} MiB ({growth:+.1%}) from the end of the first interval; server alive: {server.process.poll() is None}")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

@@ -123,9 +123,8 @@ class CIFAR10:
     async def _predict(self, bundle: Bundle, images: list[UploadFile]) -> Prediction:
         """Decode, then run in the bundle's batcher together with concurrent requests.
 
-        The endpoints are coroutines: a request waits for its batch without holding a thread, which
-        cut the Python work per request enough to serve half as many single-image requests again
-        (docs/performance.md). Small uploads, such as CIFAR-10's own images, decode on the event
+        The endpoints are coroutines: a request waits for its batch without holding a thread, with
+        less Python work per request than a thread hand-off (docs/performance.md). Small uploads, such as CIFAR-10's own images, decode on the event
         loop (about 60 µs each); larger ones in a thread, so that the loop goes on answering."""
         if sum(upload.size or 0 for upload in images) <= INLINE_DECODE_BYTES:
             pixels = self._pixels(images)

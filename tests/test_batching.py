@@ -78,7 +78,7 @@ def test_threads_default_to_the_cores_shared_among_the_workers():
     assert Settings(workers=2, threads=0).threads == 0  # 0: onnxruntime's own choice, kept
 
 
-def test_the_service_lets_onnxruntime_threads_sleep_unless_told(monkeypatch, bundle):
+def test_the_service_lets_onnxruntime_threads_sleep_unless_told(monkeypatch):
     from serving.service import load_bundle
     from serving.settings import Settings
 
