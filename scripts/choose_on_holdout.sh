@@ -9,7 +9,9 @@
 # Each CANDIDATE is a set of `cifar10 train` overrides; OPTIONS go to every run.
 # Settings (environment): HOLDOUT (5000 images), RUNS (runs/choose-RECIPE), PARALLEL (1: one
 # run at a time, right for a CPU; on a GPU several runs share the card better than one),
-# CIFAR10 (the command, default `cifar10`).
+# CIFAR10 (the command, default `cifar10`), METRIC (what is compared, from each run.json's
+# `final`: held_out_uploads.mean, the held-out accuracy averaged over the upload conditions of
+# training/robustness.py, by default; held_out.accuracy for the clean images alone).
 # Prints each candidate's held-out accuracy, the choice, and `cifar10 runs` over the seeds.
 set -euo pipefail
 usage='usage: choose_on_holdout.sh RECIPE SEEDS "CANDIDATE"... [-- OPTIONS]'
@@ -24,6 +26,7 @@ HOLDOUT=${HOLDOUT:-5000}
 RUNS=${RUNS:-runs/choose-$RECIPE}
 PARALLEL=${PARALLEL:-1}
 CIFAR10=${CIFAR10:-cifar10}
+METRIC=${METRIC:-held_out_uploads.mean}
 mkdir -p "$RUNS"
 
 # Runs the commands read from stdin (one per line), PARALLEL at a time; a failure fails the script.
@@ -40,15 +43,17 @@ echo "== $RECIPE: held-out accuracy of each candidate ($HOLDOUT training images 
 for i in "${!CANDIDATES[@]}"; do
   echo "$CIFAR10 train $RECIPE ${CANDIDATES[$i]} --holdout $HOLDOUT --runs-dir $RUNS/candidate-$i $* > $RUNS/candidate-$i.log 2>&1"
 done | run_all
-best=$(python3 - "$RUNS" "${CANDIDATES[@]}" <<'PY'
-import json, pathlib, sys
-root, candidates = pathlib.Path(sys.argv[1]), sys.argv[2:]
+best=$(python3 - "$RUNS" "$METRIC" "${CANDIDATES[@]}" <<'PY'
+import functools, json, pathlib, sys
+root, metric, candidates = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 scores = []
 for i, candidate in enumerate(candidates):
     (run,) = (root / f"candidate-{i}").glob("*/run.json")
-    accuracy = json.loads(run.read_text())["final"]["held_out"]["accuracy"]
+    final = json.loads(run.read_text())["final"]
+    accuracy = functools.reduce(lambda d, key: d[key], metric.split("."), final)
     scores.append(accuracy)
-    print(f"  {candidate}: held-out accuracy {accuracy:.4f}", file=sys.stderr)
+    clean = final["held_out"]["accuracy"]
+    print(f"  {candidate}: {metric} {accuracy:.4f} (clean held-out accuracy {clean:.4f})", file=sys.stderr)
 print(max(range(len(candidates)), key=scores.__getitem__))
 PY
 )

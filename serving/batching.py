@@ -67,5 +67,5 @@ class Batcher:
             start = 0
             for images, future in batch:
                 end = start + len(images)
-                future.set_result(Prediction(prediction.logits[start:end], prediction.embeddings[start:end]))
+                future.set_result(prediction[start:end])
                 start = end

@@ -33,15 +33,21 @@ class MissingVariant(BundleError):
     """The bundle has no graph of the precision asked for."""
 
 
+OUTPUTS = ["logits", "probabilities", "embedding"]  # what every graph gives, in this order
+
+
 @dataclass(frozen=True)
 class Prediction:
     logits: np.ndarray  # float32 [N, classes]
+    probabilities: np.ndarray  # float32 [N, classes]: calibrated inside the graph (manifest.calibration)
     embeddings: np.ndarray  # float32 [N, D]
 
-    @property
-    def probabilities(self) -> np.ndarray:
-        z = np.exp(self.logits - self.logits.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
+    def __getitem__(self, rows: slice) -> Prediction:
+        return Prediction(self.logits[rows], self.probabilities[rows], self.embeddings[rows])
+
+    @staticmethod
+    def concatenate(parts: list[Prediction]) -> Prediction:
+        return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probabilities", "embeddings")))
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -54,7 +60,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
         found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"{path}: schema_version {found!r} is not {SCHEMA_VERSION}, the one this version reads")
+        hint = "; export the run again with this version's `cifar10 export`" if isinstance(found, int) and found < SCHEMA_VERSION else ""
+        raise BundleError(f"{path}: schema_version {found!r} is not {SCHEMA_VERSION}, the one this version reads{hint}")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -89,9 +96,11 @@ def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -
         got = [(i.name, i.type, i.shape) for i in inputs]
         raise BundleError(f"{path}: inputs {got} differ from the manifest's images uint8 [N, 32, 32, 3]")
     shapes = {o.name: o.shape for o in outputs}
-    expected = {"logits": len(manifest.classes), "embedding": manifest.embedding_dim}
+    classes = len(manifest.classes)
+    expected = {"logits": classes, "probabilities": classes, "embedding": manifest.embedding_dim}
     if set(shapes) != set(expected) or any(shapes[k][1] != v for k, v in expected.items()):
-        raise BundleError(f"{path}: outputs {shapes} differ from the manifest's logits [N, {expected['logits']}], embedding [N, {expected['embedding']}]")
+        wanted = ", ".join(f"{k} [N, {v}]" for k, v in expected.items())
+        raise BundleError(f"{path}: outputs {shapes} differ from the manifest's {wanted}")
 
 
 def default_providers() -> list[str]:
@@ -147,6 +156,7 @@ class Bundle:
         self.providers = session.get_providers()  # what onnxruntime really uses, not what was asked
         self.precision = chosen.precision if chosen else "fp32"
         self.test_accuracy = chosen.test_accuracy if chosen else manifest.accuracy.onnx  # of the graph in use
+        self.robustness = chosen.robustness if chosen else manifest.robustness  # of the graph in use
 
     @classmethod
     def load(
@@ -179,9 +189,8 @@ class Bundle:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
         if len(images) <= PREDICT_CHUNK:
-            return Prediction(*self.session.run(["logits", "embedding"], {"images": images}))
-        parts = [self.predict(images[i : i + PREDICT_CHUNK]) for i in range(0, len(images), PREDICT_CHUNK)]
-        return Prediction(np.concatenate([p.logits for p in parts]), np.concatenate([p.embeddings for p in parts]))
+            return Prediction(*self.session.run(OUTPUTS, {"images": images}))
+        return Prediction.concatenate([self.predict(images[i : i + PREDICT_CHUNK]) for i in range(0, len(images), PREDICT_CHUNK)])
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""

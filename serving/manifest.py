@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a calibrated `probabilities` output, its calibration and the robustness table
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 KNN_FILE = "knn.pkl"
@@ -52,6 +52,18 @@ class FileEntry(Strict):
     bytes: int = Field(ge=0)
 
 
+class ConditionScore(Strict):
+    """The graph on the test set sent as one kind of upload (training/robustness.py), decoded as the service decodes."""
+
+    condition: str
+    description: str
+    images: int = Field(ge=1)
+    accuracy: float = Field(ge=0, le=1)
+    ece: float = Field(ge=0, le=1, description="expected calibration error of `probabilities` (15 equal-width bins)")
+    ece_uncalibrated: float = Field(ge=0, le=1, description="the same of softmax(logits), before calibration")
+    mean_confidence: float = Field(ge=0, le=1, description="mean top-1 probability")
+
+
 class Variant(Strict):
     """An alternative graph with the same inputs and outputs (e.g. int8), and its measured accuracy."""
 
@@ -59,6 +71,21 @@ class Variant(Strict):
     precision: Literal["fp32", "fp16", "int8"]
     test_accuracy: float = Field(ge=0, le=1)
     calibration_images: int | None = Field(default=None, ge=1, description="training images that set the int8 ranges")
+    robustness: tuple[ConditionScore, ...] = Field(default=(), description="`cifar10 robustness`; empty until measured")
+
+
+class Calibration(Strict):
+    """How the graph's `probabilities` come from its `logits`: softmax(logits / temperature).
+
+    The temperature minimises the negative log-likelihood of held-out training images (never
+    trained on) sent as every upload condition; 'none' (temperature 1) for a run that kept none."""
+
+    method: Literal["temperature", "none"]
+    temperature: float = Field(gt=0)
+    fit_images: int = Field(ge=0, description="held-out training images")
+    fit_conditions: tuple[str, ...] = Field(description="the upload conditions each of them was sent as")
+    ece_before: float | None = Field(ge=0, le=1, description="on the fitting set, of softmax(logits)")
+    ece_after: float | None = Field(ge=0, le=1, description="on the fitting set, of probabilities")
 
 
 class KnnHead(Strict):
@@ -89,7 +116,7 @@ class Provenance(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str
     architecture: str
@@ -98,12 +125,14 @@ class Manifest(Strict):
     input: InputContract = InputContract()
     normalization: Normalization
     embedding_dim: int = Field(ge=1)
-    outputs: tuple[Literal["logits"], Literal["embedding"]] = ("logits", "embedding")
+    outputs: tuple[Literal["logits"], Literal["probabilities"], Literal["embedding"]] = ("logits", "probabilities", "embedding")
     test_time_augmentation: TestTimeAugmentation = Field(
         default="none",
         description="views averaged inside the graph: 'flip' runs 2 per image, 'flip-translate' 6",
     )
+    calibration: Calibration
     accuracy: Accuracy
+    robustness: tuple[ConditionScore, ...] = Field(default=(), description="`cifar10 robustness`; empty until measured")
     knn: KnnHead
     variants: tuple[Variant, ...] = ()
     files: dict[str, FileEntry]

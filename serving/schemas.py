@@ -5,15 +5,22 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+PROBABILITY = (
+    "calibrated: of the answers given with probability p, about a share p is right (a temperature fitted on held-out "
+    "training images sent as PNG, JPEG, WebP, noisy and blurred uploads; /models gives each model's calibration "
+    "and its measured accuracy and calibration error per kind of upload)"
+)
+
+
 class Classification(BaseModel):
     label: str = Field(description="the most probable class")
     index: int = Field(description="its position in the model's class list")
-    probability: float = Field(ge=0, le=1)
+    probability: float = Field(ge=0, le=1, description=PROBABILITY)
 
 
 class LabelProbability(BaseModel):
     label: str
-    probability: float = Field(ge=0, le=1)
+    probability: float = Field(ge=0, le=1, description=PROBABILITY)
 
 
 class TopK(BaseModel):
@@ -36,6 +43,18 @@ class KnnAnswer(BaseModel):
     neighbours: list[Neighbour]
 
 
+class CalibrationSummary(BaseModel):
+    method: str = Field(description="temperature: probabilities are softmax(logits / temperature); none: softmax(logits)")
+    temperature: float
+    fit_images: int = Field(description="held-out training images (never trained on) the temperature was fitted on")
+
+
+class UploadScore(BaseModel):
+    description: str
+    accuracy: float = Field(description="on the 10,000 test images sent as this kind of upload")
+    ece: float = Field(description="expected calibration error of the probabilities (15 bins)")
+
+
 class ModelSummary(BaseModel):
     name: str
     version: str
@@ -45,6 +64,8 @@ class ModelSummary(BaseModel):
     embedding_dim: int
     precision: str = Field(description="fp32, or int8 for the bundle's quantised variant (CIFAR10_PRECISION)")
     test_accuracy: float = Field(description="of the graph in use on the test set, measured by export or quantize")
+    calibration: CalibrationSummary
+    robustness: dict[str, UploadScore] = Field(description="of the graph in use, per kind of upload (`cifar10 robustness`); empty until measured")
     knn_test_accuracy: float
     knn_k: int
     knn_metric: str

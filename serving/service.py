@@ -27,7 +27,9 @@ from serving.batching import Batcher
 from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
-from serving.schemas import Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK
+from serving.schemas import (
+    CalibrationSummary, Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK, UploadScore,
+)  # fmt: skip
 from serving.settings import Settings
 from serving.uploads import Bodies, Upload, upload_bytes
 
@@ -211,6 +213,8 @@ class CIFAR10:
                 name=name, version=b.manifest.version, architecture=b.manifest.architecture,
                 recipe=b.manifest.recipe.get("name", ""), classes=list(b.manifest.classes),
                 embedding_dim=b.manifest.embedding_dim, precision=b.precision, test_accuracy=b.test_accuracy,
+                calibration=CalibrationSummary(**b.manifest.calibration.model_dump(include={"method", "temperature", "fit_images"})),
+                robustness={r.condition: UploadScore(description=r.description, accuracy=r.accuracy, ece=r.ece) for r in b.robustness},
                 knn_test_accuracy=b.manifest.knn.test_accuracy, knn_k=b.manifest.knn.k, knn_metric=b.manifest.knn.metric,
                 provider=b.providers[0], default=name == self.default,
             )  # fmt: skip

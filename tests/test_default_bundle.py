@@ -41,3 +41,18 @@ def test_each_int8_variant_reproduces_its_stated_accuracy(name, test_set):
     accuracy = (bundle.predict(images).logits.argmax(1) == labels).mean()
     assert accuracy == pytest.approx(bundle.test_accuracy, abs=0.001)
     assert abs(bundle.test_accuracy - bundle.manifest.accuracy.onnx) <= 0.005  # within half a point of fp32
+
+
+@pytest.mark.parametrize(("name", "conditions"), [("airbench", ("jpeg75",)), ("cnn", ("png", "jpeg50", "webp", "noise", "photo"))])
+def test_each_bundle_reproduces_its_robustness_table(name, conditions, test_set):
+    """The rows `cifar10 robustness` recorded: the same accuracy and ECE from the same uploads."""
+    from training.robustness import bundle_classifier, measure, table
+
+    bundle = Bundle.load(REPO / "models" / name)
+    recorded = {row.condition: row for row in bundle.manifest.robustness}
+    assert recorded["png"].accuracy == pytest.approx(bundle.manifest.accuracy.onnx, abs=0.0005)  # PNG is lossless
+    images, labels = test_set
+    measured = table(measure(bundle_classifier(bundle), images, conditions), labels)
+    for condition in conditions:
+        assert measured[condition]["accuracy"] == pytest.approx(recorded[condition].accuracy, abs=0.0005), condition
+        assert measured[condition]["ece"] == pytest.approx(recorded[condition].ece, abs=0.0005), condition

@@ -9,7 +9,8 @@ import torch
 
 from tests.conftest import write_tiny_cifar
 from training import knn
-from training.analysis import fit_temperature, load_trained
+from training.analysis import load_trained
+from training.calibration import fit_temperature
 from training.cli import main
 from training.data import load_cifar10
 from training.errors import UserError

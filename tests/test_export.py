@@ -16,6 +16,7 @@ from serving.manifest import Manifest
 from training.analysis import load_trained
 from training.export import export
 from training.recipes import get_recipe
+from training.robustness import CONDITIONS
 from training.train import train
 
 
@@ -43,7 +44,25 @@ def test_onnxruntime_matches_pytorch_on_random_pixels(bundle_dir, cifar):
         logits, embedding = model.forward_with_embedding(torch.from_numpy(pixels).permute(0, 3, 1, 2))
     np.testing.assert_allclose(got.logits, logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(got.embeddings, embedding.numpy(), atol=1e-4)
+    temperature = bundle.manifest.calibration.temperature
+    np.testing.assert_allclose(got.probabilities, torch.softmax(logits / temperature, 1).numpy(), atol=1e-5)
     assert bundle.providers == ["CPUExecutionProvider"]
+
+
+def test_the_graph_calibrates_its_probabilities_with_the_temperature_fitted_on_held_out_images(bundle_dir):
+    calibration = Bundle.load(bundle_dir).manifest.calibration
+    assert calibration.method == "temperature" and calibration.fit_images == 100
+    assert calibration.fit_conditions == tuple(CONDITIONS) and calibration.temperature != pytest.approx(1.0, abs=0.01)
+    assert calibration.ece_after <= calibration.ece_before + 0.01  # fitted on those very images
+
+
+def test_a_run_without_held_out_images_exports_uncalibrated(cifar, tmp_path):
+    recipe = get_recipe("cnn-znorm", epochs=1, limit=200)
+    train(recipe, cifar, tmp_path, torch.device("cpu"), bf16=True, progress=False)
+    manifest = export(load_trained(tmp_path, cifar), cifar, tmp_path / "models" / "plain", "plain", components=8)
+    assert manifest.calibration.method == "none" and manifest.calibration.temperature == 1.0
+    got = Bundle.load(tmp_path / "models" / "plain").predict(np.zeros((2, 32, 32, 3), np.uint8))
+    np.testing.assert_allclose(got.probabilities, torch.softmax(torch.from_numpy(got.logits), 1).numpy(), atol=1e-6)
 
 
 def test_the_manifest_describes_the_bundle(bundle_dir, cifar):
@@ -52,7 +71,7 @@ def test_the_manifest_describes_the_bundle(bundle_dir, cifar):
     assert manifest.input.dtype == "uint8" and manifest.input.shape == (None, 32, 32, 3)
     assert manifest.accuracy.test_images == 400 and manifest.accuracy.max_abs_logit_diff <= manifest.accuracy.tolerance
     assert manifest.knn.components == 8 and manifest.knn.fit_images == 300
-    assert set(manifest.files) == {"model.onnx", "knn.pkl"}
+    assert set(manifest.files) == {"model.onnx", "knn.pkl"} and manifest.outputs == ("logits", "probabilities", "embedding")
     assert manifest.normalization.std[0] > 1  # global z-score in pixel units travels with the bundle
     onnx.checker.check_model(str(bundle_dir / "model.onnx"))
     # the accuracy the manifest states is what onnxruntime gives on those test images
@@ -109,6 +128,10 @@ def test_an_unknown_schema_version_is_refused(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="schema_version 99"):
         Bundle.load(copy)
+    manifest["schema_version"] = 1  # a bundle exported before probabilities were calibrated in the graph
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema_version 1 is not 2.*export the run again"):
+        Bundle.load(copy)
 
 
 def test_a_graph_whose_inputs_differ_from_the_manifest_is_refused(copy):
@@ -119,10 +142,12 @@ def test_a_graph_whose_inputs_differ_from_the_manifest_is_refused(copy):
     # a valid graph with the right outputs but float input: what an exporter without the cast gives
     weights = numpy_helper.from_array(np.zeros((3072, 10), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["images"], ["embedding"]), helper.make_node("MatMul", ["embedding", "w"], ["logits"])],
+        [helper.make_node("Flatten", ["images"], ["embedding"]), helper.make_node("MatMul", ["embedding", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"])],
         "float_input",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 32, 32, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10]),
          helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3072])],
         [weights],
     )  # fmt: skip
@@ -153,10 +178,15 @@ def test_export_refuses_a_graph_that_disagrees_with_pytorch():
     from training.errors import UserError
     from training.export import verify
 
+    from training.metrics import softmax
+
     torch_logits = np.eye(4, 10, dtype=np.float32)
-    assert verify(torch_logits + 1e-5, torch_logits) <= 1e-3
+    probabilities = softmax(torch_logits, 2.0)
+    assert verify(torch_logits + 1e-5, probabilities, torch_logits, 2.0) <= 1e-3
     with pytest.raises(UserError, match="disagrees with PyTorch.*no bundle written"):
-        verify(torch_logits + 0.01, torch_logits)
+        verify(torch_logits + 0.01, probabilities, torch_logits, 2.0)
+    with pytest.raises(UserError, match="max probability diff"):  # a graph that calibrates with another temperature
+        verify(torch_logits, softmax(torch_logits, 1.0), torch_logits, 2.0)
 
 
 def test_predict_refuses_anything_but_uint8_nhwc(bundle_dir):

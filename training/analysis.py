@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 
 from serving.bundle import nearest
+from training.calibration import fit_temperature
 from training.data import Cifar10, Split
 from training.errors import UserError
 from training.evaluate import predict
 from training.hardware import describe
 from training.knn import VALIDATION_TAIL, fit_head
-from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, top_confusions
+from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, softmax, top_confusions
 from training.models import Classifier
 from training.train import load_checkpoint, make_model
 
@@ -41,25 +41,9 @@ class Outputs:
         return softmax(self.logits)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def outputs(model, split: Split, device: torch.device, bf16: bool, name: str) -> Outputs:
     logits, embeddings = predict(model, split.images, device, bf16, progress=f"{name} images")
     return Outputs(logits.numpy(), embeddings.numpy(), split.labels.numpy())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T minimising held-out NLL of softmax(logits / T) (Guo et al., 2017)."""
-
-    def nll(log_t: float) -> float:
-        p = softmax(logits, float(np.exp(log_t)))
-        return float(-np.log(p[np.arange(len(labels)), labels] + 1e-12).mean())
-
-    return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
 
 
 def split_report(out: Outputs, classes, temperature: float | None) -> dict:

@@ -33,11 +33,13 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_recipes(args: argparse.Namespace) -> None:
     from training.recipes import RECIPES
+    from training.uploads import describe
 
     for name, recipe in RECIPES.items():
         print(
             f"{name:26s} model={recipe['model']:13s} epochs={recipe['epochs']:<4d} batch={recipe['batch_size']:<4d} "
-            f"lr={recipe['lr']:g} norm={recipe['normalization']} augment={recipe['augment'] or 'none'}"
+            f"lr={recipe['lr']:g} norm={recipe['normalization']} holdout={recipe['holdout']} augment={recipe['augment'] or 'none'} "
+            f"uploads={describe(recipe['uploads'])}"
         )
 
 
@@ -130,6 +132,54 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_robustness(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from serving.bundle import Bundle, BundleError, read_manifest
+    from training.data import load_cifar10
+    from training.export import write_manifest
+    from training.report import write_robustness_report
+    from training.robustness import CONDITIONS, bundle_classifier, condition_scores, format_table, http_classifier, measure, table
+
+    folder = Path(args.models_dir) / args.name
+    try:
+        manifest = read_manifest(folder)  # before reading the data: a wrong name fails fast
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    if args.url:
+        precisions = ["served"]  # whatever the service serves (CIFAR10_PRECISION)
+    elif args.precision == "all":
+        precisions = ["fp32", *(v.precision for v in manifest.variants)]
+    else:
+        precisions = [args.precision]
+    test = load_cifar10(args.data_dir, download=args.download).test.head(args.limit)
+    images, labels = test.images.permute(0, 2, 3, 1).contiguous().numpy(), test.labels.numpy()
+    answers, tables = {}, {}
+    for precision in precisions:
+        try:
+            classify = http_classifier(args.url, args.name) if args.url else bundle_classifier(Bundle.load(folder, precision=precision))
+        except BundleError as exc:
+            raise UserError(str(exc)) from None
+        with tqdm(total=len(CONDITIONS), desc=f"{args.name} {precision}", unit="condition", disable=None) as bar:
+            answers[precision] = measure(classify, images, progress=lambda name: (bar.set_postfix_str(name), bar.update()))
+        tables[precision] = table(answers[precision], labels)
+        print(f"\n{args.name} ({precision}), {len(labels):,} test images:\n{format_table(tables[precision])}")
+    command = "cifar10 robustness " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["robustness"] else f"cifar10 robustness {args.name}"
+    out = Path(args.out or f"runs/robustness-{args.name}")
+    report = write_robustness_report(out, manifest, tables, answers, labels, command)
+    print(f"\nwrote {report}")
+    if args.url or args.limit is not None:
+        print("not recorded in the manifest: " + ("measured over HTTP" if args.url else "measured on part of the test set"))
+        return
+    variants = tuple(
+        v.model_copy(update=dict(robustness=condition_scores(tables[v.precision]))) if v.precision in tables else v
+        for v in manifest.variants
+    )
+    update = dict(variants=variants) | (dict(robustness=condition_scores(tables["fp32"])) if "fp32" in tables else {})
+    write_manifest(folder, manifest.model_copy(update=update))
+    print(f"recorded in {folder / 'manifest.json'}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from training.analysis import load_trained
     from training.data import load_cifar10
@@ -141,10 +191,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     tta = args.tta or run.checkpoint["recipe"].get("tta", "none")
     manifest = export(run, data, out, args.name, components=args.knn_components or None, tta=tta)
     total = sum(f.bytes for f in manifest.files.values())
+    c = manifest.calibration
+    calibration = (
+        f"temperature {c.temperature:.3f} from {c.fit_images:,} held-out images as {len(c.fit_conditions)} upload conditions "
+        f"(their ECE {c.ece_before:.2%} → {c.ece_after:.2%})"
+        if c.method == "temperature"
+        else "none: the run kept no held-out images (train with --holdout N to calibrate)"
+    )
     print(
         f"wrote {out} ({total / 1e6:.1f} MB): ONNX test accuracy {manifest.accuracy.onnx:.2%} (test-time augmentation: {tta}) "
         f"(PyTorch {manifest.accuracy.pytorch:.2%}), KNN k={manifest.knn.k} {manifest.knn.metric} "
-        f"{manifest.knn.test_accuracy:.2%} (full embedding {manifest.knn.test_accuracy_full_embedding:.2%})"
+        f"{manifest.knn.test_accuracy:.2%} (full embedding {manifest.knn.test_accuracy_full_embedding:.2%}); "
+        f"calibration: {calibration}\nmeasure it under uploads: cifar10 robustness {args.name}"
     )
 
 
@@ -257,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: 512)")
     add_data_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
+
+    robustness = sub.add_parser("robustness", help="a bundle's accuracy and calibration on the test set sent as PNG, JPEG, WebP, noisy, blurred")
+    robustness.add_argument("name", help="bundle name: the folder under --models-dir")
+    robustness.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
+    robustness.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all",
+                            help="the graph to measure (default: all, the fp32 one and every variant)")  # fmt: skip
+    robustness.add_argument("--url", help="measure a running service instead (e.g. http://localhost:3000); nothing is recorded")
+    robustness.add_argument("--limit", type=int, help="the first N test images only (nothing is recorded)")
+    robustness.add_argument("--out", help="report folder (default: runs/robustness-NAME)")
+    add_data_options(robustness)
+    robustness.set_defaults(func=cmd_robustness)
 
     report = sub.add_parser("report", help="compare evaluated runs side by side")
     report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from training.data import Split
 from training.models import Classifier
+from training.robustness import CONDITIONS, decoded, uploads
 
 EVAL_BATCH = 500
 
@@ -47,3 +48,16 @@ def evaluate(model: Classifier, split: Split, device: torch.device, bf16: bool) 
         "loss": F.cross_entropy(logits, split.labels).item(),
         "accuracy": (logits.argmax(1) == split.labels).float().mean().item(),
     }
+
+
+def evaluate_uploads(model: Classifier, split: Split, device: torch.device, bf16: bool) -> dict[str, float]:
+    """Accuracy with the split sent as each upload condition of training.robustness and decoded as
+    the service decodes it, and the mean over the conditions: what choices between upload
+    augmentations are made on (with held-out images)."""
+    nhwc = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+    scores = {}
+    for name, condition in CONDITIONS.items():
+        pixels = torch.from_numpy(decoded(uploads(nhwc, condition))).permute(0, 3, 1, 2).contiguous()
+        scores[name] = evaluate(model, Split(pixels, split.labels), device, bf16)["accuracy"]
+    scores["mean"] = sum(scores.values()) / len(CONDITIONS)
+    return scores

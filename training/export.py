@@ -1,15 +1,18 @@
 """`cifar10 export`: a trained run → a bundle folder the service loads without torch.
 
-models/<name>/model.onnx   uint8 [N, 32, 32, 3] RGB in; logits [N, 10] and embedding [N, D] out
+models/<name>/model.onnx   uint8 [N, 32, 32, 3] RGB in; logits [N, 10], calibrated probabilities [N, 10]
+                           and embedding [N, D] out
 models/<name>/knn.pkl      the KNN head on the training embeddings (joblib)
 models/<name>/manifest.json
 
-The graph is checked against the PyTorch model on every test image before the KNN head is fitted,
-and the accuracies in the manifest are measured on the written graph with onnxruntime.
+The temperature is fitted on the run's held-out images first (training/calibration.py); the graph
+is checked against the PyTorch model on every test image before the KNN head is fitted, and the
+accuracies in the manifest are measured on the written graph with onnxruntime.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,9 +28,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from serving.bundle import PREDICT_CHUNK, sha256
+from serving.bundle import OUTPUTS, PREDICT_CHUNK, sha256
 from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from training.analysis import TrainedRun
+from training.calibration import calibrate
+from training.metrics import softmax
 from training.data import Cifar10
 from training.errors import UserError
 from training.evaluate import predict
@@ -39,14 +44,17 @@ OPSET = 18
 
 
 class PixelsIn(nn.Module):
-    """The bundle's contract around a trained model: uint8 NHWC pixels in, (logits, embedding) out."""
+    """The bundle's contract around a trained model: uint8 NHWC pixels in; logits, probabilities
+    (softmax of the logits over the calibration temperature) and the embedding out."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float):
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_embedding(images.permute(0, 3, 1, 2))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, embedding = self.model.forward_with_embedding(images.permute(0, 3, 1, 2))
+        return logits, torch.softmax(logits / self.temperature, dim=1), embedding
 
 
 def to_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -54,12 +62,12 @@ def to_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def export_onnx(model: nn.Module, path: Path) -> None:
-    model = PixelsIn(model.float().cpu()).eval()
+def export_onnx(model: nn.Module, temperature: float, path: Path) -> None:
+    model = PixelsIn(model.float().cpu(), temperature).eval()
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
-        model, (example,), str(path), input_names=["images"], output_names=["logits", "embedding"],
+        model, (example,), str(path), input_names=["images"], output_names=OUTPUTS,
         dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
     )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
@@ -68,21 +76,36 @@ def export_onnx(model: nn.Module, path: Path) -> None:
         raise UserError(f"the exported graph fixed its batch size at {batch_dim.dim_value}; the model must not depend on it")
 
 
-def run_onnx(session: ort.InferenceSession, images: np.ndarray, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embeddings) for uint8 NHWC images, in batches; progress labels a progress bar."""
+def run_onnx(session: ort.InferenceSession, images: np.ndarray, progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, probabilities, embeddings) for uint8 NHWC images, in batches; progress labels a progress bar."""
     starts = tqdm(range(0, len(images), PREDICT_CHUNK), desc=progress, unit="batch", leave=False, disable=None if progress else True)
-    outs = [session.run(["logits", "embedding"], {"images": images[i : i + PREDICT_CHUNK]}) for i in starts]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+    outs = [session.run(OUTPUTS, {"images": images[i : i + PREDICT_CHUNK]}) for i in starts]
+    return tuple(np.concatenate([o[k] for o in outs]) for k in range(len(OUTPUTS)))
 
 
-def verify(onnx_logits: np.ndarray, torch_logits: np.ndarray) -> float:
-    """Max |logit difference| over the test images; raises when it or any argmax disagrees."""
+def verify(onnx_logits: np.ndarray, onnx_probabilities: np.ndarray, torch_logits: np.ndarray, temperature: float) -> float:
+    """Max |logit difference| over the test images; raises when it, any argmax or the calibrated
+    probabilities (against softmax(PyTorch logits / temperature)) disagree."""
     diff = float(np.abs(onnx_logits - torch_logits).max())
     flipped = int((onnx_logits.argmax(1) != torch_logits.argmax(1)).sum())
-    print(f"verify: {len(onnx_logits)} test images, max |logit diff| {diff:.2e} (tolerance {TOLERANCE:.0e}), {flipped} argmax changes")
-    if diff > TOLERANCE or flipped:
-        raise UserError(f"the ONNX graph disagrees with PyTorch (max diff {diff:.2e}, {flipped} argmax changes); no bundle written")
+    probability_diff = float(np.abs(onnx_probabilities - softmax(torch_logits, temperature)).max())
+    print(
+        f"verify: {len(onnx_logits)} test images, max |logit diff| {diff:.2e} (tolerance {TOLERANCE:.0e}), "
+        f"{flipped} argmax changes, max |probability diff| {probability_diff:.2e}"
+    )
+    if diff > TOLERANCE or flipped or probability_diff > TOLERANCE:
+        raise UserError(
+            f"the ONNX graph disagrees with PyTorch (max logit diff {diff:.2e}, {flipped} argmax changes, "
+            f"max probability diff {probability_diff:.2e}); no bundle written"
+        )
     return diff
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Replace the bundle's manifest in one rename: a reader sees the old one or the new one, whole."""
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
 def git_commit() -> str | None:
@@ -119,14 +142,15 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
     recipe = run.checkpoint["recipe"]
     train, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))
     model = TestTimeAugmentation(run.model.float(), tta)
-    export_onnx(model, folder / MODEL_FILE)
+    calibration = calibrate(model, held)  # on the views and precision the graph will compute
+    export_onnx(model, calibration.temperature, folder / MODEL_FILE)
     session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
-    test_logits, test_embeddings = run_onnx(session, to_nhwc(test.images), "onnxruntime test")
+    test_logits, test_probabilities, test_embeddings = run_onnx(session, to_nhwc(test.images), "onnxruntime test")
     torch_logits = predict(model, test.images, torch.device("cpu"), bf16=False, progress="PyTorch test")[0].numpy()
-    diff = verify(test_logits, torch_logits)  # every test image, before anything else is written
+    diff = verify(test_logits, test_probabilities, torch_logits, calibration.temperature)  # before anything else is written
     labels = test.labels.numpy()
-    train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[1]
-    held_embeddings = run_onnx(session, to_nhwc(held.images), "onnxruntime held-out")[1] if len(held) else None
+    train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[2]
+    held_embeddings = run_onnx(session, to_nhwc(held.images), "onnxruntime held-out")[2] if len(held) else None
     head, choice = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy(), components)
     full = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy())[0] if components else head
     joblib.dump(head, folder / KNN_FILE)
@@ -140,6 +164,7 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
         normalization=Normalization(mean=tuple(run.checkpoint["mean"]), std=tuple(run.checkpoint["std"])),
         embedding_dim=int(test_embeddings.shape[1]),
         test_time_augmentation=tta,
+        calibration=calibration,
         accuracy=Accuracy(
             test_images=len(labels),
             onnx=float((test_logits.argmax(1) == labels).mean()),
@@ -164,5 +189,5 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
             run=run.name,
         ),
     )
-    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    write_manifest(folder, manifest)
     return manifest

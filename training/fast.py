@@ -12,6 +12,8 @@ Our implementation of the techniques Keller Jordan published as airbench94
 - alternating flips: a random half of the images is mirrored once, then every image is mirrored
   on odd epochs, so each image is seen both ways in every pair of epochs; and random translation
   by up to 2 pixels with reflect padding;
+- (ours) what uploads do to photographs, regenerated every epoch (training.uploads): blur, sensor
+  noise, JPEG and WebP re-encoding, each on a share of the images at a random strength;
 - lookahead: from the fourth epoch, every 5 steps the weights are pulled into an average that
   tightens towards the end of training;
 - test-time augmentation (models.TestTimeAugmentation) for the reported accuracy, and by
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import Cifar10
-from training.evaluate import autocast, evaluate
+from training.evaluate import autocast, evaluate, evaluate_uploads
 from training.models import Classifier, TestTimeAugmentation
 from training.train import (
     CHECKPOINT_FORMAT,
@@ -46,6 +48,7 @@ from training.train import (
     write_json,
     write_summary,
 )
+from training.uploads import simulate
 
 WHITENING_EPS = 5e-4  # added to the eigenvalues, so near-constant patch directions are not blown up
 
@@ -180,7 +183,7 @@ def train_fast(
     with stop_on_sigint() as sigint:
         while pos.epoch < recipe["epochs"]:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + pos.epoch)
-            x_epoch = epoch_images(padded, pad, pos.epoch, generator)
+            x_epoch = simulate(epoch_images(padded, pad, pos.epoch, generator), recipe["uploads"], generator)
             order = torch.randperm(len(train_set), generator=generator).to(device)
             if whitening_bias is not None:
                 whitening_bias.requires_grad_(pos.epoch < recipe["whitening_bias_epochs"])
@@ -235,6 +238,8 @@ def train_fast(
         level: evaluate(TestTimeAugmentation(model, level), test_set, device, bf16) for level in ("flip", "flip-translate")
     }
     if len(held_out):  # what choices between recipes are made on, never the test set
-        final["held_out"] = evaluate(TestTimeAugmentation(model, recipe["tta"]), held_out, device, bf16)
+        served = TestTimeAugmentation(model, recipe["tta"])
+        final["held_out"] = evaluate(served, held_out, device, bf16)
+        final["held_out_uploads"] = evaluate_uploads(served, held_out, device, bf16)
     return write_summary(run_dir, recipe, data, model, device, bf16, pos.history, started, final)
 

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10) -> np.ndarray:
     """Rows are true classes, columns predicted ones."""
     return np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
@@ -49,8 +55,11 @@ class Reliability:
 
 def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> Reliability:
     """Equal-width bins of top-1 confidence over (0, 1], as in Guo et al. (2017)."""
-    confidence = probabilities.max(1)
-    correct = probabilities.argmax(1) == labels
+    return calibration_bins(probabilities.max(1), probabilities.argmax(1) == labels, bins)
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> Reliability:
+    """The same bins from each answer's top-1 probability and whether it was right."""
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins)

@@ -20,10 +20,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from serving.bundle import Bundle, sha256
-from serving.manifest import INT8_FILE, MANIFEST, MODEL_FILE, FileEntry, Variant
+from serving.manifest import INT8_FILE, MODEL_FILE, FileEntry, Variant
 from training.data import Cifar10
 from training.errors import UserError
-from training.export import run_onnx, to_nhwc
+from training.export import run_onnx, to_nhwc, write_manifest
 
 CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
@@ -70,7 +70,5 @@ def quantize(folder: Path, data: Cifar10, calibration_images: int = CALIBRATION_
             )
         )
         os.replace(written, folder / INT8_FILE)
-        manifest_tmp = Path(tmp) / MANIFEST
-        manifest_tmp.write_text(updated.model_dump_json(indent=2) + "\n")
-        os.replace(manifest_tmp, folder / MANIFEST)  # last: until here the bundle is the old one, whole
+        write_manifest(folder, updated)  # last: until here the bundle is the old one, whole
     return entry

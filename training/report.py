@@ -12,9 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from training.analysis import softmax
 from training.data import Cifar10, Split
-from training.metrics import reliability
+from training.metrics import reliability, softmax
 from training.train import write_json
 
 
@@ -172,11 +171,11 @@ def plot_examples(images, labels, probabilities, classes, title: str, path: Path
     return _save(fig, path)
 
 
-def plot_reliability(before, after, path: Path) -> Path:
+def plot_reliability(before, after, path: Path, labels: tuple[str, str] = ("as trained", "temperature-scaled")) -> Path:
     """Accuracy against confidence per bin; the diagonal is perfect calibration."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    for rel, label in ((before, "as trained"), (after, "temperature-scaled")):
+    for rel, label in zip((before, after), labels):
         if rel is None:
             continue
         used = rel.count > 0
@@ -334,3 +333,43 @@ def compare_table(report_dirs: list[Path]) -> str:
             f"k={metrics['knn']['k']} {metrics['knn']['metric']} | {metrics['test']['ece']:.4f} |"
         )
     return "\n".join(rows)
+
+
+RELIABILITY_CONDITIONS = ("png", "jpeg75")  # the diagrams a robustness report draws
+
+
+def write_robustness_report(out: Path, manifest, tables: dict[str, dict], answers: dict, labels: np.ndarray, command: str) -> Path:
+    """robustness.md (a table per graph measured) and reliability diagrams before and after calibration."""
+    from training.machine import cpu_model
+    from training.metrics import calibration_bins
+    from training.robustness import format_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    c = manifest.calibration
+    lines = [
+        f"# `{manifest.name}` under uploads ({manifest.recipe.get('name', manifest.architecture)}, version {manifest.version})",
+        "",
+        f"Made by `{command}` on {cpu_model()}: the first {len(labels):,} CIFAR-10 test images, each sent as the upload a "
+        "client would make (Pillow's encoders) and decoded by the service's own decoder. ECE: expected calibration "
+        "error of the top-1 probability, 15 equal-width bins.",
+        "",
+        f"Calibration: {c.method}" + (f", temperature {c.temperature:.3f} fitted on {c.fit_images:,} held-out training images "
+                                      f"as {', '.join(c.fit_conditions)}" if c.method == "temperature" else "") + ".",
+        "",
+    ]  # fmt: skip
+    for precision, rows in tables.items():
+        lines += [f"## {precision}", "", format_table(rows), ""]
+        for name in RELIABILITY_CONDITIONS:
+            a = answers[precision].get(name)
+            if a is None:
+                continue
+            correct = a.predicted == labels
+            before = calibration_bins(a.uncalibrated, correct) if a.uncalibrated is not None else None
+            path = plot_reliability(before, calibration_bins(a.confidence, correct), out / f"reliability-{precision}-{name}.png",
+                                    labels=("softmax(logits)", "probabilities (calibrated)"))  # fmt: skip
+            lines += [f"![{precision}, {rows[name]['description']}]({path.name})"]
+        lines.append("")
+    report = out / "robustness.md"
+    report.write_text("\n".join(lines))
+    write_json(out / "robustness.json", tables)
+    return report

@@ -1,0 +1,57 @@
+"""The upload augmentation: real encoders, seeded draws, each step on its share of the images."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serving.images import decode
+from training.recipes import UPLOADS
+from training.uploads import describe, gaussian_blur, round_trip, simulate
+
+
+@pytest.fixture(scope="module")
+def images(cifar):
+    return cifar.train.images[:600]
+
+
+@pytest.mark.parametrize(("fmt", "quality"), [("JPEG", 30), ("JPEG", 75), ("JPEG", 95), ("WEBP", 50)])
+def test_the_lossy_step_gives_the_pixels_the_services_decoder_makes_of_such_an_upload(images, fmt, quality):
+    for image in images[:10]:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, fmt, quality=quality)
+        out = round_trip(image, fmt, quality)
+        assert out.shape == image.shape and out.dtype == torch.uint8 and not torch.equal(out, image)
+        np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), decode(buffer.getvalue()))
+
+
+def test_blur_keeps_flat_images_and_softens_edges():
+    flat = torch.full((2, 3, 32, 32), 77, dtype=torch.uint8)
+    assert torch.equal(gaussian_blur(flat, torch.tensor([0.5, 1.0])), flat)
+    edge = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    edge[..., 16:] = 255
+    blurred = gaussian_blur(edge, torch.tensor([1.0]))[0, 0, 0]
+    assert blurred[15] > 0 and blurred[16] < 255 and blurred[0] == 0 and blurred[31] == 255
+
+
+def test_simulate_repeats_for_a_seed_and_touches_its_share(images):
+    run = lambda seed: simulate(images.clone(), UPLOADS, torch.Generator().manual_seed(seed))  # noqa: E731
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    changed = (first != images).flatten(1).any(1).float().mean().item()
+    # 1 - (1 - 0.15)(1 - 0.15)(1 - 0.6): blur, noise and a lossy codec, each on its share of the images
+    assert changed == pytest.approx(1 - 0.85 * 0.85 * 0.4, abs=0.06)
+    assert first.dtype == torch.uint8 and first.shape == images.shape
+
+
+def test_no_uploads_leave_the_images_alone(images):
+    generator = torch.Generator().manual_seed(0)
+    assert simulate(images, {}, generator) is images
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # no draws either
+
+
+def test_describe_names_each_step():
+    assert describe({}) == "none"
+    assert describe(UPLOADS) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
