@@ -6,9 +6,9 @@ from pydantic import BaseModel, Field
 
 
 PROBABILITY = (
-    "calibrated: of the answers given with probability p, about a share p is right (a temperature fitted on held-out "
-    "training images sent as PNG, JPEG, WebP, noisy and blurred uploads; /models gives each model's calibration "
-    "and its measured accuracy and calibration error per kind of upload)"
+    "softmax(logits / T), T being the model's calibration temperature (/models): fitted on held-out training images "
+    "sent as PNG, JPEG, WebP, noisy and blurred uploads, so that of the answers given with probability p about a share "
+    "p is right; /models also gives each model's measured accuracy and calibration error per kind of upload"
 )
 
 
@@ -51,7 +51,7 @@ class CalibrationSummary(BaseModel):
 
 class UploadScore(BaseModel):
     description: str
-    accuracy: float = Field(description="on the 10,000 test images sent as this kind of upload")
+    accuracy: float = Field(description="on the test images sent as this kind of upload")
     ece: float = Field(description="expected calibration error of the probabilities (15 bins)")
 
 

@@ -85,13 +85,16 @@ def test_service_local_and_spark_scoring_return_the_bundles_probabilities(offlin
     assert main(["score", str(root), "--model", MODEL, "--output", str(tmp_path / "local.parquet"), "--topk", str(len(classes)), "--models-dir", str(REPO / "models")]) == 0
     local = as_vectors(pq.read_table(tmp_path / "local.parquet").to_pylist(), classes)
 
-    pytest.importorskip("pyspark")
+    for name, got in (("service", served), ("cifar10 score", local)):
+        assert_same(name, got, expected)
+    assert [r["probability"] for r in classified] == pytest.approx([expected[i].max() for i in ids], abs=1e-6)
+
     spark_out = tmp_path / "spark.parquet"
     assert main(["score", str(root), "--model", MODEL, "--output", str(spark_out), "--topk", str(len(classes)), "--engine", "spark", "--master", "local[2]", "--models-dir", str(REPO / "models")]) == 0
-    spark = as_vectors(pq.read_table(spark_out).to_pylist(), classes)
+    assert_same("cifar10 score --engine spark", as_vectors(pq.read_table(spark_out).to_pylist(), classes), expected)
 
-    for name, got in (("service", served), ("cifar10 score", local), ("cifar10 score --engine spark", spark)):
-        assert sorted(got) == sorted(expected), name
-        for key, vector in expected.items():
-            np.testing.assert_allclose(got[key], vector, atol=1e-6, err_msg=f"{name}: {key}")
-    assert [r["probability"] for r in classified] == pytest.approx([expected[i].max() for i in ids], abs=1e-6)
+
+def assert_same(name: str, got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected), name
+    for key, vector in expected.items():
+        np.testing.assert_allclose(got[key], vector, atol=1e-6, err_msg=f"{name}: {key}")

@@ -128,7 +128,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     size = (folder / variant.file).stat().st_size
     print(
         f"wrote {folder / variant.file} ({size / 1e6:.1f} MB), calibrated on {variant.calibration_images} training images: "
-        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION=int8"
+        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION=int8, "
+        f"measure it under uploads with `cifar10 robustness {args.name} --precision int8`"
     )
 
 
@@ -136,6 +137,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from serving.bundle import Bundle, BundleError, read_manifest
+    from serving.manifest import MODEL_FILE
     from training.data import load_cifar10
     from training.export import write_manifest
     from training.report import write_robustness_report
@@ -152,7 +154,16 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         precisions = ["fp32", *(v.precision for v in manifest.variants)]
     else:
         precisions = [args.precision]
-    test = load_cifar10(args.data_dir, download=args.download).test.head(args.limit)
+    conditions = args.conditions.split(",") if args.conditions else list(CONDITIONS)
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise UserError(f"unknown condition {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    data = load_cifar10(args.data_dir, download=args.download)
+    if list(manifest.classes) != list(data.classes):
+        raise UserError(f"{folder} was trained on classes {list(manifest.classes)}, but the data has {list(data.classes)}")
+    test = data.test.head(args.limit)
     images, labels = test.images.permute(0, 2, 3, 1).contiguous().numpy(), test.labels.numpy()
     answers, tables = {}, {}
     for precision in precisions:
@@ -160,23 +171,28 @@ def cmd_robustness(args: argparse.Namespace) -> None:
             classify = http_classifier(args.url, args.name) if args.url else bundle_classifier(Bundle.load(folder, precision=precision))
         except BundleError as exc:
             raise UserError(str(exc)) from None
-        with tqdm(total=len(CONDITIONS), desc=f"{args.name} {precision}", unit="condition", disable=None) as bar:
-            answers[precision] = measure(classify, images, progress=lambda name: (bar.set_postfix_str(name), bar.update()))
+        with tqdm(total=len(conditions), desc=f"{args.name} {precision}", unit="condition", disable=None) as bar:
+            answers[precision] = measure(classify, images, conditions, progress=lambda name: (bar.set_postfix_str(name), bar.update()))
         tables[precision] = table(answers[precision], labels)
         print(f"\n{args.name} ({precision}), {len(labels):,} test images:\n{format_table(tables[precision])}")
     command = "cifar10 robustness " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["robustness"] else f"cifar10 robustness {args.name}"
     out = Path(args.out or f"runs/robustness-{args.name}")
     report = write_robustness_report(out, manifest, tables, answers, labels, command)
     print(f"\nwrote {report}")
-    if args.url or args.limit is not None:
-        print("not recorded in the manifest: " + ("measured over HTTP" if args.url else "measured on part of the test set"))
+    partial = "measured over HTTP" if args.url else "measured on part of the test set" if args.limit is not None else None
+    if partial is None and len(conditions) < len(CONDITIONS):
+        partial = "measured under some of the conditions"
+    if partial:
+        print(f"not recorded in the manifest: {partial}")
         return
+    current = read_manifest(folder)  # again: a quantize may have replaced a graph while this ran
+    measured = lambda file: current.files.get(file) == manifest.files.get(file)  # noqa: E731
     variants = tuple(
-        v.model_copy(update=dict(robustness=condition_scores(tables[v.precision]))) if v.precision in tables else v
-        for v in manifest.variants
+        v.model_copy(update=dict(robustness=condition_scores(tables[v.precision]))) if v.precision in tables and measured(v.file) else v
+        for v in current.variants
     )
-    update = dict(variants=variants) | (dict(robustness=condition_scores(tables["fp32"])) if "fp32" in tables else {})
-    write_manifest(folder, manifest.model_copy(update=update))
+    update = dict(variants=variants) | (dict(robustness=condition_scores(tables["fp32"])) if "fp32" in tables and measured(MODEL_FILE) else {})
+    write_manifest(folder, current.model_copy(update=update))
     print(f"recorded in {folder / 'manifest.json'}")
 
 
@@ -321,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     robustness.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
     robustness.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all",
                             help="the graph to measure (default: all, the fp32 one and every variant)")  # fmt: skip
-    robustness.add_argument("--url", help="measure a running service instead (e.g. http://localhost:3000); nothing is recorded")
+    robustness.add_argument("--url", help="measure a running service instead (e.g. http://localhost:3000), whatever precision it serves; nothing is recorded")
     robustness.add_argument("--limit", type=int, help="the first N test images only (nothing is recorded)")
+    robustness.add_argument("--conditions", metavar="A,B", help="comma-separated conditions (default: all; a subset is not recorded)")
     robustness.add_argument("--out", help="report folder (default: runs/robustness-NAME)")
     add_data_options(robustness)
     robustness.set_defaults(func=cmd_robustness)

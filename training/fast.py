@@ -182,14 +182,14 @@ def train_fast(
     started = time.perf_counter()
     with stop_on_sigint() as sigint:
         while pos.epoch < recipe["epochs"]:
+            tick = time.perf_counter()  # the epoch's time includes making its images
             generator = torch.Generator().manual_seed(seed * 1_000_003 + pos.epoch)
-            x_epoch = simulate(epoch_images(padded, pad, pos.epoch, generator), recipe["uploads"], generator)
+            x_epoch = simulate(epoch_images(padded, pad, pos.epoch, generator), recipe.get("uploads", {}), generator)
             order = torch.randperm(len(train_set), generator=generator).to(device)
             if whitening_bias is not None:
                 whitening_bias.requires_grad_(pos.epoch < recipe["whitening_bias_epochs"])
             model.train()
             bar = epoch_bar(steps, pos.step, pos.epoch, recipe["epochs"], progress)
-            tick = time.perf_counter()
             while pos.step < steps:
                 if sigint["stop"]:
                     pos.seconds += time.perf_counter() - tick

@@ -30,7 +30,7 @@ def simulate(images: torch.Tensor, uploads: dict, generator: torch.Generator) ->
     """
     if not uploads:
         return images
-    device, x = images.device, images.cpu()
+    device, x = images.device, images.cpu().clone()
     n = len(x)
 
     def chosen(share: float) -> torch.Tensor:
