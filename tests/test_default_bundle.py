@@ -23,7 +23,7 @@ def test_the_default_setting_names_the_committed_airbench_bundle_calibrated_on_h
     assert sum(f.stat().st_size for f in bundle.folder.iterdir()) < 32 * 2**20
 
 
-@pytest.mark.parametrize(("name", "floor"), [("airbench", 0.93), ("cnn", 0.84)])
+@pytest.mark.parametrize(("name", "floor"), [("airbench", 0.93), ("cnn", 0.835)])
 def test_each_bundle_reproduces_its_stated_accuracy(name, floor, test_set):
     bundle = Bundle.load(REPO / "models" / name)
     images, labels = test_set

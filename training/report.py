@@ -353,8 +353,8 @@ def write_robustness_report(out: Path, manifest, tables: dict[str, dict], answer
         "client would make (Pillow's encoders) and decoded by the service's own decoder. ECE: expected calibration "
         "error of the top-1 probability, 15 equal-width bins.",
         "",
-        f"Calibration: {c.method}" + (f", temperature {c.temperature:.3f} fitted on {c.fit_images:,} held-out training images "
-                                      f"as {', '.join(c.fit_conditions)}" if c.method == "temperature" else "") + ".",
+        (f"Calibration: temperature {c.temperature:.3f}, fitted on {c.fit_images:,} held-out training images sent as "
+         f"{', '.join(c.fit_conditions)}." if c.method == "temperature" else "Calibration: none (the run kept no held-out images)."),
         "",
     ]  # fmt: skip
     for precision, rows in tables.items():
