@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-
 PROBABILITY = (
     "softmax(logits / T), T being the model's calibration temperature (/models): fitted on held-out training images "
     "sent as PNG, JPEG, WebP, noisy and blurred uploads, so that of the answers given with probability p about a share "

@@ -28,8 +28,16 @@ from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, defa
 from serving.errors import Admission, ErrorAnswers
 from serving.images import ImageError, decode
 from serving.schemas import (
-    CalibrationSummary, Classification, Embedding, KnnAnswer, LabelProbability, ModelSummary, Neighbour, TopK, UploadScore,
-)  # fmt: skip
+    CalibrationSummary,
+    Classification,
+    Embedding,
+    KnnAnswer,
+    LabelProbability,
+    ModelSummary,
+    Neighbour,
+    TopK,
+    UploadScore,
+)
 from serving.settings import Settings
 from serving.uploads import Bodies, Upload, upload_bytes
 

@@ -177,7 +177,6 @@ def test_serving_never_imports_torch():
 def test_export_refuses_a_graph_that_disagrees_with_pytorch():
     from training.errors import UserError
     from training.export import verify
-
     from training.metrics import softmax
 
     torch_logits = np.eye(4, 10, dtype=np.float32)

@@ -32,11 +32,11 @@ from serving.bundle import OUTPUTS, PREDICT_CHUNK, sha256
 from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from training.analysis import TrainedRun
 from training.calibration import calibrate
-from training.metrics import softmax
 from training.data import Cifar10
 from training.errors import UserError
 from training.evaluate import predict
 from training.knn import KNN_COMPONENTS, fit_head
+from training.metrics import softmax
 from training.models import TestTimeAugmentation
 
 TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch, both fp32
