@@ -1,6 +1,7 @@
 """The `fast` recipe's parts: whitening, schedule, augmentation, test-time augmentation, resume."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from training.export import export
 from training.fast import epoch_images, init_whitening, lr_factor, train_fast
 from training.models import TestTimeAugmentation, airbench
 from training.recipes import get_recipe
+from training.report import runs_table
 from training.train import load_checkpoint, normalization
 
 CPU = torch.device("cpu")
@@ -84,6 +86,19 @@ def test_fast_training_learns(fast_run):
     assert summary["final"]["test"]["accuracy"] > 0.25  # 2,048 images, 2 epochs: well above chance
     assert set(summary["final"]["test_tta"]) == {"flip", "flip-translate"}
     assert load_checkpoint(run_dir)["lookahead"] is not None
+
+
+def test_runs_table_shows_the_held_out_upload_mean_and_tells_upload_candidates_apart(fast_run, tmp_path):
+    run_dir, summary = fast_run
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    changed = dict(summary, recipe=get_recipe("fast", epochs=2, limit=2048, batch_size=256, uploads="jpeg=0.25"))
+    (candidate / "run.json").write_text(json.dumps(changed))
+    shutil.copytree(run_dir, tmp_path / "default", ignore=shutil.ignore_patterns("*.pt"))
+    rows = {line.split(" | ")[0]: line for line in runs_table(tmp_path).splitlines() if line.startswith("| ")}
+    mean = f"{summary['final']['held_out_uploads']['mean']:.2%}"
+    assert f"| {mean} |" in rows["| default"] and "uploads" not in rows["| default"]
+    assert ", uploads " in rows["| candidate"] and "jpeg 25%" in rows["| candidate"]
 
 
 def test_export_puts_the_tta_inside_the_graph(fast_run, cifar, tmp_path):

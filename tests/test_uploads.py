@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from serving.images import decode
-from training.recipes import UPLOADS
+from training.errors import UserError
+from training.recipes import UPLOADS, get_recipe
 from training.uploads import describe, gaussian_blur, round_trip, simulate
 
 
@@ -41,8 +42,9 @@ def test_simulate_repeats_for_a_seed_and_touches_its_share(images):
     first, again, other = run(0), run(0), run(1)
     assert torch.equal(first, again) and not torch.equal(first, other)
     changed = (first != images).flatten(1).any(1).float().mean().item()
-    # 1 - (1 - 0.15)(1 - 0.15)(1 - 0.6): blur, noise and a lossy codec, each on its share of the images
-    assert changed == pytest.approx(1 - 0.85 * 0.85 * 0.4, abs=0.06)
+    # blur, noise and a lossy codec, each on its share of the images
+    untouched = (1 - UPLOADS["blur"]) * (1 - UPLOADS["noise"]) * (1 - UPLOADS["jpeg"] - UPLOADS["webp"])
+    assert changed == pytest.approx(1 - untouched, abs=0.06)
     assert first.dtype == torch.uint8 and first.shape == images.shape
 
 
@@ -54,4 +56,17 @@ def test_no_uploads_leave_the_images_alone(images):
 
 def test_describe_names_each_step():
     assert describe({}) == "none"
-    assert describe(UPLOADS) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
+    mix = dict(UPLOADS, blur=0.15, noise=0.15, jpeg=0.5, webp=0.1)
+    assert describe(mix) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
+
+
+def test_uploads_override_changes_shares_and_keeps_strengths():
+    mix = get_recipe("fast", uploads="jpeg=0.25, webp=0.05,blur=0")["uploads"]
+    assert (mix["jpeg"], mix["webp"], mix["blur"], mix["noise"]) == (0.25, 0.05, 0.0, UPLOADS["noise"])
+    assert mix["jpeg_quality"] == UPLOADS["jpeg_quality"] and mix["blur_sigma"] == UPLOADS["blur_sigma"]
+    assert get_recipe("cnn-fast", uploads="none")["uploads"] == {}
+    for spec in ("jpeg", "jpeg=2", "gamma=0.1", "jpeg=0.7,webp=0.5"):
+        with pytest.raises(UserError, match="--uploads"):
+            get_recipe("fast", uploads=spec)
+    with pytest.raises(UserError, match="fast loop"):
+        get_recipe("cnn-baseline", uploads="jpeg=0.3")

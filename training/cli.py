@@ -54,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         weights=args.weights, freeze=args.freeze, limit=args.limit, holdout=args.holdout,
+        uploads=args.uploads,
     )  # fmt: skip
     if args.resume:
         changed = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k != "epochs"]
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--freeze", action="store_true", default=None, help="VGG recipes: freeze the pretrained blocks")
     train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
     train.add_argument("--holdout", type=int, help="keep the last N training images out of training (for evaluate's choices)")
+    train.add_argument("--uploads", metavar="MIX",
+                       help="fast recipes: 'none', or shares of the upload steps, e.g. jpeg=0.25,webp=0.05,blur=0.1,noise=0.1 "
+                            "(strengths stay the recipe's)")  # fmt: skip
     train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast where the hardware has fast bf16")  # fmt: skip

@@ -1,4 +1,4 @@
-"""The `fast` recipe's loop: CIFAR-10 past 94% in 16 epochs, 15 minutes on 2 CPU cores (hyperparameters: recipes.RECIPES["fast"]).
+"""The fast loop of the `fast`, `cnn-fast` and `vgg16-fast` recipes (hyperparameters: recipes.RECIPES; figures: docs/training.md).
 
 Our implementation of the techniques Keller Jordan published as airbench94
 (github.com/KellerJordan/cifar10-airbench; "94% on CIFAR-10 in 3.29 seconds on a single GPU",

@@ -14,7 +14,9 @@ import torch
 
 from training.data import Cifar10, Split
 from training.metrics import reliability, softmax
+from training.recipes import RECIPES
 from training.train import write_json
+from training.uploads import describe
 
 
 def dataset_facts(data: Cifar10) -> dict:
@@ -70,8 +72,8 @@ def sample_grid(split: Split, classes, per_class: int, path: Path) -> Path:
 def runs_table(runs_dir: Path) -> str:
     """Markdown: every finished run under runs_dir, oldest first; then each recipe's mean over seeds."""
     rows = [
-        "| run | recipe | seed | epochs | train acc | held-out acc | test acc | test acc, TTA | train time | median s/epoch | device |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| run | recipe | seed | epochs | train acc | held-out acc | held-out, uploads mean | test acc | test acc, TTA | train time | median s/epoch | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     by_recipe: dict[str, list[dict]] = {}
     for summary_file in sorted(runs_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime):
@@ -86,6 +88,8 @@ def runs_table(runs_dir: Path) -> str:
             variant += f", weights {recipe['weights']}"
         if recipe.get("holdout"):
             variant += f", holdout {recipe['holdout']}"
+        if recipe["name"] in RECIPES and recipe.get("uploads", {}) != _as_json(RECIPES[recipe["name"]]["uploads"]):
+            variant += f", uploads {describe(recipe['uploads'])}"  # a --uploads candidate
         tta = recipe.get("tta", "none")
         tta_accuracy = final["test_tta"][tta]["accuracy"] if tta != "none" else None
         if epochs == recipe["epochs"]:
@@ -93,6 +97,7 @@ def runs_table(runs_dir: Path) -> str:
         rows.append(
             f"| {summary_file.parent.name} | {recipe['name']}{variant} | {recipe['seed']} | {epochs} | "
             f"{final['train']['accuracy']:.2%} | {f'{held:.2%}' if (held := final.get('held_out', {}).get('accuracy')) else '–'} | "
+            f"{f'{mixed:.2%}' if (mixed := final.get('held_out_uploads', {}).get('mean')) else '–'} | "
             f"{final['test']['accuracy']:.2%} | {f'{tta_accuracy:.2%} ({tta})' if tta_accuracy is not None else '–'} | "
             f"{summary['train_seconds'] / 60:.1f} min | {f'{seconds[len(seconds) // 2]:.0f}' if seconds else '–'} | "
             f"{summary['device_name']}{', bf16' if summary['bf16'] else ''} |"
@@ -110,6 +115,11 @@ def runs_table(runs_dir: Path) -> str:
             f"{sum(r['train_seconds'] for r in runs) / len(runs) / 60:.1f} min |"
         )
     return "\n".join(rows)
+
+
+def _as_json(value):
+    """A recipe value as run.json holds it (tuples become lists), for comparing with one read back."""
+    return json.loads(json.dumps(value))
 
 
 def _spread(values: list[float]) -> str:
