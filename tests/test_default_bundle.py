@@ -17,13 +17,13 @@ def test_set(shared_data):
 def test_the_default_setting_names_the_committed_airbench_bundle_calibrated_on_held_out_images():
     bundle = Bundle.load(REPO / "models" / Settings().default_model)
     assert bundle.manifest.architecture == "airbench" and bundle.manifest.recipe["name"] == "fast"
-    assert bundle.manifest.accuracy.onnx >= 0.93 and bundle.manifest.accuracy.test_images == 10_000
+    assert bundle.manifest.accuracy.onnx >= 0.94 and bundle.manifest.accuracy.test_images == 10_000
     calibration = bundle.manifest.calibration
     assert calibration.method == "temperature" and calibration.fit_images == bundle.manifest.recipe["holdout"] > 0
     assert sum(f.stat().st_size for f in bundle.folder.iterdir()) < 32 * 2**20
 
 
-@pytest.mark.parametrize(("name", "floor"), [("airbench", 0.93), ("cnn", 0.835)])
+@pytest.mark.parametrize(("name", "floor"), [("airbench", 0.94), ("cnn", 0.85)])
 def test_each_bundle_reproduces_its_stated_accuracy(name, floor, test_set):
     bundle = Bundle.load(REPO / "models" / name)
     images, labels = test_set
