@@ -9,7 +9,7 @@ from PIL import Image
 
 from serving.images import decode
 from training.errors import UserError
-from training.recipes import UPLOADS, get_recipe
+from training.recipes import FAST_UPLOADS, UPLOADS, get_recipe
 from training.uploads import describe, gaussian_blur, round_trip, simulate
 
 
@@ -62,8 +62,8 @@ def test_describe_names_each_step():
 
 def test_uploads_override_changes_shares_and_keeps_strengths():
     mix = get_recipe("fast", uploads="jpeg=0.25, webp=0.05,blur=0")["uploads"]
-    assert (mix["jpeg"], mix["webp"], mix["blur"], mix["noise"]) == (0.25, 0.05, 0.0, UPLOADS["noise"])
-    assert mix["jpeg_quality"] == UPLOADS["jpeg_quality"] and mix["blur_sigma"] == UPLOADS["blur_sigma"]
+    assert (mix["jpeg"], mix["webp"], mix["blur"], mix["noise"]) == (0.25, 0.05, 0.0, FAST_UPLOADS["noise"])
+    assert mix["jpeg_quality"] == FAST_UPLOADS["jpeg_quality"] and mix["blur_sigma"] == FAST_UPLOADS["blur_sigma"]
     assert get_recipe("cnn-fast", uploads="none")["uploads"] == {}
     for spec in ("jpeg", "jpeg=2", "gamma=0.1", "jpeg=0.7,webp=0.5"):
         with pytest.raises(UserError, match="--uploads"):
