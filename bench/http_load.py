@@ -286,8 +286,8 @@ def machine() -> str:
 
 def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[int, float]:
     """images/s of Bundle.predict on decoded test images at batch 1 and 64: the HTTP ceiling."""
-    from serving.bundle import Bundle, default_providers, preload_cuda
-    from serving.images import decode
+    from bundle.images import decode
+    from bundle.runtime import Bundle, default_providers, preload_cuda
 
     providers = default_providers()  # where the service runs it: CUDA when there is one
     preload_cuda(providers)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.bundle import Bundle, default_providers, preload_cuda
+from bundle.runtime import Bundle, default_providers, preload_cuda
 from training.evaluate import autocast
 from training.hardware import describe, forward_flops, peak_flops
 from training.models import TestTimeAugmentation, build_model

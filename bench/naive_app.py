@@ -32,7 +32,7 @@ from starlette.routing import Route
 from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
-from serving.bundle import read_manifest
+from bundle.runtime import read_manifest
 from training.models import TestTimeAugmentation, build_model
 
 if threads := os.environ.get("BENCH_THREADS"):  # unset: PyTorch's default, as a naive app would leave it

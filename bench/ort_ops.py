@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.http_load import machine
-from serving.bundle import MODEL_FILE, session_options, verify
+from bundle.runtime import MODEL_FILE, session_options, verify
 
 
 def op_times(model: Path, batch: int, runs: int) -> dict[str, float]:

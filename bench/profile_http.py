@@ -34,7 +34,7 @@ WAITING = ("Condition.wait", "select (selectors.py", "_read_from_self", "sleep",
 # (part, substrings of a frame "function (file:line)"), matched innermost frame first
 PARTS = [
     ("onnxruntime / PyTorch (the model)", ("onnxruntime", "torch/nn/", "torch/_tensor", "training/models.py")),
-    ("image decoding (Pillow)", ("PIL/", "serving/images.py")),
+    ("image decoding (Pillow)", ("PIL/", "bundle/images.py")),
     ("multipart parsing", ("multipart",)),
     ("pydantic / JSON", ("pydantic", "json/", "orjson", "JSONResponse")),
     ("our service code", ("serving/",)),

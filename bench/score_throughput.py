@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 from bench.http_load import machine
-from serving.bundle import Bundle
-from serving.images import decode
-from serving.inputs import Columns, read_inputs
-from serving.scoring import Options, score
-from serving.spark import score_spark
+from bundle.images import decode
+from bundle.runtime import Bundle
+from scoring.inputs import Columns, read_inputs
+from scoring.local import Options, score
+from scoring.spark import score_spark
 from training.data import load_cifar10
 
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 from bench.model_throughput import rate
-from serving.manifest import TTA_LEVELS
+from bundle.manifest import TTA_LEVELS
 from training.analysis import load_trained
 from training.data import load_cifar10
 from training.export import export_onnx, run_onnx, to_nhwc

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 
 from bench.http_load import test_pngs
-from serving.bundle import Bundle
-from serving.images import decode
+from bundle.images import decode
+from bundle.runtime import Bundle
 
 TOLERANCE = 1e-4
 

@@ -1,1 +1,1 @@
-"""The serving side: loads exported ONNX bundles with onnxruntime. Never imports torch."""
+"""The online service: the bundles of models/ behind BentoML (`bentoml serve`). Never imports torch."""

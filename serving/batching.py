@@ -21,7 +21,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from serving.bundle import Bundle, Prediction
+from bundle.runtime import Bundle, Prediction
 
 
 class Batcher:

@@ -22,11 +22,11 @@ from bentoml.exceptions import BadInput, BentoMLException
 from pydantic import Field
 from starlette.datastructures import UploadFile
 
+from bundle.images import ImageError, decode
+from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving import mends
 from serving.batching import Batcher
-from serving.bundle import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving.errors import Admission, ErrorAnswers
-from serving.images import ImageError, decode
 from serving.schemas import (
     CalibrationSummary,
     Classification,

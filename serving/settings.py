@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.images import DEFAULT_LIMITS, Limits
-from serving.manifest import PRECISIONS
+from bundle.images import DEFAULT_LIMITS, Limits
+from bundle.manifest import PRECISIONS
 
 
 def _env(name: str, default: str) -> str:

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from bundle.runtime import Bundle
 from serving.batching import Batcher
-from serving.bundle import Bundle
 from tests.conftest import REPO
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.cli import main
+from cifar10.cli import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -65,7 +65,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
 
 def test_the_console_script_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "cnn-baseline", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "cifar10.cli", "train", "cnn-baseline", "--data-dir", str(tmp_path)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 1

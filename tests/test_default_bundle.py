@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.bundle import Bundle
+from bundle.runtime import Bundle
 from serving.settings import Settings
 from tests.conftest import REPO
 from training.data import load_cifar10

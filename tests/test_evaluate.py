@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from cifar10.cli import main
+from cifar10.errors import UserError
 from tests.conftest import write_tiny_cifar
 from training import knn
 from training.analysis import load_trained
 from training.calibration import fit_temperature
-from training.cli import main
 from training.data import load_cifar10
-from training.errors import UserError
 from training.knn import select_knn
 from training.recipes import get_recipe
 from training.train import CHECKPOINT, train
@@ -122,7 +122,7 @@ def test_temperature_undoes_overconfident_logits():
 
 
 def test_a_reduced_head_keeps_its_neighbours_in_the_training_rows():
-    from serving.bundle import nearest
+    from bundle.runtime import nearest
     from training.knn import fit_head
 
     rng = np.random.default_rng(1)

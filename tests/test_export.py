@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.bundle import Bundle, BundleError
-from serving.manifest import Manifest
+from bundle.manifest import Manifest
+from bundle.runtime import Bundle, BundleError
 from training.analysis import load_trained
 from training.export import export
 from training.recipes import get_recipe
@@ -160,7 +160,7 @@ def test_a_graph_whose_inputs_differ_from_the_manifest_is_refused(copy):
 
 
 def test_export_never_overwrites(bundle_dir, cifar):
-    from training.errors import UserError
+    from cifar10.errors import UserError
 
     with pytest.raises(UserError, match="exists"):
         export(load_trained(bundle_dir.parent.parent / "run", cifar), cifar, bundle_dir, "tiny")
@@ -170,12 +170,12 @@ def test_serving_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, serving.bundle, serving.manifest; sys.exit('torch' in sys.modules)"
+    code = "import sys, bundle.runtime, bundle.manifest; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_export_refuses_a_graph_that_disagrees_with_pytorch():
-    from training.errors import UserError
+    from cifar10.errors import UserError
     from training.export import verify
     from training.metrics import softmax
 

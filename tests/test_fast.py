@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.bundle import Bundle
+from bundle.runtime import Bundle
 from training.analysis import load_trained
 from training.export import export
 from training.fast import epoch_images, init_whitening, lr_factor, train_fast
@@ -114,7 +114,7 @@ def test_export_puts_the_tta_inside_the_graph(fast_run, cifar, tmp_path):
 
 
 def test_a_fast_run_resumes_only_at_its_own_length(fast_run, capsys):
-    from training.cli import main
+    from cifar10.cli import main
 
     assert main(["train", "--resume", str(fast_run[0]), "--epochs", "5"]) == 1
     assert "schedule spans its whole length" in capsys.readouterr().err

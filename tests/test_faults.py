@@ -146,7 +146,7 @@ def test_a_broken_bundle_at_start_ends_the_server_with_the_reason(one_broken, tm
 
 
 def test_when_every_bundle_is_broken_skipping_leaves_nothing_and_says_so(one_broken):
-    from serving.bundle import BundleError
+    from bundle.runtime import BundleError
     from serving.service import check_bundle, each_bundle
     from serving.settings import Settings
 

@@ -16,7 +16,7 @@ import pytest
 
 from bench.harness import SERVE, running
 from bench.hostile import catalogue, check, encode, picture, run
-from serving.bundle import Bundle, BundleError
+from bundle.runtime import Bundle, BundleError
 from tests.conftest import REPO
 
 CASES = catalogue()

@@ -1,4 +1,4 @@
-"""serving.images.decode: the pixels it gives for good images, the ImageError it raises for bad ones."""
+"""bundle.images.decode: the pixels it gives for good images, the ImageError it raises for bad ones."""
 
 import io
 import os
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.hostile import FORMATS, png_header_only
-from serving.images import ImageError, Limits, decode
+from bundle.images import ImageError, Limits, decode
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

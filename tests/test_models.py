@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models import vgg16, vgg16_bn
 
-from training.errors import UserError
+from cifar10.errors import UserError
 from training.models import build_model, count_parameters, seed_cnn, vgg16_3block, vgg16_full
 from training.models import vgg16_bn as vgg16_bn_classifier
 

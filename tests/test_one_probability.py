@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from bench.harness import SERVE, running
-from serving.bundle import Bundle
-from serving.images import decode
+from bundle.images import decode
+from bundle.runtime import Bundle
+from cifar10.cli import main
 from tests.conftest import REPO
-from training.cli import main
 from training.metrics import softmax
 
 MODEL = "cnn"  # the cheap committed bundle; both are exported the same way

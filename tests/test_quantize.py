@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from bench.harness import SERVE, running
-from serving.bundle import Bundle, BundleError, MissingVariant
+from bundle.runtime import Bundle, BundleError, MissingVariant
+from cifar10.errors import UserError
 from serving.settings import Settings
 from tests.conftest import REPO
 from tests.test_service import encode
-from training.errors import UserError
 from training.quantize import quantize
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bundle import Bundle
-from serving.images import decode
+from bundle.images import decode
+from bundle.runtime import Bundle
 from tests.conftest import REPO
 from training.robustness import CONDITIONS, Answers, decoded, format_table, score, uploads
 
@@ -50,7 +50,7 @@ def test_the_score_is_right_by_hand():
 
 
 def test_the_cli_measures_a_bundle_records_it_and_writes_the_report(tmp_path, tiny_cifar, capsys):
-    from training.cli import main
+    from cifar10.cli import main
 
     shutil.copytree(REPO / "models" / "cnn", tmp_path / "models" / "cnn")
     code = main(["robustness", "cnn", "--models-dir", str(tmp_path / "models"), "--data-dir", str(tiny_cifar), "--out", str(tmp_path / "report")])

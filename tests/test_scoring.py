@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from pyarrow import csv
 
-import serving.scoring
-from serving.bundle import Bundle
-from serving.images import decode
-from serving.inputs import Columns, read_inputs
-from serving.scoring import Options, ScoringError, score
+import scoring.local
+from bundle.images import decode
+from bundle.runtime import Bundle
+from cifar10.cli import main
+from scoring.inputs import Columns, read_inputs
+from scoring.local import Options, ScoringError, score
 from tests.conftest import REPO
-from training.cli import main
 
 CORRUPT = {"cat/broken.png": b"\x89PNG\r\n\x1a\n not really", "dog/empty.jpg": b"", "notes.txt.png": b"hello"}
 
@@ -84,7 +84,7 @@ def test_a_folder_scores_like_the_bundle_and_records_failures(folder, bundle, te
 
 
 def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder, bundle, tmp_path, monkeypatch):
-    real, calls = serving.scoring.score_chunk, []
+    real, calls = scoring.local.score_chunk, []
 
     def interrupted_on_third(*args):
         calls.append(1)
@@ -92,12 +92,12 @@ def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(serving.scoring, "score_chunk", interrupted_on_third)
+    monkeypatch.setattr(scoring.local, "score_chunk", interrupted_on_third)
     with pytest.raises(KeyboardInterrupt):
         run(folder, bundle, tmp_path / "out.parquet", batch=100)
     assert not (tmp_path / "out.parquet").exists()
     assert len(list((tmp_path / "out.parquet.parts").glob("part-*.parquet"))) == 2
-    monkeypatch.setattr(serving.scoring, "score_chunk", real)
+    monkeypatch.setattr(scoring.local, "score_chunk", real)
     with pytest.raises(ScoringError, match="other options"):
         run(folder, bundle, tmp_path / "out.parquet", options(topk=2), batch=100)
     resumed = run(folder, bundle, tmp_path / "out.parquet", batch=100)
@@ -167,7 +167,7 @@ def test_an_existing_output_of_another_shape_is_refused(folder, bundle, tmp_path
 
 def test_spark_scores_the_folder_like_the_local_engine(folder, bundle, tmp_path):
     pytest.importorskip("pyspark")
-    from serving.spark import score_spark
+    from scoring.spark import score_spark
 
     local = run(folder, bundle, tmp_path / "local.parquet", options(topk=2))
     columns = Columns()
@@ -184,3 +184,20 @@ def test_spark_scores_the_folder_like_the_local_engine(folder, bundle, tmp_path)
     assert summary.rows == local.rows and summary.failed == local.failed == 3 and summary.accuracy == pytest.approx(local.accuracy)
     with pytest.raises(ScoringError, match="exists"):
         score_spark(folder, REPO / "models" / "cnn", tmp_path / "spark.parquet", options(topk=2), columns)
+
+
+def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
+    """On a cluster, executors import the zip the job ships; local mode would hide a missing package."""
+    import subprocess
+    import sys
+
+    from scoring.spark import _package_zip
+
+    archive = _package_zip(tmp_path)
+    code = (
+        f"import sys; sys.path.insert(0, {str(archive)!r}); import scoring.spark, scoring.local, bundle.runtime; "
+        "print(scoring.spark.__file__, scoring.local.__file__, bundle.runtime.__file__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(path.startswith(str(archive)) for path in done.stdout.split()), done.stdout

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from bench.harness import SERVE, running
-from serving.bundle import Bundle
-from serving.images import decode
+from bundle.images import decode
+from bundle.runtime import Bundle
 from tests.conftest import REPO
 
 MAX_IMAGE_BYTES = 200_000  # small, so that the 413 tests need no huge upload
@@ -254,7 +254,7 @@ def test_neighbours_out_of_range_is_a_400(server, test_images, neighbours, bound
 
 
 def test_a_missing_or_empty_models_folder_fails_loudly(tmp_path):
-    from serving.bundle import BundleError
+    from bundle.runtime import BundleError
     from serving.service import load_bundles
     from serving.settings import Settings
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from training.errors import UserError
+from cifar10.errors import UserError
 from training.recipes import get_recipe, lr_at
 from training.report import runs_table
 from training.train import load_checkpoint, pick_device, train
@@ -57,7 +57,7 @@ def without_seconds(history: list[dict]) -> list[dict]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", *args]
+    return [sys.executable, "-m", "cifar10.cli", *args]
 
 
 @pytest.mark.parametrize(

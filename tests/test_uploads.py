@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.images import decode
-from training.errors import UserError
+from bundle.images import decode
+from cifar10.errors import UserError
 from training.recipes import FAST_UPLOADS, UPLOADS, get_recipe
 from training.uploads import describe, gaussian_blur, round_trip, simulate
 

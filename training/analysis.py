@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.bundle import nearest
+from bundle.runtime import nearest
+from cifar10.errors import UserError
 from training.calibration import fit_temperature
 from training.data import Cifar10, Split
-from training.errors import UserError
 from training.evaluate import predict
 from training.hardware import describe
 from training.knn import VALIDATION_TAIL, fit_head

@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from tqdm import tqdm
 
-from serving.manifest import Calibration
+from bundle.manifest import Calibration
 from training.data import Split
 from training.evaluate import predict
 from training.metrics import reliability, softmax

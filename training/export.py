@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from serving.bundle import OUTPUTS, PREDICT_CHUNK, sha256
-from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
+from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
+from bundle.runtime import OUTPUTS, PREDICT_CHUNK, sha256
+from cifar10.errors import UserError
 from training.analysis import TrainedRun
 from training.calibration import calibrate
 from training.data import Cifar10
-from training.errors import UserError
 from training.evaluate import predict
 from training.knn import KNN_COMPONENTS, fit_head
 from training.metrics import softmax

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serving.manifest import TTA_LEVELS
-from training.errors import UserError
+from bundle.manifest import TTA_LEVELS
+from cifar10.errors import UserError
 
 NUM_CLASSES = 10
 VGG16_BLOCK3_POOL = 17  # torchvision vgg16().features[:17] ends with block3_pool

@@ -19,10 +19,10 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from serving.bundle import Bundle, sha256
-from serving.manifest import INT8_FILE, MODEL_FILE, FileEntry, Variant
+from bundle.manifest import INT8_FILE, MODEL_FILE, FileEntry, Variant
+from bundle.runtime import Bundle, sha256
+from cifar10.errors import UserError
 from training.data import Cifar10
-from training.errors import UserError
 from training.export import run_onnx, to_nhwc, write_manifest
 
 CALIBRATION_IMAGES = 512

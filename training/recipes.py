@@ -9,7 +9,7 @@ See docs/training.md for the reasoning and the measured results.
 
 from __future__ import annotations
 
-from training.errors import UserError
+from cifar10.errors import UserError
 
 _CNN = dict(
     model="seed_cnn",

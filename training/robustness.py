@@ -2,7 +2,7 @@
 
 Each condition turns an image's uint8 pixels into the bytes a client would send (Pillow's
 encoders: the libjpeg and libwebp that phones and browsers use), and the service's own decoder
-(`serving.images.decode`) turns the bytes back into the model's input, so the figures are those of
+(`bundle.images.decode`) turns the bytes back into the model's input, so the figures are those of
 the served model. Noise and blur are applied to the pixels and then sent losslessly (PNG), at the
 mild strengths of real photographs (CIFAR-10-C's first severities, Hendrycks & Dietterich 2019).
 Torch-free: it measures a bundle in process (`Bundle.predict`) or a running service over HTTP.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from serving.bundle import Bundle
-from serving.images import decode
-from serving.manifest import ConditionScore
+from bundle.images import decode
+from bundle.manifest import ConditionScore
+from bundle.runtime import Bundle
 from training.metrics import calibration_bins, softmax
 
 NOISE_SIGMA = 10.0  # Gaussian sensor noise, in 0..255 levels (CIFAR-10-C severity 1: 0.04 of the range)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar10.errors import Interrupted, UserError
 from training.data import Cifar10, augment
-from training.errors import Interrupted, UserError
 from training.evaluate import autocast, evaluate
 from training.hardware import describe
 from training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, count_parameters, read_torch_file

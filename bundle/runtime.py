@@ -20,7 +20,7 @@ import onnxruntime as ort
 from pydantic import ValidationError
 from sklearn.pipeline import Pipeline
 
-from serving.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
+from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
     cifar10 score INPUT --model NAME --output OUT --engine spark [--master URL]
 
-The bundle folder and the `serving` package travel to the executors with the job (SparkContext
-addFile / addPyFile): nothing is assumed on their disks but Python and this project's
+The bundle folder and the code executors run (the `bundle` and `scoring` packages) travel with the
+job (SparkContext addFile / addPyFile): nothing is assumed on their disks but Python and this project's
 requirements. Each Python worker loads the bundle once and scores its partitions with
-`DataFrame.mapInPandas`, a chunk at a time, through `scoring.score_chunk`. The output is a
+`DataFrame.mapInPandas`, a chunk at a time, through `scoring.local.score_chunk`. The output is a
 Parquet folder written by Spark under a temporary name and renamed into place when complete.
 """
 
@@ -20,10 +20,10 @@ import zipfile
 from functools import cache
 from pathlib import Path
 
-from serving.bundle import Bundle, read_manifest
-from serving.images import DEFAULT_LIMITS
-from serving.inputs import Columns, InputError, Record, folder_records
-from serving.scoring import Options, ScoringError, Summary, record_pixels, schema, score_chunk
+from bundle.images import DEFAULT_LIMITS
+from bundle.runtime import Bundle, read_manifest
+from scoring.inputs import Columns, InputError, Record, folder_records
+from scoring.local import Options, ScoringError, Summary, record_pixels, schema, score_chunk
 
 
 @cache
@@ -83,13 +83,17 @@ def _input_frame(spark, source: Path, columns: Columns, classes: tuple[str, ...]
     return frame.select(id_.alias("id"), content.alias("content"), path.alias("path"), label.alias("label"))
 
 
+EXECUTOR_PACKAGES = ("bundle", "scoring")  # what a Python worker imports to score a partition
+
+
 def _package_zip(folder: Path) -> Path:
-    """The `serving` package as a zip for addPyFile, so executors import the same code."""
-    package = Path(__file__).resolve().parent
-    archive = folder / "serving.zip"
+    """The packages executors import, as one zip for addPyFile, so they run this very code."""
+    root = Path(__file__).resolve().parents[1]
+    archive = folder / "cifar10-scoring.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for path in package.glob("*.py"):
-            zf.write(path, f"serving/{path.name}")
+        for package in EXECUTOR_PACKAGES:
+            for path in (root / package).glob("*.py"):
+                zf.write(path, f"{package}/{path.name}")
     return archive
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import Bundle
-from serving.images import DEFAULT_LIMITS, ImageError, Limits, decode
-from serving.inputs import Record
+from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode
+from bundle.runtime import Bundle
+from scoring.inputs import Record
 
 OPTIONS_FILE = "options.json"
 

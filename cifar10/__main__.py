@@ -1,0 +1,5 @@
+import sys
+
+from cifar10.cli import main
+
+sys.exit(main())

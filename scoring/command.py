@@ -1,0 +1,55 @@
+"""`cifar10 score`: check the request, load the bundle once, run the local or Spark engine, report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bundle.runtime import Bundle, BundleError
+from cifar10.errors import Interrupted, UserError
+from scoring.inputs import Columns, InputError, read_inputs
+from scoring.local import Options, ScoringError, score
+
+
+def score_command(args: argparse.Namespace) -> None:
+    """`cifar10 score`: the arguments of cifar10.cli's parser in, a table and a one-line summary out."""
+    folder = Path(args.models_dir) / args.model
+    if not (folder / "manifest.json").is_file():
+        found = sorted(p.name for p in Path(args.models_dir).glob("*/manifest.json")) if Path(args.models_dir).is_dir() else []
+        raise UserError(f"no bundle {args.model!r} in {args.models_dir}; found: {', '.join(found) or 'none'}")
+    output, source = Path(args.output), Path(args.input)
+    if args.topk < 0 or args.batch_size < 1 or args.workers < 1 or args.threads < 0:
+        raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
+    try:
+        # onnxruntime's threads sleep between calls: they share the cores with the decoding pool
+        bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision, spinning=False)
+        if args.topk > len(bundle.manifest.classes):
+            raise UserError(f"--topk must lie in 0..{len(bundle.manifest.classes)}, got {args.topk}")
+        options = Options(
+            args.model, bundle.manifest.version, str(source.resolve()), args.topk, args.embeddings, args.knn, args.precision
+        )
+        columns = Columns(path=args.path_column, image=args.image_column, id=args.id_column, label=args.label_column)
+        if args.engine == "spark":
+            from scoring.spark import score_spark  # only here: PySpark is an extra
+
+            summary = score_spark(source, folder, output, options, columns, master=args.master, chunk=args.batch_size)
+        else:
+            chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
+            with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:
+                summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
+    except (BundleError, InputError, ScoringError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished chunks are kept: run the same command again to resume into {output}") from None
+    if summary.rows == 0 and not summary.new:
+        print(f"{output} is already complete; nothing to do")
+        return
+    accuracy = f", accuracy {summary.accuracy:.2%} on {summary.labelled:,} labelled" if summary.accuracy is not None else ""
+    print(
+        f"wrote {output}: {summary.rows:,} rows, {summary.failed:,} failed{accuracy}; this run read {summary.new:,} "
+        f"inputs ({summary.skipped:,} done before) at {summary.images_per_second:,.0f} images/s"
+    )
+    for failure in summary.failures:
+        print(f"  failed: {failure}")
