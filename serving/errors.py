@@ -4,7 +4,7 @@ Every 4xx and 5xx answer is `{"error": "what went wrong and what to do"}`, plus 
 of per-field problems) when BentoML's request validation refuses a parameter. BentoML 1.4 wraps
 the errors its endpoints raise in a one-element list and documents `detail` as a string; the
 `ErrorAnswers` middleware unwraps the list and rewrites `/docs.json` to declare what is really
-sent, including the statuses BentoML leaves out (411, 413, 429, 504).
+sent, including the statuses BentoML leaves out (405, 411, 413, 415, 429, 504).
 
 `Admission` sheds load: beyond `max_concurrency` requests in flight per worker a request gets 429
 at once, with Retry-After, instead of waiting in an unbounded queue past its client's deadline.
@@ -31,8 +31,10 @@ ERROR_SCHEMA = {
 # status → when it is sent; every endpoint of the service may answer each of these
 ERROR_STATUSES = {
     400: "bad request: an image that cannot be decoded or is out of limits, an unknown model, a parameter out of range",
+    405: "a method other than POST",
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
+    415: "a body of a type no endpoint reads: send multipart/form-data, or one image as the raw body (image/*, application/octet-stream)",
     429: "overloaded: CIFAR10_MAX_CONCURRENCY requests already in flight; retry after the Retry-After seconds",
     500: "a fault of the server (its log has the traceback)",
     504: "not answered within CIFAR10_TIMEOUT_S",

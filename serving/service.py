@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 
 from bundle.images import ImageError, decode
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
-from serving import mends
+from serving import boundary
 from serving.batching import Batcher
 from serving.errors import Admission, ErrorAnswers
 from serving.schemas import (
@@ -230,9 +230,12 @@ class CIFAR10:
         ]
 
 
-mends.apply()
-# Outermost first: one error shape for every answer below it, then load shedding, then the raw-body form
+boundary.apply()
+# The service's own middleware. BentoML stacks it innermost in this order, except Admission, which the
+# boundary moves outermost, just under BentoML's request metrics (serving/boundary.py shows the whole stack).
 CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
 CIFAR10.add_asgi_middleware(Admission, paths=ROUTES, max_concurrency=SETTINGS.max_concurrency)
-# Body size limits, and one image as the raw body (Content-Type image/* or application/octet-stream)
-CIFAR10.add_asgi_middleware(Bodies, paths=ROUTES, max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes)
+CIFAR10.add_asgi_middleware(
+    Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),
+    max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,
+)  # fmt: skip

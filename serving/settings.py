@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bundle.images import DEFAULT_LIMITS, Limits
 from bundle.manifest import PRECISIONS
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"CIFAR10_{name}", default)
 
 
 def _cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -41,6 +38,14 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _optional_int(value: str) -> int | None:
+    return int(value) if value.strip() else None
+
+
+# How each field's environment variable is read, by the field's type
+PARSERS = {"Path": Path, "tuple[str, ...]": _names, "str": str, "int": int, "int | None": _optional_int, "float": float, "bool": _flag}
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path = Path("models")
@@ -60,12 +65,12 @@ class Settings:
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
     max_concurrency: int = 64  # requests in flight per worker; beyond it a request gets 429 at once
     timeout_s: float = 60.0  # a request not answered by then gets 504
-    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height, checked from the header before decoding
 
     def __post_init__(self) -> None:
-        positive = ("workers", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "timeout_s")
-        bad = [f"CIFAR10_{name.upper()}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
-        bad += [f"CIFAR10_{name.upper()}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
+        positive = ("workers", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
+        bad = [f"{env_name(name)}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
+        bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
         if self.broken_bundles not in ("fail", "skip"):
@@ -77,25 +82,27 @@ class Settings:
         if self.threads is None:  # frozen: set once, here
             object.__setattr__(self, "threads", max(1, _cores() // self.workers))
 
+    @property
+    def limits(self) -> Limits:
+        """The decoder's limits: bundle.images' defaults, with this service's pixel limit."""
+        return replace(DEFAULT_LIMITS, max_pixels=self.max_pixels)
+
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            models_dir=Path(_env("MODELS_DIR", "models")),
-            models=_names(_env("MODELS", "")),
-            default_model=_env("DEFAULT_MODEL", "airbench"),
-            providers=_names(_env("PROVIDERS", "")),
-            threads=int(threads) if (threads := _env("THREADS", "")) else None,
-            thread_spinning=_flag(_env("THREAD_SPINNING", "0")),
-            broken_bundles=_env("BROKEN_BUNDLES", "fail"),
-            precision=_env("PRECISION", "fp32"),
-            max_images=int(_env("MAX_IMAGES", "64")),
-            max_image_bytes=int(_env("MAX_IMAGE_BYTES", "10000000")),
-            max_request_bytes=int(_env("MAX_REQUEST_BYTES", "100000000")),
-            max_neighbours=int(_env("MAX_NEIGHBOURS", "50")),
-            workers=int(_env("WORKERS", "1")),
-            max_batch_size=int(_env("MAX_BATCH_SIZE", "64")),
-            max_latency_ms=float(_env("MAX_LATENCY_MS", "0")),
-            max_concurrency=int(_env("MAX_CONCURRENCY", "64")),
-            timeout_s=float(_env("TIMEOUT_S", "60")),
-            limits=Limits(max_pixels=int(_env("MAX_PIXELS", str(DEFAULT_LIMITS.max_pixels)))),
-        )
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Each field from CIFAR10_<FIELD NAME>, else its default above."""
+        values, bad = {}, []
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None:
+                continue
+            try:
+                values[f.name] = PARSERS[f.type](raw)
+            except ValueError:
+                bad.append(f"{env_name(f.name)}={raw!r} (must be {'an integer' if 'int' in f.type else 'a number'})")
+        if bad:
+            raise ValueError(f"settings without meaning: {'; '.join(bad)}")
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return f"CIFAR10_{field_name.upper()}"

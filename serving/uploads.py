@@ -1,6 +1,8 @@
 """How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
 
-The `Bodies` middleware sees every POST to an endpoint before BentoML reads it:
+The `Bodies` middleware sees every request to an endpoint before BentoML reads it:
+- a method other than POST is a 405, and a body of a type no endpoint reads (text/plain, XML,
+  BentoML's pickles) a 415, each saying what to send instead;
 - a body over its limit is refused with 413 from its Content-Length (CIFAR10_MAX_REQUEST_BYTES for
   a form, CIFAR10_MAX_IMAGE_BYTES for one raw image), and a form without a Content-Length (a chunked
   upload) with 411, so nothing unbounded is ever spooled;
@@ -23,21 +25,36 @@ from starlette.datastructures import UploadFile
 from serving.errors import send_error
 
 RAW_TYPES = ("image/", "application/octet-stream")
+# what BentoML parses into parameters; no Content-Type at all is read as JSON
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
+HOW_TO_SEND = (
+    "send the images as multipart/form-data files named 'images', or one image as the raw body "
+    "with Content-Type image/* or application/octet-stream"
+)
 
 
 class Bodies:
-    def __init__(self, app, paths: tuple[str, ...], max_image_bytes: int, max_request_bytes: int):
+    def __init__(self, app, paths: tuple[str, ...], post_only: tuple[str, ...], max_image_bytes: int, max_request_bytes: int):
         self.app = app
-        self.paths = paths
+        self.paths = paths  # the image endpoints
+        self.post_only = post_only  # every API route: BentoML answers other methods with a plain-text 405
         self.max_bytes = max_image_bytes
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["path"] not in self.post_only:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers  # BentoML's CORS answers it
+        if scope["method"] != "POST" and not preflight:
+            message = f"{scope['method']} {scope['path']} is not served: POST to it (the API is described at /docs.json)"
+            return await send_error(send, 405, message, ((b"allow", b"POST"),))
+        if preflight or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         declared = headers.get(b"content-length", b"")
+        if content_type not in FORM_TYPES and not content_type.startswith(RAW_TYPES):
+            return await send_error(send, 415, f"a body of Content-Type {content_type!r} is not read here: {HOW_TO_SEND}")
         if not content_type.startswith(RAW_TYPES):
             if not declared.isdigit():
                 return await send_error(send, 411, "send the body with a Content-Length (chunked uploads are not accepted)")

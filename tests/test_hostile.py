@@ -95,3 +95,72 @@ def test_a_tampered_knn_pickle_is_refused_before_it_is_loaded(tmp_path):
     with pytest.raises(BundleError, match="knn.pkl: sha256 .* does not match the manifest"):
         Bundle.load(bundle)
     assert not marker.exists()
+
+
+# Requests outside what /docs.json allows: the shapes schemathesis never sends. CI runs REQUEST_FUZZ_EXAMPLES;
+# a long run: CIFAR10_REQUEST_FUZZ_EXAMPLES=5000 pytest tests/test_hostile.py -k outside (docs/operations.md).
+REQUEST_FUZZ_EXAMPLES = int(os.environ.get("CIFAR10_REQUEST_FUZZ_EXAMPLES", "500"))
+PNG = encode(picture(5), "PNG")
+NAMES = ["images", "model", "k", "neighbours", "image", "other", "Images", "", "x" * 300, "images[]", "model\x00"]
+VALUES = [b"", b"cnn", b"airbench", b"3", b"-1", b"1e400", b"null", b"[1, 2]", b'{"a": 1}', b"https://example.com/a.png",
+          b"\xff\xfe\x00garbage", PNG, PNG[:40], b"\x89PNG\r\n\x1a\n"]  # fmt: skip
+CONTENT_TYPES = ["multipart/form-data", "application/x-www-form-urlencoded", "application/json", "text/plain", "image/png",
+                 "application/octet-stream", "application/xml", "application/vnd.bentoml+pickle", "multipart/mixed", "", "*/*"]  # fmt: skip
+
+
+def form_parts():
+    from hypothesis import strategies as st
+
+    part = st.tuples(st.sampled_from(NAMES), st.booleans(), st.sampled_from(VALUES), st.sampled_from(["image/png", "text/plain", ""]))
+    return st.lists(part, max_size=12)
+
+
+def multipart(parts, boundary: bytes = b"fuzzboundary") -> bytes:
+    body = b""
+    for name, is_file, value, content_type in parts:
+        disposition = f'form-data; name="{name}"' + ('; filename="f.png"' if is_file else "")
+        headers = f"Content-Disposition: {disposition}\r\n" + (f"Content-Type: {content_type}\r\n" if content_type else "")
+        body += b"--" + boundary + b"\r\n" + headers.encode("utf-8", "surrogateescape") + b"\r\n" + value + b"\r\n"
+    return body + b"--" + boundary + b"--\r\n"
+
+
+def requests_outside_the_document():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def request(draw):
+        method = draw(st.sampled_from(["POST"] * 15 + ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
+        path = draw(st.sampled_from(["/classify", "/topk", "/embed", "/knn", "/models"]))
+        query = draw(st.sampled_from(["", "?k=2", "?k=abc", "?model=nope", "?neighbours=0", "?images=x", "?model=cnn&model=airbench"]))
+        content_type = draw(st.sampled_from(CONTENT_TYPES))
+        if content_type.startswith("multipart/") and draw(st.booleans()):
+            body = multipart(draw(form_parts()))
+            content_type += "; boundary=fuzzboundary"
+        else:
+            body = draw(st.sampled_from(VALUES + [b"images=x&model=cnn", b'{"images": ["a"]}', b'{"images": null}']))
+        return method, path + query, content_type, body
+
+    return request()
+
+
+def test_requests_outside_the_document_get_200_or_a_json_4xx(server):
+    from hypothesis import HealthCheck, given, settings
+
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+
+        @settings(max_examples=REQUEST_FUZZ_EXAMPLES, deadline=None, derandomize="CI" in os.environ,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+        @given(requests_outside_the_document())
+        def answers(request):
+            method, target, content_type, body = request
+            headers = {"Content-Type": content_type} if content_type else {}
+            answer = client.request(method, target, content=body, headers=headers)
+            seen[answer.status_code] = seen.get(answer.status_code, 0) + 1
+            assert answer.status_code < 500, f"{method} {target} {content_type!r} {body[:200]!r} → {answer.status_code} {answer.text[:300]}"
+            if answer.status_code >= 400 and method != "HEAD":
+                assert "error" in answer.json(), answer.text
+
+        answers()
+    print(f"statuses: {dict(sorted(seen.items()))}")
+    assert sum(seen.values()) >= REQUEST_FUZZ_EXAMPLES and 200 in seen

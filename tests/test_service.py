@@ -241,6 +241,32 @@ def test_a_url_in_place_of_a_file_is_refused_not_fetched(server):
     assert answer.status_code == 400 and "does not fetch URLs" in answer.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"files": [("images", ("a.png", b"png", "image/png")), ("other", ("b.png", b"\x89PNG\xff", "image/png"))]}, "unknown form field 'other'"),
+        ({"files": [("image", ("a.png", b"\x89PNG\xff", "image/png"))]}, "unknown form field 'image'"),
+        ({"files": [("images", ("a.png", b"png", "image/png")), ("model", ("m", b"\xff\xfe", "text/plain"))]}, "'model' takes a value, not a file"),
+        ({"files": [("images", ("a.png", b"png", "image/png"))], "data": {"model": ["cnn", "airbench"]}}, "'model' is given 2 times"),
+    ],
+)
+def test_form_fields_other_than_the_declared_ones_are_400(server, fields, message):
+    answer = httpx.post(f"{server}/classify", timeout=60, **fields)
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/classify"), ("PUT", "/topk"), ("DELETE", "/embed"), ("GET", "/models")])
+def test_methods_other_than_post_are_a_json_405(server, method, path):
+    answer = httpx.request(method, f"{server}{path}", timeout=60)
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST" and "POST to it" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "text/csv; charset=utf-8"])
+def test_bodies_of_other_types_are_a_json_415_saying_what_to_send(server, content_type):
+    answer = httpx.post(f"{server}/classify", content=b"a cat", headers={"Content-Type": content_type}, timeout=60)
+    assert answer.status_code == 415 and "multipart/form-data files named 'images'" in answer.json()["error"]
+
+
 @pytest.mark.parametrize(("k", "message"), [("0", "k: Input should be greater than or equal to 1"), ("11", "k must lie in 1..10")])
 def test_k_out_of_range_is_a_400(server, test_images, k, message):
     answer = httpx.post(f"{server}/topk", files=upload([encode(test_images[0])]), data={"k": k}, timeout=60)

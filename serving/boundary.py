@@ -1,0 +1,217 @@
+"""Every reliance of the service on BentoML's internals, in one place, checked before it is used.
+
+BentoML 1.4 falls short of some of this service's promises, and no public API reaches the code
+that would keep them. Each mend below replaces one internal name, says why, and names the test
+that fails without it. `apply()` runs once, when serving/service.py is imported (in BentoML's
+supervisor and in each worker). It first checks that the installed BentoML is one these mends
+were verified against and that every name they replace is still there: if BentoML moved, the
+service stops at start with a message naming what moved, rather than running unmended (a
+missing `MultipartSerde.parse_request` mend would mean fetching URLs that clients name).
+
+The HTTP stack, outermost first, as BentoML builds it with these mends applied:
+
+    BentoML's request metrics            (counts every answer, refusals included)
+    serving.errors.Admission             (429 beyond CIFAR10_MAX_CONCURRENCY; moved here by shed_load_early)
+    OpenTelemetry tracing                (only when an exporter is configured: trace_only_for_an_exporter)
+    BentoML's access log, its timeout (504)
+    serving.errors.ErrorAnswers          (one JSON error shape; the corrected /docs.json)
+    serving.uploads.Bodies               (405/415/411/413 from the request line and headers; a raw image → a form)
+    BentoML's endpoint: parse the form (multipart_forms_as_declared), validate, call the API method
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import typing
+
+import bentoml
+from bentoml.exceptions import BadInput
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from starlette.datastructures import UploadFile
+
+# The BentoML releases these mends were verified against: the test suite passed on each.
+# pyproject.toml pins the same range (tests/test_boundary.py keeps the two equal).
+VERIFIED = SpecifierSet("==1.4.40")
+
+# Every internal name replaced below, as "module:attribute.path".
+REPLACED = (
+    "_bentoml_impl.serde:MultipartSerde.parse_request",
+    "bentoml.serving:running_inside_container",
+    "_bentoml_impl.server.app:ServiceAppFactory.middlewares",
+    "_bentoml_sdk.io_models:IOMixin.mime_type",
+)
+# Internal names the mends read without replacing them.
+READ = (
+    "bentoml._internal.server.http.instruments:RunnerTrafficMetricsMiddleware",
+    "bentoml._internal.container:BentoMLContainer.tracing.exporter_type",
+    "opentelemetry.instrumentation.asgi:OpenTelemetryMiddleware",
+)
+
+
+class BentoMLMoved(RuntimeError):
+    """The installed BentoML is not the one the mends were verified against."""
+
+
+def check(version: str | None = None) -> None:
+    """Refuse to go on with an unverified BentoML, or one where a name the mends need is gone."""
+    version = version or bentoml.__version__
+    if Version(version) not in VERIFIED:
+        raise BentoMLMoved(
+            f"BentoML {version} is installed; this service relies on BentoML internals verified with BentoML {VERIFIED} only "
+            f"(serving/boundary.py). Install a verified release (pip install 'bentoml{VERIFIED}'), or check each mend in "
+            "serving/boundary.py against this release, run the tests, and widen VERIFIED and pyproject.toml's pin together."
+        )
+    for name in REPLACED + READ:
+        try:
+            resolve(name, own=name in REPLACED)
+        except (ImportError, AttributeError) as exc:
+            raise BentoMLMoved(f"BentoML {version} has no {name} ({exc}); serving/boundary.py mends it. Check that mend against this release.") from None
+
+
+def resolve(name: str, own: bool = False):
+    """The object that "module:attribute.path" names; with `own`, its last part must be defined by its
+    owner itself, not inherited (a mend replaces that very definition)."""
+    module, _, path = name.partition(":")
+    value = importlib.import_module(module)
+    for part in path.split("."):
+        if own and part == path.rpartition(".")[2] and isinstance(value, type) and part not in vars(value):
+            raise AttributeError(f"{value.__name__} no longer defines {part} itself")
+        value = getattr(value, part)
+    return value
+
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    check()
+    multipart_forms_as_declared()
+    respawn_workers_in_containers()
+    shed_load_early()
+    trace_only_for_an_exporter()
+    cache_response_media_types()
+    _applied = True
+
+
+def multipart_forms_as_declared() -> None:
+    """A form is parsed into the endpoint's parameters, or refused with a 400 that says what to send.
+
+    BentoML's parser fetches a URL sent in place of a file (a server that fetches what clients
+    name can be steered at other hosts: SSRF); `json.loads` the bytes of a file sent under a
+    text field or an unknown name (a 500); and lets Starlette's HTTPException for a malformed
+    body escape its endpoint wrapper (a 500). Tests: tests/test_service.py
+    (test_a_url_in_place_of_a_file_is_refused_not_fetched, test_a_malformed_form_is_a_400_naming_the_problem,
+    test_form_fields_other_than_the_declared_ones_are_400).
+    """
+    from _bentoml_impl.serde import MultipartSerde
+    from starlette.exceptions import HTTPException
+
+    async def parse_request(self, request, cls):
+        try:
+            form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
+        except HTTPException as exc:
+            raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
+        declared = ", ".join(cls.model_fields)
+        data: dict[str, typing.Any] = {}
+        for name in dict.fromkeys(form.keys()):
+            values = form.getlist(name)
+            if name not in cls.model_fields:
+                raise BadInput(f"unknown form field {name!r}; this endpoint takes {declared}")
+            if name in cls.multipart_fields:
+                if not all(isinstance(v, UploadFile) for v in values):
+                    raise BadInput(f"{name!r} must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
+                data[name] = values if typing.get_origin(cls.model_fields[name].annotation) is list else values[0]
+                continue
+            if len(values) > 1:
+                raise BadInput(f"form field {name!r} is given {len(values)} times; give it once")
+            if isinstance(values[0], UploadFile):
+                raise BadInput(f"form field {name!r} takes a value, not a file; the images go in 'images'")
+            try:
+                data[name] = json.loads(values[0])
+            except json.JSONDecodeError:
+                data[name] = values[0]
+        return cls.model_validate(data)
+
+    MultipartSerde.parse_request = parse_request
+
+
+def respawn_workers_in_containers() -> None:
+    """A worker that dies is replaced, in a container too.
+
+    BentoML turns respawning off when BENTOML_CONTAINERIZED is set (its own images set it): a killed
+    worker then leaves the supervisor holding the port with nobody answering, and the container
+    looks alive to everything but a probe with a timeout.
+    Test: tests/test_faults.py::test_a_killed_worker_is_replaced_in_a_container_too.
+    """
+    import bentoml.serving
+
+    bentoml.serving.running_inside_container = lambda: False
+
+
+def shed_load_early() -> None:
+    """Refusing a request beyond CIFAR10_MAX_CONCURRENCY costs next to nothing.
+
+    BentoML puts a service's own middleware innermost, under tracing, access logging and its
+    timeout; a 429 paid for all of them, and at eight times the saturating load on 2 cores the
+    refusals alone took the worker's event loop (docs/operations.md). The admission check moves to
+    just under BentoML's request metrics, which still count every refusal.
+    Test: tests/test_faults.py::test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_served.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    from serving.errors import Admission
+
+    stack = ServiceAppFactory.middlewares
+
+    def admission_early(self):
+        middlewares = stack.fget(self)
+        admission = [m for m in middlewares if m.cls is Admission]
+        rest = [m for m in middlewares if m.cls is not Admission]
+        metrics = 1 if rest and rest[0].cls is RunnerTrafficMetricsMiddleware else 0
+        return rest[:metrics] + admission + rest[metrics:]
+
+    ServiceAppFactory.middlewares = property(admission_early)
+
+
+def trace_only_for_an_exporter() -> None:
+    """No tracing work unless the traces go somewhere.
+
+    BentoML wraps every request, and every message of its answer, in OpenTelemetry spans even when
+    no exporter is configured (its default), and then drops them: leaving the middleware out serves
+    1.60× the CNN's single-image requests (docs/performance.md, `python -m bench.ab`). It stays when
+    BentoML's configuration names an exporter (`tracing.exporter_type`).
+    Test: tests/test_service.py::test_requests_are_traced_only_when_traces_go_somewhere.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.container import BentoMLContainer
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    stack = ServiceAppFactory.middlewares
+
+    def traced_if_exported(self):
+        middlewares = stack.fget(self)
+        if BentoMLContainer.tracing.exporter_type.get():
+            return middlewares
+        return [m for m in middlewares if m.cls is not OpenTelemetryMiddleware]
+
+    ServiceAppFactory.middlewares = property(traced_if_exported)
+
+
+def cache_response_media_types() -> None:
+    """A response's media type is worked out once per output model, not once per response.
+
+    BentoML derives it by generating the output model's whole JSON schema, on every response, in
+    the worker's one GIL-bound Python thread (it showed under every response in a py-spy --gil
+    profile of 64-image requests). It depends on the class alone.
+    Test: tests/test_boundary.py::test_a_response_media_type_is_worked_out_once_per_output_model.
+    """
+    from _bentoml_sdk.io_models import IOMixin
+
+    IOMixin.mime_type = classmethod(functools.cache(IOMixin.mime_type.__func__))
