@@ -56,7 +56,7 @@ def main() -> None:
     int8 = Bundle.load(args.bundle, providers, precision="int8") if has_int8 else None
     model = build_model(manifest.architecture, manifest.normalization.mean, manifest.normalization.std)
     if args.run:
-        from training.train import load_checkpoint
+        from training.loop import load_checkpoint
 
         model.load_state_dict(load_checkpoint(Path(args.run))["model"])
     model = TestTimeAugmentation(model.eval(), manifest.test_time_augmentation).eval()  # the graph's views, too

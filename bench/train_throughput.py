@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from training.evaluate import autocast
 from training.hardware import bf16_is_fast, describe, forward_flops, peak_flops
+from training.loop import pick_device
 from training.models import build_model
 from training.recipes import RECIPES
-from training.train import make_optimizer, pick_device
+from training.study import make_optimizer
 
 MODELS = {"seed_cnn": "cnn-baseline", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"}
 SETTINGS = {  # name: (bf16 autocast, channels_last)

@@ -18,8 +18,8 @@ from training.knn import KNN_COMPONENTS
 
 def cmd_data(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
+    from training.loop import write_json
     from training.report import dataset_facts, format_facts, sample_grid
-    from training.train import write_json
 
     data = load_cifar10(args.data_dir, download=args.download)
     facts = dataset_facts(data)
@@ -45,10 +45,10 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
-    from training.fast import train_fast
     from training.hardware import bf16_is_fast, describe
-    from training.recipes import get_recipe
-    from training.train import load_checkpoint, new_run_dir, pick_device, train
+    from training.loop import load_checkpoint, new_run_dir, pick_device
+    from training.recipes import get_recipe, resumed
+    from training.train import train
 
     device = pick_device(args.device)
     overrides = dict(
@@ -61,11 +61,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if changed:
             raise UserError(f"--resume continues a run as it was; only --epochs can change, not {', '.join(changed)}")
         resume = load_checkpoint(Path(args.resume))
-        if args.recipe and args.recipe != resume["recipe"]["name"]:
-            raise UserError(f"{args.resume} is a {resume['recipe']['name']} run, not {args.recipe}")
-        if resume["recipe"].get("loop") == "fast" and args.epochs not in (None, resume["recipe"]["epochs"]):
+        recipe = resumed(resume["recipe"])
+        if args.recipe and args.recipe != recipe["name"]:
+            raise UserError(f"{args.resume} is a {recipe['name']} run, not {args.recipe}")
+        if recipe["loop"] == "fast" and args.epochs not in (None, recipe["epochs"]):
             raise UserError("a fast run's schedule spans its whole length; --resume it as it was, without --epochs")
-        recipe = dict(resume["recipe"], epochs=args.epochs or resume["recipe"]["epochs"])
+        recipe["epochs"] = args.epochs or recipe["epochs"]
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
     elif args.recipe:
         resume = None
@@ -77,8 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
     print(f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; run folder {run_dir}")
-    loop = train_fast if recipe.get("loop") == "fast" else train
-    summary = loop(recipe, data, run_dir, device, bf16, resume=resume)
+    summary = train(recipe, data, run_dir, device, bf16, resume=resume)
     final = summary["final"]
     tta = "".join(f", with {level} {result['accuracy']:.4f}" for level, result in final.get("test_tta", {}).items())
     print(
@@ -99,8 +99,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.analysis import analyse, load_trained
     from training.data import load_cifar10
     from training.hardware import bf16_is_fast
+    from training.loop import pick_device
     from training.report import write_report
-    from training.train import pick_device
 
     device = pick_device(args.device)
     data = load_cifar10(args.data_dir, download=args.download)

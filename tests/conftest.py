@@ -56,3 +56,13 @@ def cifar(shared_data):
     from training.data import load_cifar10  # not at import: serving's tests run without torch
 
     return load_cifar10(shared_data)
+
+
+def cpu_bf16() -> bool:
+    """What `cifar10 train --precision auto` picks on this CPU, so tests train as users' runs do (and
+    stay quick on CPUs without fast bf16, where bf16 autocast is emulated)."""
+    import torch
+
+    from training.hardware import bf16_is_fast
+
+    return bf16_is_fast(torch.device("cpu"))

@@ -9,14 +9,15 @@ import torch
 
 from cifar10.cli import main
 from cifar10.errors import UserError
-from tests.conftest import write_tiny_cifar
+from tests.conftest import cpu_bf16, write_tiny_cifar
 from training import knn
 from training.analysis import load_trained
 from training.calibration import fit_temperature
 from training.data import load_cifar10
 from training.knn import select_knn
+from training.loop import CHECKPOINT
 from training.recipes import get_recipe
-from training.train import CHECKPOINT, train
+from training.train import train
 
 SECTIONS = [
     "## Summary", "## Per-class scores (test set)", "## Top confusions", "## Confusion matrices",
@@ -35,7 +36,7 @@ def tiny_run(cifar, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     run_dir.mkdir()
     recipe = get_recipe("cnn-baseline", epochs=2, limit=600, holdout=100)
-    train(recipe, cifar, run_dir, torch.device("cpu"), bf16=True, progress=False)
+    train(recipe, cifar, run_dir, torch.device("cpu"), bf16=cpu_bf16(), progress=False)
     return run_dir
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from bundle.manifest import Manifest
 from bundle.runtime import Bundle, BundleError
+from tests.conftest import cpu_bf16
 from training.analysis import load_trained
 from training.export import export
 from training.recipes import get_recipe
@@ -25,7 +26,7 @@ def bundle_dir(cifar, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     (root / "run").mkdir()
     recipe = get_recipe("cnn-znorm", epochs=1, limit=400, holdout=100)
-    train(recipe, cifar, root / "run", torch.device("cpu"), bf16=True, progress=False)
+    train(recipe, cifar, root / "run", torch.device("cpu"), bf16=cpu_bf16(), progress=False)
     export(load_trained(root / "run", cifar), cifar, root / "models" / "tiny", "tiny", components=8)
     return root / "models" / "tiny"
 
@@ -58,7 +59,7 @@ def test_the_graph_calibrates_its_probabilities_with_the_temperature_fitted_on_h
 
 def test_a_run_without_held_out_images_exports_uncalibrated(cifar, tmp_path):
     recipe = get_recipe("cnn-znorm", epochs=1, limit=200)
-    train(recipe, cifar, tmp_path, torch.device("cpu"), bf16=True, progress=False)
+    train(recipe, cifar, tmp_path, torch.device("cpu"), bf16=cpu_bf16(), progress=False)
     manifest = export(load_trained(tmp_path, cifar), cifar, tmp_path / "models" / "plain", "plain", components=8)
     assert manifest.calibration.method == "none" and manifest.calibration.temperature == 1.0
     got = Bundle.load(tmp_path / "models" / "plain").predict(np.zeros((2, 32, 32, 3), np.uint8))

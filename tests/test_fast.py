@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from bundle.runtime import Bundle
+from tests.conftest import cpu_bf16
 from training.analysis import load_trained
 from training.export import export
-from training.fast import epoch_images, init_whitening, lr_factor, train_fast
+from training.fast import epoch_images, init_whitening, lr_factor
+from training.loop import load_checkpoint, normalization
 from training.models import TestTimeAugmentation, airbench
 from training.recipes import get_recipe
 from training.report import runs_table
-from training.train import load_checkpoint, normalization
+from training.train import train
 
 CPU = torch.device("cpu")
 
@@ -75,7 +77,7 @@ def fast_run(cifar, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fast")
     recipe = get_recipe("fast", epochs=2, limit=2048, batch_size=256)
     recipe["lookahead"] = dict(recipe["lookahead"], start_epoch=0)
-    summary = train_fast(recipe, cifar, run_dir, CPU, bf16=True, progress=False)
+    summary = train(recipe, cifar, run_dir, CPU, bf16=cpu_bf16(), progress=False)
     return run_dir, summary
 
 
@@ -122,7 +124,7 @@ def test_a_fast_run_resumes_only_at_its_own_length(fast_run, capsys):
 
 def test_the_study_cnn_learns_with_the_fast_loop(cifar, tmp_path):
     recipe = get_recipe("cnn-fast", epochs=3, limit=2048, batch_size=128)
-    train_fast(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
+    train(recipe, cifar, tmp_path, CPU, bf16=cpu_bf16(), progress=False)
     history = json.loads((tmp_path / "history.json").read_text())
     # measured in training mode: its BatchNorm statistics (Keras' momentum 0.01) need more steps
     assert history[2]["train_loss"] < history[0]["train_loss"]
@@ -131,7 +133,7 @@ def test_the_study_cnn_learns_with_the_fast_loop(cifar, tmp_path):
 
 def test_vgg16_trains_with_the_fast_loop_without_whitening(cifar, tmp_path):
     recipe = get_recipe("vgg16-fast", epochs=1, limit=128)
-    summary = train_fast(recipe, cifar, tmp_path, CPU, bf16=True, progress=False)
+    summary = train(recipe, cifar, tmp_path, CPU, bf16=cpu_bf16(), progress=False)
     assert summary["parameters"]["trainable"] > 14_000_000  # all 13 convolutions, with BatchNorm
     assert np.isfinite(summary["final"]["test"]["loss"])
 

@@ -51,6 +51,15 @@ def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_
             assert "CIFAR10_MAX_CONCURRENCY" in answer.json()["error"] and answer.headers["retry-after"] == "1"
         assert max(t for _, t in refused) < served[len(served) // 2]  # refused before the typical accepted one is answered
         assert classify(server.url).status_code == 200  # and afterwards it serves normally
+        # refused outside BentoML's access log and timeout (serving/boundary.py's shed_load_early), counted by its metrics
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    counted = sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+        if line.startswith("bentoml_service_request_total{") and 'http_response_code="429"' in line
+    )  # fmt: skip
+    assert counted == len(refused), metrics
+    log = (tmp_path / "serve.log").read_text()
+    assert "path=/classify" in log and "status=429" not in log
 
 
 def test_a_request_past_the_timeout_gets_504_with_the_json_error(tmp_path):

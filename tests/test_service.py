@@ -142,6 +142,28 @@ def test_topk_embed_knn_and_models(server, test_images, offline):
     assert {m["provider"] for m in models.values()} == {"CPUExecutionProvider"}
 
 
+def test_bentomls_own_client_calls_every_endpoint(server, test_images, offline, tmp_path):
+    """bentoml.SyncHTTPClient reads /docs.json and sends files as BentoML does: every endpoint answers it."""
+    import bentoml
+
+    files = []
+    for i, pixels in enumerate(test_images[:3]):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(encode(pixels))
+    expected = offline.predict(np.stack([decode(f.read_bytes()) for f in files]))
+    with bentoml.SyncHTTPClient(server, timeout=60) as client:
+        classified = client.classify(images=files, model="cnn")
+        top = client.topk(images=files, k=2, model="cnn")
+        embedded = client.embed(images=files[:1], model="cnn")
+        neighbours = client.knn(images=files[:1], neighbours=3, model="cnn")
+        models = client.models()
+    assert [c["index"] for c in classified] == expected.probabilities.argmax(1).tolist()
+    assert [c["probability"] for c in classified] == pytest.approx(expected.probabilities.max(1).tolist(), abs=1e-6)
+    assert all(len(t["top"]) == 2 for t in top) and len(neighbours[0]["neighbours"]) == 3
+    assert embedded[0]["embedding"] == pytest.approx(expected.embeddings[0].tolist(), abs=1e-4)
+    assert {m["name"] for m in models} == {"airbench", "cnn"}
+
+
 def test_the_default_bundle_serves_by_name_with_its_test_time_augmentation(server, test_images):
     blobs = [encode(p) for p in test_images[:16]]
     served = httpx.post(f"{server}/classify", files=upload(blobs), data={"model": "airbench"}, timeout=60).json()

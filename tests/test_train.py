@@ -7,14 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifar10.errors import UserError
-from training.recipes import get_recipe, lr_at
+from tests.conftest import cpu_bf16
+from training.loop import load_checkpoint, pick_device
+from training.recipes import check, get_recipe, lr_at, resumed
 from training.report import runs_table
-from training.train import load_checkpoint, pick_device, train
+from training.train import train
 
 CPU = torch.device("cpu")
 
@@ -23,7 +26,7 @@ def test_training_lowers_the_loss(cifar, tmp_path):
     recipe = get_recipe("cnn-baseline", epochs=3, limit=512)
     run_dir = tmp_path / "runs" / "first"
     run_dir.mkdir(parents=True)
-    train(recipe, cifar, run_dir, CPU, bf16=True, progress=False)
+    train(recipe, cifar, run_dir, CPU, bf16=cpu_bf16(), progress=False)
     history = json.loads((run_dir / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
@@ -41,11 +44,11 @@ def test_resume_continues_the_same_history(cifar, tmp_path):
     recipe = get_recipe("cnn-augment", epochs=2, limit=640)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = train(recipe, cifar, tmp_path / "a", CPU, bf16=True, progress=False)
-    train(dict(recipe, epochs=1), cifar, tmp_path / "b", CPU, bf16=True, progress=False)
+    straight = train(recipe, cifar, tmp_path / "a", CPU, bf16=cpu_bf16(), progress=False)
+    train(dict(recipe, epochs=1), cifar, tmp_path / "b", CPU, bf16=cpu_bf16(), progress=False)
     checkpoint = load_checkpoint(tmp_path / "b")
     assert checkpoint["position"]["epoch"] == 1
-    resumed = train(recipe, cifar, tmp_path / "b", CPU, bf16=True, resume=checkpoint, progress=False)
+    resumed = train(recipe, cifar, tmp_path / "b", CPU, bf16=cpu_bf16(), resume=checkpoint, progress=False)
     a = json.loads((tmp_path / "a" / "history.json").read_text())
     b = json.loads((tmp_path / "b" / "history.json").read_text())
     assert without_seconds(a) == without_seconds(b)
@@ -56,31 +59,43 @@ def without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
+def epochs_done(runs: Path) -> int:
+    """Rows in the run's history.json: epochs finished and checkpointed."""
+    histories = list(runs.glob("*/history.json"))
+    try:
+        return len(json.loads(histories[0].read_text())) if histories else 0
+    except json.JSONDecodeError:  # caught while being written
+        return 0
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cifar10.cli", *args]
 
 
 @pytest.mark.parametrize(
-    ("recipe", "options"),
+    ("recipe", "options", "interrupted_in"),
     [
-        ("cnn-baseline", ["--limit", "3000", "--epochs", "2"]),
-        # the fast loop's schedule spans the whole run, and its lookahead starts at epoch 4
-        ("fast", ["--limit", "1024", "--batch-size", "128", "--epochs", "5"]),
+        ("cnn-baseline", ["--limit", "3000", "--epochs", "2"], 2),
+        # the fast loop's schedule spans the whole run; its lookahead works from the 4th epoch on, so the 5th is cut
+        ("fast", ["--limit", "1024", "--batch-size", "128", "--epochs", "5"], 5),
     ],
 )
-def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp_path, recipe, options):
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp_path, recipe, options, interrupted_in):
     common = ["--data-dir", str(shared_data), *options]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     interrupted = subprocess.Popen(_cli("train", recipe, *common, "--runs-dir", str(tmp_path / "x")), env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "x").glob("*/checkpoint.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first epoch is done: now interrupt the second one
+    deadline = time.monotonic() + 600
+    while epochs_done(tmp_path / "x") < interrupted_in - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the epochs before are done: now interrupt this one
     interrupted.send_signal(signal.SIGINT)
     out, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 130, err
     assert "resume with: cifar10 train --resume" in err and "Traceback" not in err
     (run,) = (tmp_path / "x").iterdir()
+    state = load_checkpoint(run)
+    assert state["position"]["epoch"] == interrupted_in - 1  # saved inside the epoch it was cut in
+    assert recipe != "fast" or state["lookahead"] is not None  # with the lookahead's average in play
     resumed = subprocess.run(_cli("train", "--resume", str(run), "--data-dir", str(shared_data)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     unbroken = subprocess.run(_cli("train", recipe, *common, "--runs-dir", str(tmp_path / "y")), capture_output=True, text=True)
@@ -98,7 +113,7 @@ def test_frozen_vgg_blocks_stay_put_while_the_head_learns(cifar, tmp_path):
     torch.save(vgg16(weights=None).features.state_dict(), weights)
     recipe = get_recipe("vgg16-3block", weights=str(weights), freeze=True, epochs=1, limit=128)
     (tmp_path / "run").mkdir()
-    train(recipe, cifar, tmp_path / "run", CPU, bf16=True, progress=False)
+    train(recipe, cifar, tmp_path / "run", CPU, bf16=cpu_bf16(), progress=False)
     checkpoint = load_checkpoint(tmp_path / "run")
     saved = torch.load(weights)
     assert torch.equal(checkpoint["model"]["body.0.0.weight"], saved["0.weight"])
@@ -111,6 +126,19 @@ def test_frozen_vgg_blocks_stay_put_while_the_head_learns(cifar, tmp_path):
 def test_the_schedule_reproduces_the_study_elif_that_never_fires():
     recipe = get_recipe("cnn-schedule")
     assert [lr_at(recipe, e) for e in (0, 50, 51, 76, 99)] == [1e-3, 1e-3, 5e-4, 5e-4, 5e-4]
+
+
+def test_a_misspelt_or_mistyped_recipe_key_fails_before_training_naming_it():
+    fast = get_recipe("fast")
+    with pytest.raises(UserError, match="recipe fast: unknown key 'epoch'"):
+        check(dict(fast, epoch=20))
+    with pytest.raises(UserError, match="no 'lookahead'"):
+        check({k: v for k, v in fast.items() if k != "lookahead"})
+    with pytest.raises(UserError, match="batch_size='64' is not int"):
+        check(dict(get_recipe("cnn-baseline"), batch_size="64"))
+    with pytest.raises(UserError, match="loop='slow' is not"):
+        check(dict(fast, loop="slow"))
+    assert resumed({k: v for k, v in get_recipe("cnn-baseline").items() if k != "loop"})["loop"] == "study"  # an older checkpoint's
 
 
 def test_overrides_and_unknown_recipes():
@@ -134,14 +162,14 @@ def test_a_fine_tuning_run_resumes_without_the_pretrained_file(cifar, tmp_path):
     torch.save(vgg16(weights=None).features.state_dict(), weights)
     recipe = get_recipe("vgg16-3block", weights=str(weights), epochs=2, limit=64)
     (tmp_path / "run").mkdir()
-    train(dict(recipe, epochs=1), cifar, tmp_path / "run", CPU, bf16=True, progress=False)
+    train(dict(recipe, epochs=1), cifar, tmp_path / "run", CPU, bf16=cpu_bf16(), progress=False)
     weights.unlink()  # gone, as ImageNet weights are on a machine that resumes elsewhere
-    train(recipe, cifar, tmp_path / "run", CPU, bf16=True, resume=load_checkpoint(tmp_path / "run"), progress=False)
+    train(recipe, cifar, tmp_path / "run", CPU, bf16=cpu_bf16(), resume=load_checkpoint(tmp_path / "run"), progress=False)
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    from training.train import new_run_dir
+    from training.loop import new_run_dir
 
     folders = {new_run_dir(tmp_path / "runs", "fast") for _ in range(3)}
     assert len(folders) == 3 and all(f.is_dir() and f.name.startswith("fast-") for f in folders)

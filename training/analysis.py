@@ -20,9 +20,9 @@ from training.data import Cifar10, Split
 from training.evaluate import predict
 from training.hardware import describe
 from training.knn import VALIDATION_TAIL, fit_head
+from training.loop import load_checkpoint, make_model
 from training.metrics import confusion_matrix, example_indices, per_class_scores, reliability, softmax, top_confusions
 from training.models import Classifier
-from training.train import load_checkpoint, make_model
 
 EXAMPLES = 10
 NEIGHBOUR_ROWS, NEIGHBOURS = 5, 5  # the neighbours grid: test images, and training images each

@@ -19,49 +19,25 @@ Our implementation of the techniques Keller Jordan published as airbench94
 - test-time augmentation (models.TestTimeAugmentation) for the reported accuracy, and by
   `cifar10 export --tta` inside the served graph.
 
+Its steps fill in the skeleton of training/loop.py; training/train.py runs it.
+
 Each epoch's random draws come from a generator seeded by (seed, epoch), so a run interrupted
 at any step resumes to exactly the run it would have been.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import Cifar10
+from training.data import Split
 from training.evaluate import autocast, evaluate, evaluate_uploads
+from training.loop import Position, Start
 from training.models import Classifier, TestTimeAugmentation
-from training.train import (
-    CHECKPOINT_FORMAT,
-    epoch_bar,
-    log_epoch,
-    make_model,
-    normalization,
-    save_and_stop,
-    save_checkpoint,
-    stop_on_sigint,
-    write_json,
-    write_summary,
-)
 from training.uploads import simulate
 
 WHITENING_EPS = 5e-4  # added to the eigenvalues, so near-constant patch directions are not blown up
-
-
-@dataclass
-class Position:
-    epoch: int = 0
-    step: int = 0  # next batch of that epoch
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
 
 
 def init_whitening(model: Classifier, images: torch.Tensor) -> None:
@@ -131,115 +107,78 @@ def epoch_images(padded: torch.Tensor, translate: int, epoch: int, generator: to
     return out.flip(-1) if epoch % 2 else out
 
 
-def train_fast(
-    recipe: dict,
-    data: Cifar10,
-    run_dir: Path,
-    device: torch.device,
-    bf16: bool,
-    resume: dict | None = None,
-    progress: bool | None = None,
-) -> dict:
-    """Train the `fast` recipe, checkpointing every epoch and on Ctrl-C; return the run summary."""
-    train_set, held_out, test_set = data.splits(recipe["limit"], recipe["holdout"])
-    seed, batch_size = recipe["seed"], min(recipe["batch_size"], len(train_set))
-    if resume is None:
-        torch.manual_seed(seed)
-        mean, std = normalization(recipe["normalization"], train_set.images)
-        model = make_model(recipe, mean, std)
+class FastSteps:
+    """Each epoch: crops, mirrors and uploads made for all images at once, from a generator seeded by
+    (seed, epoch); each step: the rate of its point in the triangle, an SGD step, the lookahead."""
+
+    def __init__(self, recipe: dict, run: Start, optimizer: torch.optim.SGD, device: torch.device, bf16: bool, resume: dict | None):
+        self.recipe, self.model, self.optimizer, self.device, self.bf16 = recipe, run.model, optimizer, device, bf16
+        train_set, seed = run.train_set, recipe["seed"]
+        self.batch_size = min(recipe["batch_size"], len(train_set))
+        self.steps = len(train_set) // self.batch_size
+        # Mirror a fixed random half once; epochs then alternate all images (see epoch_images).
+        mirrored = torch.rand(len(train_set), generator=torch.Generator().manual_seed(seed)) < 0.5
+        images = torch.where(mirrored[:, None, None, None], train_set.images.flip(-1), train_set.images)
+        self.pad = recipe["augment"]["translate"]
+        self.padded = F.pad(images.float(), (self.pad,) * 4, mode="reflect").to(device, torch.uint8)  # integer pixels: exact
+        self.labels = train_set.labels.to(device)
+        self.whitening_bias = run.model.body[0].bias if recipe["whitening_images"] else None
+        saved = resume.get("lookahead") if resume else None
+        self.lookahead = Lookahead(run.model, {k: v.to(device) for k, v in saved.items()}) if saved is not None else None
+
+    def begin_epoch(self, pos: Position) -> None:
+        generator = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + pos.epoch)
+        self.x = simulate(epoch_images(self.padded, self.pad, pos.epoch, generator), self.recipe["uploads"], generator)
+        self.order = torch.randperm(len(self.labels), generator=generator).to(self.device)
+        if self.whitening_bias is not None:
+            self.whitening_bias.requires_grad_(pos.epoch < self.recipe["whitening_bias_epochs"])
+
+    def step(self, pos: Position) -> tuple[float, int, int]:
+        recipe, total = self.recipe, self.steps * self.recipe["epochs"]
+        done = pos.epoch * self.steps + pos.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(recipe["lr_shape"], done / total)
+        idx = self.order[pos.step * self.batch_size : (pos.step + 1) * self.batch_size]
+        x, y = self.x[idx].contiguous(memory_format=torch.channels_last), self.labels[idx]
+        with autocast(self.device, self.bf16):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe["label_smoothing"], reduction="sum")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        ahead = recipe["lookahead"]
+        if pos.epoch >= ahead["start_epoch"] and (done + 1) % ahead["every"] == 0:
+            if self.lookahead is None:
+                self.lookahead = Lookahead(self.model)
+            else:  # the average tightens as training ends: move fast first, settle last
+                self.lookahead.update(self.model, ahead["decay"] ** ahead["every"] * ((done + 1) / total) ** ahead["power"])
+        return loss.item(), (logits.argmax(1) == y).sum().item(), len(y)
+
+    def end_epoch(self, pos: Position) -> float:
+        if self.lookahead is not None:
+            self.lookahead.update(self.model, decay=1.0)  # the epoch ends on the averaged weights
+        return self.optimizer.param_groups[1]["lr"]
+
+    def state(self) -> dict:
+        return dict(lookahead=self.lookahead.average if self.lookahead else None)
+
+
+def whiten(recipe: dict):
+    """The fast recipes' model init: the whitening conv set from the first training images, if the network has one."""
+
+    def init(model: Classifier, train_set: Split) -> None:
         if recipe["whitening_images"]:
             init_whitening(model, train_set.images[: recipe["whitening_images"]])
-    else:
-        mean, std = resume["mean"], resume["std"]
-        model = make_model(recipe, mean, std)
-        model.load_state_dict(resume["model"])
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe)
-    pos, lookahead = Position(), None
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        pos = Position(**resume["position"])
-        if resume["lookahead"] is not None:
-            lookahead = Lookahead(model, {k: v.to(device) for k, v in resume["lookahead"].items()})
 
-    def checkpoint() -> dict:
-        return dict(
-            format=CHECKPOINT_FORMAT, recipe=recipe, classes=list(data.classes), mean=mean, std=std,
-            model=model.state_dict(), optimizer=optimizer.state_dict(), position=pos.__dict__,
-            lookahead=lookahead.average if lookahead else None,
-        )  # fmt: skip
+    return init
 
-    # Mirror a fixed random half once; epochs then alternate all images (see epoch_images).
-    mirrored = torch.rand(len(train_set), generator=torch.Generator().manual_seed(seed)) < 0.5
-    images = torch.where(mirrored[:, None, None, None], train_set.images.flip(-1), train_set.images)
-    pad = recipe["augment"]["translate"]
-    padded = F.pad(images.float(), (pad,) * 4, mode="reflect").to(device, torch.uint8)  # integer pixels: exact
-    labels = train_set.labels.to(device)
-    steps = len(train_set) // batch_size
-    total_steps = steps * recipe["epochs"]
-    whitening_bias = model.body[0].bias if recipe["whitening_images"] else None
-    ahead = recipe["lookahead"]
-    started = time.perf_counter()
-    with stop_on_sigint() as sigint:
-        while pos.epoch < recipe["epochs"]:
-            tick = time.perf_counter()  # the epoch's time includes making its images
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + pos.epoch)
-            x_epoch = simulate(epoch_images(padded, pad, pos.epoch, generator), recipe.get("uploads", {}), generator)
-            order = torch.randperm(len(train_set), generator=generator).to(device)
-            if whitening_bias is not None:
-                whitening_bias.requires_grad_(pos.epoch < recipe["whitening_bias_epochs"])
-            model.train()
-            bar = epoch_bar(steps, pos.step, pos.epoch, recipe["epochs"], progress)
-            while pos.step < steps:
-                if sigint["stop"]:
-                    pos.seconds += time.perf_counter() - tick
-                    bar.close()
-                    save_and_stop(run_dir, checkpoint())
-                done = pos.epoch * steps + pos.step
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * lr_factor(recipe["lr_shape"], done / total_steps)
-                idx = order[pos.step * batch_size : (pos.step + 1) * batch_size]
-                x = x_epoch[idx].contiguous(memory_format=torch.channels_last)
-                y = labels[idx]
-                with autocast(device, bf16):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe["label_smoothing"], reduction="sum")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                pos.step += 1
-                if pos.epoch >= ahead["start_epoch"] and (done + 1) % ahead["every"] == 0:
-                    if lookahead is None:
-                        lookahead = Lookahead(model)
-                    else:  # the average tightens as training ends: move fast first, settle last
-                        decay = ahead["decay"] ** ahead["every"] * ((done + 1) / total_steps) ** ahead["power"]
-                        lookahead.update(model, decay)
-                pos.loss_sum += loss.item()
-                pos.correct += (logits.argmax(1) == y).sum().item()
-                pos.seen += len(y)
-                bar.update()
-                bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.3f}", acc=f"{pos.correct / pos.seen:.3f}")
-            bar.close()
-            if lookahead is not None:
-                lookahead.update(model, decay=1.0)  # the epoch ends on the averaged weights
-            pos.seconds += time.perf_counter() - tick
-            test = evaluate(model, test_set, device, bf16)
-            row = dict(
-                epoch=pos.epoch + 1, lr=optimizer.param_groups[1]["lr"], train_loss=pos.loss_sum / pos.seen,
-                train_accuracy=pos.correct / pos.seen, test_loss=test["loss"], test_accuracy=test["accuracy"],
-                seconds=round(pos.seconds, 2),
-            )  # fmt: skip
-            pos = Position(epoch=pos.epoch + 1, history=pos.history + [row])
-            save_checkpoint(run_dir, checkpoint())
-            write_json(run_dir / "history.json", pos.history)
-            log_epoch(row, recipe["epochs"])
-    final = dict(train=evaluate(model, train_set, device, bf16), test=evaluate(model, test_set, device, bf16))
-    final["test_tta"] = {
-        level: evaluate(TestTimeAugmentation(model, level), test_set, device, bf16) for level in ("flip", "flip-translate")
-    }
-    if len(held_out):  # what choices between recipes are made on, never the test set
-        served = TestTimeAugmentation(model, recipe["tta"])
-        final["held_out"] = evaluate(served, held_out, device, bf16)
-        final["held_out_uploads"] = evaluate_uploads(served, held_out, device, bf16)
-    return write_summary(run_dir, recipe, data, model, device, bf16, pos.history, started, final)
 
+def final_metrics(run: Start, recipe: dict, device: torch.device, bf16: bool) -> dict:
+    """What a fast run reports beyond train and test accuracy: the test set with each test-time
+    augmentation, and the held-out images, plain and as uploads, that choices are made on."""
+    final = dict(test_tta={level: evaluate(TestTimeAugmentation(run.model, level), run.test_set, device, bf16) for level in ("flip", "flip-translate")})
+    if len(run.held_out):  # what choices between recipes are made on, never the test set
+        served = TestTimeAugmentation(run.model, recipe["tta"])
+        final["held_out"] = evaluate(served, run.held_out, device, bf16)
+        final["held_out_uploads"] = evaluate_uploads(served, run.held_out, device, bf16)
+    return final

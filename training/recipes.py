@@ -1,5 +1,8 @@
 """One dict per recipe, every hyperparameter of a run in it: the study's experiments, then ours.
 
+Each holds exactly the keys of its loop's type (`StudyRecipe`, `FastRecipe`), checked when this
+module loads, when a recipe is named and when a run resumes: a misspelt key fails at once.
+
 The study used Keras defaults it does not name. We chose the closest PyTorch equivalents:
 Adam with Keras' defaults (lr 1e-3, betas 0.9/0.999, eps 1e-7) since the study's schedule
 steps between Adam-scale rates (1e-3 → 5e-4); Keras' Glorot-uniform initialisation and
@@ -9,9 +12,48 @@ See docs/training.md for the reasoning and the measured results.
 
 from __future__ import annotations
 
+from typing import Literal, TypedDict, get_type_hints
+
 from cifar10.errors import UserError
 
+
+class Recipe(TypedDict):
+    """What every recipe says, whichever loop trains it (`check` holds recipes to it)."""
+
+    name: str
+    loop: Literal["study", "fast"]  # training/study.py or training/fast.py
+    model: str
+    weights: str  # VGG recipes: imagenet, none, or a state-dict path
+    freeze: bool
+    normalization: str
+    augment: dict
+    uploads: dict
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    limit: int | None
+    holdout: int
+
+
+class StudyRecipe(Recipe):
+    lr_steps: dict
+    l2: float
+
+
+class FastRecipe(Recipe):
+    momentum: float
+    weight_decay: float
+    bias_lr_factor: float
+    lr_shape: dict
+    label_smoothing: float
+    lookahead: dict
+    whitening_images: int
+    whitening_bias_epochs: int
+    tta: str
+
 _CNN = dict(
+    loop="study",
     model="seed_cnn",
     weights="none",
     freeze=False,
@@ -58,6 +100,8 @@ CALIBRATION_HOLDOUT = 2000
 _FAST = dict(
     loop="fast",
     model="airbench",
+    weights="none",
+    freeze=False,
     normalization="channel_zscore",
     augment=dict(flip="alternating", translate=2),
     uploads=FAST_UPLOADS,
@@ -164,7 +208,7 @@ def get_recipe(name: str, **overrides) -> dict:
         raise UserError(f"cannot override {sorted(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
     recipe = dict(RECIPES[name], name=name)
     if overrides.get("uploads") is not None:
-        if recipe.get("loop") != "fast":
+        if recipe["loop"] != "fast":
             raise UserError(f"--uploads applies to the fast loop's recipes (fast, cnn-fast, vgg16-fast), not {name}")
         overrides = dict(overrides, uploads=upload_shares(overrides["uploads"], recipe["uploads"]))
     recipe.update({k: v for k, v in overrides.items() if v is not None})
@@ -172,7 +216,46 @@ def get_recipe(name: str, **overrides) -> dict:
         recipe["holdout"] = min(recipe["holdout"], recipe["limit"] * recipe["holdout"] // 50_000)
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0:
         raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
+    return check(recipe)
+
+
+def resumed(recipe: dict) -> dict:
+    """A checkpoint's recipe, checked, with the keys recipes gained after older checkpoints were
+    written: `loop` (a recipe without one is the study's) and, for the fast ones, `weights` and `freeze`."""
+    recipe = dict(recipe)
+    recipe.setdefault("loop", "study")
+    if recipe["loop"] == "fast":
+        recipe.setdefault("weights", "none")
+        recipe.setdefault("freeze", False)
+    return check(recipe)
+
+
+def check(recipe: dict) -> dict:
+    """The recipe, if it has exactly its loop's keys with values of their types; else a UserError naming each fault."""
+    kinds = get_type_hints(FastRecipe if recipe.get("loop") == "fast" else StudyRecipe)
+    name = recipe.get("name", "?")
+    faults = [f"unknown key {key!r}" for key in recipe if key not in kinds]
+    faults += [f"no {key!r}" for key in kinds if key not in recipe]
+    faults += [f"{key}={recipe[key]!r} is not {getattr(kind, '__name__', kind)}" for key, kind in kinds.items() if key in recipe and not _is(recipe[key], kind)]
+    if faults:
+        raise UserError(f"recipe {name}: {'; '.join(faults)} (a {recipe.get('loop', 'study')} recipe has: {', '.join(kinds)})")
     return recipe
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if getattr(kind, "__origin__", None) is Literal:
+        return value in kind.__args__
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return isinstance(value, tuple(t for t in kind.__args__ if isinstance(t, type)))  # a union such as int | None
+
+
+for _name, _recipe in RECIPES.items():  # a misspelt key in this file fails at import, not mid-run
+    check(dict(_recipe, name=_name))
 
 
 def lr_at(recipe: dict, epoch: int) -> float:

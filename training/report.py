@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from training.data import Cifar10, Split
+from training.loop import write_json
 from training.metrics import reliability, softmax
 from training.recipes import RECIPES
-from training.train import write_json
 from training.uploads import describe
 
 
