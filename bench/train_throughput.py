@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--models seed_cnn vgg16_3block] [--seconds 10] [--rounds 3]
 
-For each model and setting it times full training steps (forward, backward, Adam) on random
+For each model and setting it times full training steps (forward, backward, its recipe's optimizer) on random
 pixels and prints images/s, and the fraction of the machine's peak that the step reaches:
 forward FLOPs × 3 per image × images/s over the peak FLOP/s of the step's dtype (the best of
 a large matmul and a large convolution), measured in the same run. Settings are timed in alternating rounds and the best round is
@@ -17,14 +17,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from training import fast, study
 from training.evaluate import autocast
 from training.hardware import bf16_is_fast, describe, forward_flops, peak_flops
 from training.loop import pick_device
 from training.models import build_model
 from training.recipes import RECIPES
-from training.study import make_optimizer
 
-MODELS = {"seed_cnn": "cnn-baseline", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"}
+MODELS = {"seed_cnn": "cnn-baseline", "airbench": "fast", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"}
 SETTINGS = {  # name: (bf16 autocast, channels_last)
     "eager fp32": (False, False),
     "bf16 + channels_last": (True, True),
@@ -33,10 +33,10 @@ SETTINGS = {  # name: (bf16 autocast, channels_last)
 
 def step_throughput(name: str, device: torch.device, bf16: bool, channels_last: bool, seconds: float) -> float:
     recipe = dict(RECIPES[MODELS[name]], weights="none")
-    model = build_model(name, [0.0] * 3, [255.0] * 3, **({} if name == "seed_cnn" else {"weights": "none"}))
+    model = build_model(name, [0.0] * 3, [255.0] * 3, **({"weights": "none"} if name.startswith("vgg") else {}))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
-    optimizer = make_optimizer(model, recipe)
+    optimizer = (fast.make_optimizer if recipe["loop"] == "fast" else study.make_optimizer)(model, recipe)
     batch = recipe["batch_size"]
     x = (torch.rand(batch, 3, 32, 32, device=device) * 255).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
