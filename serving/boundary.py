@@ -55,9 +55,9 @@ class BentoMLMoved(RuntimeError):
     """The installed BentoML is not the one the mends were verified against."""
 
 
-def check(version: str | None = None) -> None:
+def check() -> None:
     """Refuse to go on with an unverified BentoML, or one where a name the mends need is gone."""
-    version = version or bentoml.__version__
+    version = bentoml.__version__
     if Version(version) not in VERIFIED:
         raise BentoMLMoved(
             f"BentoML {version} is installed; this service relies on BentoML internals verified with BentoML {VERIFIED} only "

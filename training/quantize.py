@@ -59,7 +59,7 @@ def quantize(folder: Path, data: Cifar10, calibration_images: int = CALIBRATION_
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             # 7-bit weights: CPUs without AVX-512 VNNI multiply uint8 by int8 in pairs summed into int16
             # (vpmaddubsw), which saturates with 8-bit weights; with 7 the sums fit, and every x86 CPU
-            # computes what a VNNI one does (the study CNN lost 1.5 points on AVX2 with 8-bit weights)
+            # computes what a VNNI one does (docs/bundle.md#the-int8-variant)
             reduce_range=True,
             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
         )  # fmt: skip
