@@ -1,16 +1,22 @@
-"""Offline scoring throughput: `cifar10 score` local and Spark on the 10,000 test images as PNG files,
-against onnxruntime in process on the same images already decoded (what decoding and I/O cost).
+"""Offline scoring throughput: `cifar10 score` local and on a Spark standalone cluster on the 10,000
+test images as PNG files, against onnxruntime in process on the same images already decoded (what
+decoding, I/O and the engine cost).
 
     python -m bench.score_throughput [--model airbench] [--data-dir DIR] [--folder /tmp/cifar10-test-png]
+                                     [--master spark://host:7077] [--rounds 2]
 
-The PNG folder (class/NNNNN.png) is written once and reused. Each engine scores it into a fresh
-output; the table gives images/s and the accuracy against the bundle manifest's own. It prints
-first what reading and decoding one PNG cost on one thread: the work the engines add to the model's.
+The PNG folder (class/NNNNN.png) is written once and reused. Without --master, the benchmark starts
+its own cluster from PySpark's scripts (a master and two 1-core workers on 127.0.0.1, as
+docs/batch-scoring.md starts one by hand). The engines run in alternating rounds, each into a fresh
+output; the table gives the median images/s and the accuracy against the bundle manifest's own.
+It prints first what reading and decoding one PNG cost on one thread: the work the engines add to
+the model's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import shutil
@@ -23,11 +29,12 @@ import numpy as np
 from PIL import Image
 
 from bench.http_load import machine
+from bench.spark_cluster import StandaloneCluster
 from bundle.images import decode
 from bundle.runtime import Bundle
 from scoring.inputs import Columns, read_inputs
 from scoring.local import Options, score
-from scoring.spark import score_spark
+from scoring.spark_job import score_spark
 from training.data import load_cifar10
 
 
@@ -49,7 +56,8 @@ def main() -> None:
     parser.add_argument("--models-dir", default="models")
     parser.add_argument("--data-dir")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "cifar10-test-png"))
-    parser.add_argument("--master", default="local[*]")
+    parser.add_argument("--master", help="a running cluster's master URL (default: start 2 workers x 1 core here)")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     data = load_cifar10(args.data_dir)
@@ -77,18 +85,32 @@ def main() -> None:
     rows.append(("onnxruntime in process, decoded arrays", len(files) / (time.perf_counter() - start), float((predicted == truth).mean())))
 
     options = Options(args.model, bundle.manifest.version, str(folder))
-    with tempfile.TemporaryDirectory() as tmp:
-        scorer = Bundle.load(bundle_dir, spinning=False)  # as `cifar10 score` loads it
-        local = score(read_inputs(folder, bundle.manifest.classes), scorer, Path(tmp) / "local.parquet", options)
-        rows.append(("cifar10 score --engine local", local.images_per_second, local.accuracy))
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        spark = score_spark(folder, bundle_dir, Path(tmp) / "spark.parquet", options, Columns(), master=args.master)
-        rows.append((f"cifar10 score --engine spark ({args.master}; after the session is up)", spark.images_per_second, spark.accuracy))
+    scorer = Bundle.load(bundle_dir, spinning=False)  # as `cifar10 score` loads it
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        master = args.master or stack.enter_context(StandaloneCluster(workers=2, cores=1)).url
+        cluster = f"cifar10 score --engine spark, {'cluster ' + args.master if args.master else 'standalone cluster, 2 workers x 1 core'}"
+        rates: dict[str, list[float]] = {"cifar10 score --engine local": [], cluster: []}
+        for round_ in range(args.rounds):
+            local = score(read_inputs(folder, bundle.manifest.classes), scorer, Path(tmp) / f"local{round_}.parquet", options)
+            rates["cifar10 score --engine local"].append(local.images_per_second)
+            started = time.perf_counter()
+            spark = score_spark(str(folder), bundle_dir, str(Path(tmp) / f"spark{round_}.parquet"), options, Columns(), master=master)
+            rates[cluster].append(spark.images_per_second)
+            print(f"round {round_ + 1}: local {local.images_per_second:,.0f} images/s, cluster {spark.images_per_second:,.0f} images/s "
+                  f"({spark.seconds:.1f} s of {time.perf_counter() - started:.1f} s with the session's start)", flush=True)  # fmt: skip
+            assert local.accuracy == spark.accuracy and local.rows == spark.rows == len(files)
+        rows += [(name, float(np.median(values)), local.accuracy) for name, values in rates.items()]
+        rows.append(("cluster / local", rows[-1][1] / rows[-2][1], None))
 
     print("\n| path | images/s | accuracy | = manifest |")
     print("| --- | ---: | ---: | --- |")
     for name, rate, accuracy in rows:
-        print(f"| {name} | {rate:,.0f} | {accuracy:.2%} | {'yes' if abs(accuracy - stated) < 5e-5 else 'NO'} |")
+        if accuracy is None:
+            print(f"| {name} | {rate:.0%} | | |")
+        else:
+            print(f"| {name} | {rate:,.0f} | {accuracy:.2%} | {'yes' if abs(accuracy - stated) < 5e-5 else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     score = sub.add_parser("score", help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
-    score.add_argument("input", help="a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file")
+    score.add_argument("input", help="a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file; "
+                       "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
     score.add_argument("--model", required=True, help="bundle name under --models-dir")
-    score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv; a re-run with the same output resumes")
+    score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")
     score.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
     score.add_argument("--engine", choices=["local", "spark"], default="local",
                        help="local: this machine; spark: PySpark (pip install 'cifar10-serve[spark]')")  # fmt: skip
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--topk", type=int, default=0, metavar="K", help="also the K most probable classes")
     score.add_argument("--embeddings", action="store_true", help="also the embedding vector")
     score.add_argument("--knn", action="store_true", help="also the KNN head's label and nearest training images")
-    score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together, written as one part (default: 1024)")
+    score.add_argument("--batch-size", type=int, default=1024, help="images per onnxruntime call (local: decoded together, written as one part) (default: 1024)")
     score.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: the cores)")
     score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
     score.add_argument("--precision", choices=PRECISIONS, default="fp32",

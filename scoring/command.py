@@ -27,14 +27,13 @@ def score_command(args: argparse.Namespace) -> None:
         bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision, spinning=False)
         if args.topk > len(bundle.manifest.classes):
             raise UserError(f"--topk must lie in 0..{len(bundle.manifest.classes)}, got {args.topk}")
-        options = Options(
-            args.model, bundle.manifest.version, str(source.resolve()), args.topk, args.embeddings, args.knn, args.precision
-        )
+        where = args.input if "://" in args.input else str(source.resolve())  # the spark engine also reads URIs
+        options = Options(args.model, bundle.manifest.version, where, args.topk, args.embeddings, args.knn, args.precision)
         columns = Columns(path=args.path_column, image=args.image_column, id=args.id_column, label=args.label_column)
         if args.engine == "spark":
-            from scoring.spark import score_spark  # only here: PySpark is an extra
+            from scoring.spark_job import score_spark  # only here: PySpark is an extra
 
-            summary = score_spark(source, folder, output, options, columns, master=args.master, chunk=args.batch_size)
+            summary = score_spark(args.input, folder, args.output, options, columns, master=args.master, chunk=args.batch_size)
         else:
             chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
             with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:

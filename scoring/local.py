@@ -89,13 +89,23 @@ def record_pixels(record: Record, limits: Limits) -> np.ndarray | str:
 
 
 def score_chunk(bundle: Bundle, records: list[Record], decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:
-    """One chunk's output columns: one onnxruntime call for every image that decoded."""
+    """One chunk's output columns, in the schema's order: the records' ids and true labels, then their predictions."""
     classes = bundle.manifest.classes
-    good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    columns: dict[str, list] = {name: [None] * len(records) for name in schema(options).names}
-    columns["id"] = [r.id for r in records]
-    columns["true_label"] = [classes[r.label] if r.label is not None else None for r in records]
+    known = {"id": [r.id for r in records], "true_label": [classes[r.label] if r.label is not None else None for r in records]}
+    predicted = predict_columns(bundle, decoded, options)
+    return {name: known[name] if name in known else predicted[name] for name in schema(options).names}
+
+
+def predict_columns(bundle: Bundle, decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:
+    """The prediction columns (every column but id and true_label): one onnxruntime call for every image that decoded.
+
+    `decoded` holds each input's pixels, or the reason it has none, which becomes its `error`.
+    """
+    classes = bundle.manifest.classes
+    names = [name for name in schema(options).names if name not in ("id", "true_label")]
+    columns: dict[str, list] = {name: [None] * len(decoded) for name in names}
     columns["error"] = [d if isinstance(d, str) else None for d in decoded]
+    good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     if not good:
         return columns
     prediction = bundle.predict(np.stack([decoded[i] for i in good]))

@@ -1,145 +1,177 @@
-"""Offline scoring on Apache Spark: the same decode and scoring code as the local engine, per partition.
+"""A bundle's predictions as Spark columns, on any master: the Python API for users' own DataFrames.
 
-    cifar10 score INPUT --model NAME --output OUT --engine spark [--master URL]
+    from scoring.spark import with_predictions
 
-The bundle folder and the code executors run (the `bundle` and `scoring` packages) travel with the
-job (SparkContext addFile / addPyFile): nothing is assumed on their disks but Python and this project's
-requirements. Each Python worker loads the bundle once and scores its partitions with
-`DataFrame.mapInPandas`, a chunk at a time, through `scoring.local.score_chunk`. The output is a
-Parquet folder written by Spark under a temporary name and renamed into place when complete.
+    images = spark.read.format("binaryFile").load("s3a://bucket/photos/")
+    scored = with_predictions(images, "models/airbench", topk=3)   # reads the `content` column
+    scored.drop("content").write.parquet("s3a://bucket/scored/")
+
+Built on Spark's own convention for model inference, `pyspark.ml.functions.predict_batch_udf`: each
+Python worker loads the bundle once and is fed numpy batches, which go through the same decoder and
+the same `scoring.local.predict_columns` as the local engine. The bundle folder travels with the
+job as a zip archive (`SparkContext.addArchive`, which every master accepts, unlike a folder given
+to `addFile`), and so does the code executors run (the `bundle` and `scoring` packages, through
+`addPyFile`): executors need Python with this project's requirements and nothing on their disks.
+Each executor checks the bundle's hashes when it loads it, as `Bundle.load` always does.
 """
 
 from __future__ import annotations
 
-import os
+import atexit
+import hashlib
 import shutil
-import sys
 import tempfile
-import time
 import zipfile
-from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 from bundle.images import DEFAULT_LIMITS
-from bundle.runtime import Bundle, read_manifest
-from scoring.inputs import Columns, InputError, Record, folder_records
-from scoring.local import Options, ScoringError, Summary, record_pixels, schema, score_chunk
+from bundle.runtime import Bundle, BundleError, verify
+from scoring.inputs import Record
+from scoring.local import Options, predict_columns, record_pixels, schema
+
+EXECUTOR_PACKAGES = ("bundle", "scoring")  # what a Python worker imports to score a batch
+
+_STAGING = Path(tempfile.mkdtemp(prefix="cifar10-spark-"))  # the driver serves these files to executors until it exits
+atexit.register(shutil.rmtree, _STAGING, True)
+_shipped: set[tuple[str, str]] = set()  # (Spark application id, file name): each is added to a job once
 
 
-@cache
-def _worker_bundle(name: str, precision: str) -> Bundle:
-    """One bundle per Python worker, from the copy Spark shipped with the job.
+def with_predictions(
+    frame, bundle: str | Path, *, image_column: str = "content", path_column: str | None = None, topk: int = 0,
+    embeddings: bool = False, knn: bool = False, precision: str = "fp32", batch_size: int = 256,
+):  # fmt: skip
+    """`frame` with the prediction columns of `cifar10 score` appended (docs/batch-scoring.md).
 
-    Spark runs a task per core, so each session gets the task's cores (spark.task.cpus, 1 by
-    default), not onnxruntime's default of every core on the machine.
+    The images are encoded bytes in `image_column` (binary), or, with `path_column`, image files every
+    executor can open at those paths. The columns added: `label`, `index`, `probability` (the
+    bundle's calibrated probability of that label); `topk_labels` and `topk_probabilities` with
+    `topk`; `embedding`; `knn_label`, `knn_neighbours`, `knn_distances` with `knn`; and `error`,
+    null or why the row's image could not be read or decoded. A bad image never fails the job: its
+    row gets `error` and nulls. `batch_size` images go to onnxruntime at once.
     """
-    from pyspark import SparkFiles, TaskContext
-
-    return Bundle.load(SparkFiles.get(name), threads=TaskContext.get().cpus(), precision=precision)
-
-
-def _score_partitions(bundle_name: str, options: Options, chunk: int):
-    import pandas as pd
-
-    def score_frames(frames):
-        bundle = _worker_bundle(bundle_name, options.precision)
-        classes = bundle.manifest.classes
-        index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
-        for frame in frames:
-            for start in range(0, len(frame), chunk):
-                part = frame.iloc[start : start + chunk]
-                records = [
-                    Record(i, content if content is not None else Path(path) if path is not None else b"", index.get(label))
-                    for i, content, path, label in zip(part["id"], part["content"], part["path"], part["label"])
-                ]
-                decoded = [record_pixels(r, DEFAULT_LIMITS) for r in records]
-                yield pd.DataFrame(score_chunk(bundle, records, decoded, options))
-
-    return score_frames
-
-
-def _input_frame(spark, source: Path, columns: Columns, classes: tuple[str, ...]):
-    """A DataFrame of (id, content: image bytes or null, path: a file to read or null, label name or null)."""
-    from pyspark.sql import functions as F
-
-    none = F.lit(None)
-    if source.is_dir():  # listed here as the local engine lists it (Spark's own file source drops empty files)
-        rows = [(r.id, None, str(r.source), classes[r.label] if r.label is not None else None) for r in folder_records(source, classes)]
-        return spark.createDataFrame(rows, "id string, content binary, path string, label string")
-    if source.suffix.lower() not in (".csv", ".parquet"):
-        raise InputError(f"the spark engine reads a folder of images or a .csv/.parquet table, not {source}; use --engine local")
-    frame = spark.read.parquet(str(source)) if source.suffix.lower() == ".parquet" else spark.read.option("header", True).csv(str(source))
-    names = frame.columns
-    if columns.image in names:
-        content, path = F.col(columns.image), none.cast("string")
-    elif columns.path in names:  # read by the executors: the paths must be on storage they can see
-        column = F.col(columns.path)
-        content = none.cast("binary")
-        path = F.when(column.startswith("/"), column).otherwise(F.concat(F.lit(str(source.resolve().parent) + "/"), column))
-    else:
-        raise InputError(f"{source}: no column {columns.image!r} (image bytes) or {columns.path!r} (paths); it has {', '.join(names)}")
-    id_ = F.col(columns.id).cast("string") if columns.id in names else (path if columns.path in names else F.monotonically_increasing_id().cast("string"))
-    label = F.col(columns.label).cast("string") if columns.label in names else none.cast("string")
-    return frame.select(id_.alias("id"), content.alias("content"), path.alias("path"), label.alias("label"))
-
-
-EXECUTOR_PACKAGES = ("bundle", "scoring")  # what a Python worker imports to score a partition
-
-
-def _package_zip(folder: Path) -> Path:
-    """The packages executors import, as one zip for addPyFile, so they run this very code."""
-    root = Path(__file__).resolve().parents[1]
-    archive = folder / "cifar10-scoring.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for package in EXECUTOR_PACKAGES:
-            for path in (root / package).glob("*.py"):
-                zf.write(path, f"{package}/{path.name}")
-    return archive
-
-
-def score_spark(
-    source: Path, bundle_dir: Path, output: Path, options: Options, columns: Columns,
-    master: str = "local[*]", chunk: int = 1024,
-) -> Summary:  # fmt: skip
-    """Score `source` on Spark into the Parquet folder `output`; an existing `output` is refused."""
-    from pyspark.sql import SparkSession
+    from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    if output.exists():
-        raise ScoringError(f"{output} exists; the spark engine writes a new Parquet folder: remove it or choose another --output")
-    if output.suffix.lower() == ".csv":
-        raise ScoringError("the spark engine writes Parquet (a folder of part files); give --output a .parquet name")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this interpreter's packages
-    spark = (
-        SparkSession.builder.master(master).appName("cifar10-score")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.ui.showConsoleProgress", "true")
-        .getOrCreate()
-    )  # fmt: skip
-    staging = output.with_name(f".{output.name}.spark-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        spark.sparkContext.addPyFile(str(_package_zip(Path(tmp))))
-        spark.sparkContext.addFile(str(bundle_dir.resolve()), recursive=True)
-        frame = _input_frame(spark, source, columns, read_manifest(bundle_dir).classes)
-        spark_schema = from_arrow_schema(schema(options))  # the local engine's columns, as Spark types
-        scored = frame.mapInPandas(_score_partitions(bundle_dir.resolve().name, options, chunk), schema=spark_schema)
-        scored.write.parquet(str(staging))
-    os.replace(staging, output)  # the folder appears only when Spark finished writing it
-    seconds = time.perf_counter() - started
-    written = spark.read.parquet(str(output))
-    counts = written.agg(
-        F.count("*").alias("rows"),
-        F.sum(F.col("error").isNotNull().cast("int")).alias("failed"),
-        F.sum((F.col("true_label").isNotNull() & F.col("label").isNotNull()).cast("int")).alias("labelled"),
-        F.sum((F.col("true_label") == F.col("label")).cast("int")).alias("correct"),
-    ).first()
-    failures = [f"{r['id']}: {r['error']}" for r in written.where(F.col("error").isNotNull()).select("id", "error").limit(10).collect()]
-    labelled = counts["labelled"] or 0
-    return Summary(
-        rows=counts["rows"], failed=counts["failed"] or 0, new=counts["rows"], seconds=seconds,
-        accuracy=(counts["correct"] or 0) / labelled if labelled else None, labelled=labelled,
-        output=str(output), failures=failures,
-    )  # fmt: skip
+    folder = Path(bundle)
+    try:
+        manifest, _ = verify(folder, precision)  # on the driver first: a clear error before any task runs
+    except FileNotFoundError as exc:
+        raise BundleError(f"{folder}: not a bundle folder ({exc})") from exc
+    options = Options(folder.name, manifest.version, "", topk, embeddings, knn, precision)
+    column = _input_column(frame, image_column, path_column)
+    if not 0 <= topk <= len(manifest.classes) or batch_size < 1:
+        raise ValueError(f"topk must lie in 0..{len(manifest.classes)} and batch_size be at least 1, got {topk} and {batch_size}")
+    predicted = prediction_schema(options)
+    clash = sorted(set(predicted.names) & set(frame.columns))
+    if clash:
+        raise ValueError(f"the DataFrame already has the column(s) {', '.join(clash)} that predictions add; rename them first (withColumnRenamed)")
+
+    alias = ship(frame.sparkSession.sparkContext, folder)
+    predict = predict_batch_udf(
+        _predictor(alias, options, reads_paths=path_column is not None),
+        return_type=from_arrow_schema(predicted),
+        batch_size=batch_size,
+    )
+    struct = "__cifar10_prediction"
+    scored = frame.withColumn(struct, predict(F.col(f"`{column}`")))
+    ok = F.col(f"{struct}.error").isNull()
+    added = [
+        (F.when(ok, F.col(f"{struct}.{f.name}")) if _is_list(f) else F.col(f"{struct}.{f.name}")).alias(f.name) for f in predicted
+    ]  # list columns carry fillers for failed rows (predict_batch_udf wants 2-D arrays): null them here
+    return scored.select(*[F.col(f"`{c}`") for c in frame.columns], *added)
+
+
+def _input_column(frame, image_column: str, path_column: str | None) -> str:
+    from pyspark.sql.types import BinaryType, StringType
+
+    name, wanted = (path_column, StringType()) if path_column is not None else (image_column, BinaryType())
+    types = dict(frame.dtypes)
+    if name not in types:
+        raise ValueError(f"no column {name!r} in the DataFrame; it has {', '.join(frame.columns)}")
+    if frame.schema[name].dataType != wanted:
+        raise ValueError(f"column {name!r} is {types[name]}; it must be {wanted.simpleString()} ({'paths' if path_column else 'encoded image bytes'})")
+    return name
+
+
+def prediction_schema(options: Options):
+    """The columns predictions add: the output schema less what the input says (id, true label)."""
+    import pyarrow as pa
+
+    full = schema(options)
+    return pa.schema([f for f in full if f.name not in ("id", "true_label")])
+
+
+def _is_list(field) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(field.type)
+
+
+def _predictor(alias: str, options: Options, reads_paths: bool):
+    """make_predict_fn for predict_batch_udf: runs on an executor, once per Python worker."""
+
+    def make_predict():
+        from pyspark import SparkFiles, TaskContext
+
+        # Spark runs a task per core, so the session gets the task's cores (spark.task.cpus, 1 by
+        # default), not onnxruntime's default of every core on the machine
+        bundle = Bundle.load(SparkFiles.get(alias), threads=TaskContext.get().cpus(), precision=options.precision)
+
+        lists = {f.name for f in prediction_schema(options) if _is_list(f)}
+
+        def predict(values: np.ndarray) -> dict[str, np.ndarray]:
+            decoded = [_pixels(value, reads_paths) for value in values]
+            return {name: _as_array(column, name in lists) for name, column in predict_columns(bundle, decoded, options).items()}
+
+        return predict
+
+    return make_predict
+
+
+def _pixels(value, reads_paths: bool) -> np.ndarray | str:
+    if value is None:
+        return "no image: the input column is null"
+    return record_pixels(Record("", Path(value) if reads_paths else bytes(value)), DEFAULT_LIMITS)
+
+
+def _as_array(values: list, is_list: bool) -> np.ndarray:
+    """A column as predict_batch_udf takes it: 1-D for scalars, 2-D for lists (failed rows padded)."""
+    if not is_list:
+        return np.array(values, dtype=object)
+    width = next((len(v) for v in values if v is not None), 0)
+    padded = np.empty((len(values), width), dtype=object)
+    for i, v in enumerate(values):
+        if v is not None:
+            padded[i] = v
+    return padded
+
+
+def ship(context, folder: Path) -> str:
+    """Add the bundle (as an archive) and the executors' code to the job; the name executors find the bundle under."""
+    digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
+    alias = f"{folder.resolve().name}-{digest}"  # another bundle version is another archive
+    archive = _STAGING / f"{alias}.zip"
+    if (context.applicationId, archive.name) not in _shipped:
+        shutil.make_archive(str(archive.with_suffix("")), "zip", folder)
+        context.addArchive(f"{archive}#{alias}")
+        _shipped.add((context.applicationId, archive.name))
+    code = package_zip(_STAGING)
+    if (context.applicationId, code.name) not in _shipped:
+        context.addPyFile(str(code))
+        _shipped.add((context.applicationId, code.name))
+    return alias
+
+
+def package_zip(folder: Path) -> Path:
+    """The packages executors import, as one zip for addPyFile, so they run this very code."""
+    root = Path(__file__).resolve().parents[1]
+    archive = folder / "cifar10-scoring.zip"
+    if not archive.exists():
+        with zipfile.ZipFile(archive, "w") as zf:
+            for package in EXECUTOR_PACKAGES:
+                for path in (root / package).glob("*.py"):
+                    zf.write(path, f"{package}/{path.name}")
+    return archive

@@ -1,13 +1,15 @@
-"""Shared fixtures: a tiny dataset written in the official layout, and the real one when present."""
+"""Shared fixtures: a tiny dataset written in the official layout, the real one when present, and test images as files."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CIFAR10_TEST_DATA", REPO.parent / "shared/data/cifar-10-batches-py"))
@@ -66,3 +68,33 @@ def cpu_bf16() -> bool:
     from training.hardware import bf16_is_fast
 
     return bf16_is_fast(torch.device("cpu"))
+
+
+CORRUPT = {"cat/broken.png": b"\x89PNG\r\n\x1a\n not really", "dog/empty.jpg": b"", "notes.txt.png": b"hello"}
+
+
+@pytest.fixture(scope="session")
+def test_images(shared_data):
+    with open(shared_data / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    return np.asarray(batch["data"][:300]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), batch["labels"][:300]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory, test_images):
+    """class/NNNN.png for 300 test images, plus three files that are not images."""
+    root = tmp_path_factory.mktemp("images")
+    for i, (pixels, label) in enumerate(zip(*test_images)):
+        path = root / CLASSES[label] / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(png(pixels))
+    for name, content in CORRUPT.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(content)
+    return root

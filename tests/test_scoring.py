@@ -1,57 +1,25 @@
 """Offline scoring on real CIFAR-10 test images written as files: same answers as the bundle, resumable."""
 
-import io
 import json
-import pickle
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from pyarrow import csv
 
 import scoring.local
 from bundle.images import decode
 from bundle.runtime import Bundle
 from cifar10.cli import main
-from scoring.inputs import Columns, read_inputs
+from scoring.inputs import read_inputs
 from scoring.local import Options, ScoringError, score
-from tests.conftest import REPO
-
-CORRUPT = {"cat/broken.png": b"\x89PNG\r\n\x1a\n not really", "dog/empty.jpg": b"", "notes.txt.png": b"hello"}
+from tests.conftest import CORRUPT, REPO
 
 
 @pytest.fixture(scope="module")
 def bundle():
     return Bundle.load(REPO / "models" / "cnn")
-
-
-@pytest.fixture(scope="module")
-def test_images(shared_data):
-    with open(shared_data / "test_batch", "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    return np.asarray(batch["data"][:300]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), batch["labels"][:300]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, test_images, bundle):
-    """class/NNNN.png for 300 test images, plus three files that are not images."""
-    root = tmp_path_factory.mktemp("images")
-    for i, (pixels, label) in enumerate(zip(*test_images)):
-        path = root / bundle.manifest.classes[label] / f"{i:04d}.png"
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(png(pixels))
-    for name, content in CORRUPT.items():
-        (root / name).parent.mkdir(exist_ok=True)
-        (root / name).write_bytes(content)
-    return root
 
 
 def options(**kw) -> Options:
@@ -163,41 +131,3 @@ def test_an_existing_output_of_another_shape_is_refused(folder, bundle, tmp_path
     with pytest.raises(ValueError, match="no column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")
         run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")
-
-
-def test_spark_scores_the_folder_like_the_local_engine(folder, bundle, tmp_path):
-    pytest.importorskip("pyspark")
-    from scoring.spark import score_spark
-
-    local = run(folder, bundle, tmp_path / "local.parquet", options(topk=2))
-    columns = Columns()
-    summary = score_spark(folder, REPO / "models" / "cnn", tmp_path / "spark.parquet", options(topk=2), columns, master="local[2]", chunk=64)
-    assert (tmp_path / "spark.parquet" / "_SUCCESS").is_file() and len(list((tmp_path / "spark.parquet").glob("part-*"))) >= 1
-    by_id = lambda rows: sorted(rows, key=lambda r: r["id"])  # noqa: E731
-    spark_rows = by_id(pq.read_table(tmp_path / "spark.parquet").to_pylist())
-    local_rows = by_id(pq.read_table(tmp_path / "local.parquet").to_pylist())
-    assert [r["id"] for r in spark_rows] == [r["id"] for r in local_rows]
-    assert [(r["label"], r["true_label"], r["topk_labels"], bool(r["error"])) for r in spark_rows] == [
-        (r["label"], r["true_label"], r["topk_labels"], bool(r["error"])) for r in local_rows
-    ]
-    assert np.allclose([r["probability"] or 0 for r in spark_rows], [r["probability"] or 0 for r in local_rows], atol=1e-6)
-    assert summary.rows == local.rows and summary.failed == local.failed == 3 and summary.accuracy == pytest.approx(local.accuracy)
-    with pytest.raises(ScoringError, match="exists"):
-        score_spark(folder, REPO / "models" / "cnn", tmp_path / "spark.parquet", options(topk=2), columns)
-
-
-def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
-    """On a cluster, executors import the zip the job ships; local mode would hide a missing package."""
-    import subprocess
-    import sys
-
-    from scoring.spark import _package_zip
-
-    archive = _package_zip(tmp_path)
-    code = (
-        f"import sys; sys.path.insert(0, {str(archive)!r}); import scoring.spark, scoring.local, bundle.runtime; "
-        "print(scoring.spark.__file__, scoring.local.__file__, bundle.runtime.__file__)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert all(path.startswith(str(archive)) for path in done.stdout.split()), done.stdout

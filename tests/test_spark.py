@@ -1,0 +1,197 @@
+"""Offline scoring on a real Spark standalone cluster: a master and two 1-core workers on 127.0.0.1,
+started from PySpark's own scripts. The CLI's Spark engine and the DataFrame API give the local
+engine's rows, corrupt files get error rows, and a worker killed mid-job costs nothing but time."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench.spark_cluster import StandaloneCluster
+from bundle.images import decode
+from bundle.runtime import Bundle
+from cifar10.cli import main
+from scoring.inputs import read_inputs
+from scoring.local import Options, score
+from tests.conftest import CLASSES, REPO, png
+
+pytest.importorskip("pyspark")
+MODELS = REPO / "models"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with pytest.MonkeyPatch.context() as env, StandaloneCluster(workers=2, cores=1, memory="1g") as running:
+        env.setenv("SPARK_LOCAL_IP", "127.0.0.1")  # the driver too: nothing leaves the loopback
+        env.setenv("PYSPARK_PYTHON", sys.executable)  # executors need this project's requirements
+        yield running
+
+
+@pytest.fixture(scope="module")
+def spark(cluster):
+    """The test process as the driver of an application on the cluster, for the DataFrame API."""
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master(cluster.url).appName("tests")
+        .config("spark.sql.files.openCostInBytes", "512k")  # as `cifar10 score` packs small files: ~256 a task
+        .getOrCreate()
+    )  # fmt: skip
+    yield session
+    session.stop()
+
+
+def local_rows(source, output, model="cnn", topk=2) -> dict[str, dict]:
+    bundle = Bundle.load(MODELS / model)
+    options = Options(model, bundle.manifest.version, str(source), topk)
+    score(read_inputs(source, bundle.manifest.classes), bundle, output, options, workers=2)
+    return by_id(pq.read_table(output).to_pylist())
+
+
+def by_id(rows) -> dict[str, dict]:
+    return {r["id"]: r for r in rows}
+
+
+def assert_same_rows(spark: dict[str, dict], local: dict[str, dict]) -> None:
+    assert sorted(spark) == sorted(local)
+    for id_, row in spark.items():
+        expected = local[id_]
+        assert {k: v for k, v in row.items() if "probabilit" not in k} == {k: v for k, v in expected.items() if "probabilit" not in k}
+        assert row["probability"] == pytest.approx(expected["probability"], abs=1e-6) if expected["probability"] is not None else row["probability"] is None
+
+
+def spark_cli(source, output, cluster, *args) -> list[str]:
+    return ["score", str(source), "--model", "cnn", "--output", str(output), "--engine", "spark", "--master", cluster.url,
+            "--models-dir", str(MODELS), *args]  # fmt: skip
+
+
+def test_the_cli_scores_a_folder_on_the_cluster_like_the_local_engine(cluster, folder, tmp_path, capsys):
+    local = local_rows(folder, tmp_path / "local.parquet")
+    output = tmp_path / "spark.parquet"
+    assert main(spark_cli(folder, output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
+    assert "302 rows, 2 failed" in capsys.readouterr().out
+    assert (output / "_SUCCESS").is_file()
+    spark = by_id(pq.read_table(output).to_pylist())
+    assert "dog/empty.jpg" not in spark  # Spark's file sources skip empty files (docs/batch-scoring.md)
+    del local["dog/empty.jpg"]
+    assert_same_rows(spark, local)
+    assert "not an image" in spark["cat/broken.png"]["error"] and spark["cat/broken.png"]["label"] is None
+
+    assert main(spark_cli(folder, output, cluster, "--topk", "2")) == 0  # finished: nothing to do
+    assert "already complete" in capsys.readouterr().out
+    assert main(spark_cli(folder, output, cluster)) == 1  # other columns
+    assert "holds a finished run with other columns" in capsys.readouterr().err
+
+
+def test_the_cli_scores_a_parquet_table_of_bytes_on_the_cluster(cluster, folder, tmp_path, capsys):
+    files = sorted(folder.rglob("*.png"))
+    files = [p for p in files if p.name in ("broken.png", "notes.txt.png")] + files[:118]
+    table = pa.table({
+        "id": [str(p.relative_to(folder)) for p in files],
+        "image": [p.read_bytes() for p in files],
+        "label": [p.parent.name if p.parent.name in CLASSES else None for p in files],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "images.parquet")
+    local = local_rows(tmp_path / "images.parquet", tmp_path / "local.parquet")
+    assert main(spark_cli(tmp_path / "images.parquet", tmp_path / "spark.parquet", cluster, "--topk", "2")) == 0, capsys.readouterr().err
+    assert_same_rows(by_id(pq.read_table(tmp_path / "spark.parquet").to_pylist()), local)
+    assert sum(r["error"] is not None for r in local.values()) == 2  # cat/broken.png and notes.txt.png are in the table
+
+
+def test_a_rerun_after_a_failed_job_writes_the_output_again_without_duplicates(cluster, folder, tmp_path, capsys):
+    output = tmp_path / "spark.parquet"
+    output.mkdir()  # what a failed job leaves: part files, no _SUCCESS
+    pq.write_table(pa.table({"id": ["cat/0001.png"] * 3}), output / "part-00000-left-by-a-failed-job.parquet")
+    assert main(spark_cli(folder, output, cluster)) == 0, capsys.readouterr().err
+    assert "writing it again from scratch" in capsys.readouterr().err
+    ids = pq.read_table(output).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 302
+
+
+def test_the_dataframe_api_adds_the_bundles_predictions(spark, folder, tmp_path):
+    from scoring.spark import with_predictions
+
+    bundle = Bundle.load(MODELS / "cnn")
+    images = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(str(folder))
+    scored = with_predictions(images, MODELS / "cnn", topk=3, embeddings=True, knn=True, batch_size=64)
+    scored.drop("content").write.parquet(str(tmp_path / "scored.parquet"))
+    rows = sorted(pq.read_table(tmp_path / "scored.parquet").to_pylist(), key=lambda r: r["path"])
+    good = [r for r in rows if r["error"] is None]
+    assert len(rows) == 302 and {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == {"broken.png", "notes.txt.png"}
+    assert all(r[c] is None for r in rows if r["error"] for c in ("label", "topk_labels", "embedding", "knn_neighbours"))
+
+    pixels = np.stack([decode((folder / r["path"].split(str(folder) + "/")[1]).read_bytes()) for r in good])
+    offline = bundle.predict(pixels)
+    votes, _, neighbours, _ = bundle.knn(offline.embeddings, bundle.manifest.knn.k)
+    assert [r["index"] for r in good] == offline.probabilities.argmax(1).tolist()
+    assert np.allclose([r["probability"] for r in good], offline.probabilities.max(1), atol=1e-6)
+    assert np.allclose([r["embedding"] for r in good], offline.embeddings, atol=1e-5)
+    assert [r["topk_labels"][0] for r in good] == [r["label"] for r in good]
+    assert [r["knn_label"] for r in good] == [CLASSES[i] for i in votes.argmax(1)]
+    assert [r["knn_neighbours"] for r in good] == neighbours.tolist()
+
+    with pytest.raises(ValueError, match="already has the column"):
+        with_predictions(images.withColumnRenamed("length", "label"), MODELS / "cnn")
+    with pytest.raises(ValueError, match="must be binary"):
+        with_predictions(images, MODELS / "cnn", image_column="path")
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, cluster, cifar, tmp_path):
+    """2,000 images through the default bundle, 1 core per worker: long enough to kill one while both work."""
+    from scoring.spark import with_predictions
+
+    images, labels = cifar.test.images[:2000].permute(0, 2, 3, 1).numpy(), cifar.test.labels[:2000].numpy()
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        (tmp_path / "in" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / CLASSES[label] / f"{i:04d}.png").write_bytes(png(pixels))
+    killed = threading.Event()
+    context = spark.sparkContext
+
+    def kill_when_both_workers_are_busy():
+        deadline = time.monotonic() + 300
+        while not killed.is_set() and time.monotonic() < deadline:
+            for stage in filter(None, map(context.statusTracker().getStageInfo, context.statusTracker().getActiveStageIds())):
+                if stage.numCompletedTasks >= 1 and stage.numActiveTasks >= 2:
+                    cluster.kill_worker(1)
+                    killed.set()
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_both_workers_are_busy, daemon=True)
+    frame = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(tmp_path / "in"))
+    killer.start()
+    try:
+        with_predictions(frame, MODELS / "airbench").drop("content").write.parquet(str(tmp_path / "out.parquet"))
+    finally:
+        killed.set()
+        killer.join()
+    try:
+        assert cluster.workers[1].poll() is not None and cluster.alive_workers() == 1
+        table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+        assert (tmp_path / "out.parquet" / "_SUCCESS").is_file()
+        paths = [r["path"] for r in table]
+        assert len(paths) == len(set(paths)) == 2000 and all(r["error"] is None for r in table)
+        order = np.argsort([int(p.rsplit("/", 1)[1][:4]) for p in paths])
+        offline = Bundle.load(MODELS / "airbench").predict(images).probabilities.argmax(1)
+        assert np.array_equal(np.array([r["index"] for r in table])[order], offline)
+    finally:
+        cluster.start_worker()
+
+
+def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
+    """Executors without this project import the zip the job ships; the cluster above, on this machine,
+    would find the installed packages and hide a missing one."""
+    from scoring.spark import package_zip
+
+    archive = package_zip(tmp_path)
+    code = (
+        f"import sys; sys.path.insert(0, {str(archive)!r}); import scoring.spark, scoring.local, bundle.runtime; "
+        "print(scoring.spark.__file__, scoring.local.__file__, bundle.runtime.__file__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(path.startswith(str(archive)) for path in done.stdout.split()), done.stdout
