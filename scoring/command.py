@@ -41,13 +41,15 @@ def score_command(args: argparse.Namespace) -> None:
     except (BundleError, InputError, ScoringError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:
+        if args.engine == "spark":
+            raise Interrupted(f"interrupted; run the same command again to score everything into {args.output}") from None
         raise Interrupted(f"interrupted; finished chunks are kept: run the same command again to resume into {output}") from None
     if summary.rows == 0 and not summary.new:
-        print(f"{output} is already complete; nothing to do")
+        print(f"{args.output} is already complete; nothing to do")
         return
     accuracy = f", accuracy {summary.accuracy:.2%} on {summary.labelled:,} labelled" if summary.accuracy is not None else ""
     print(
-        f"wrote {output}: {summary.rows:,} rows, {summary.failed:,} failed{accuracy}; this run read {summary.new:,} "
+        f"wrote {args.output}: {summary.rows:,} rows, {summary.failed:,} failed{accuracy}; this run read {summary.new:,} "
         f"inputs ({summary.skipped:,} done before) at {summary.images_per_second:,.0f} images/s"
     )
     for failure in summary.failures:

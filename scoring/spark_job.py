@@ -55,10 +55,13 @@ def score_spark(
             print(f"{output} has no _SUCCESS marker: the output of a failed run; writing it again from scratch", file=sys.stderr)
         started = time.perf_counter()
         frame, images = input_frame(spark, source, columns, read_manifest(bundle_dir).classes)
-        scored = with_predictions(
-            frame, bundle_dir, topk=options.topk, embeddings=options.embeddings, knn=options.knn,
-            precision=options.precision, batch_size=chunk, **images,
-        )  # fmt: skip
+        try:
+            scored = with_predictions(
+                frame, bundle_dir, topk=options.topk, embeddings=options.embeddings, knn=options.knn,
+                precision=options.precision, batch_size=chunk, **images,
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. a CSV column of image bytes, which CSV cannot hold
+            raise InputError(f"{source}: {exc}") from None
         scored.select(*schema(options).names).write.mode("overwrite").parquet(output)
         return summarize(spark, output, time.perf_counter() - started)
     finally:
@@ -77,12 +80,14 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
         raise InputError(f"{source}: CIFAR-10 batch files are for --engine local")
     # ids are paths under the folder, or under the folder above a glob's first wildcard
     root = _uri(os.path.dirname(GLOB.split(source, 1)[0]) or "." if GLOB.search(source) else source.rstrip("/"))
-    images = (
+    reader = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")  # class folders are not Hive partitions
         .option("pathGlobFilter", suffix_glob())
-        .load(_uri(source))
     )  # fmt: skip
+    images = _read(lambda: reader.load(_uri(source)), source)
+    if not images.inputFiles():  # the driver's listing, no image opened
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {source}")
     path = F.regexp_replace(F.col("path"), "^file:///", "file:/")
     id_ = F.when(path.startswith(root + "/"), path.substr(len(root) + 2, 1 << 30)).otherwise(path)
     parent = F.element_at(F.split(id_, "/"), -2)
@@ -93,13 +98,10 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
 def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tuple[object, dict[str, str]]:
     from pyspark.sql import functions as F
 
-    try:
-        if source.lower().endswith(".parquet"):
-            frame = spark.read.parquet(_uri(source))
-        else:
-            frame = spark.read.option("header", True).option("inferSchema", False).csv(_uri(source))
-    except Exception as exc:  # Spark's AnalysisException: no such path, not a table
-        raise InputError(f"{source}: Spark cannot read it as a table ({str(exc).splitlines()[0]})") from None
+    if source.lower().endswith(".parquet"):
+        frame = _read(lambda: spark.read.parquet(_uri(source)), source)
+    else:
+        frame = _read(lambda: spark.read.option("header", True).csv(_uri(source)), source)
     names = frame.columns
     if columns.image in names:
         images, argument = F.col(columns.image).alias("content"), {"image_column": "content"}
@@ -117,6 +119,15 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
         )
     label = _true_label(frame, columns.label, classes) if columns.label in names else F.lit(None).cast("string")
     return frame.select(id_.alias("id"), label.alias("true_label"), images), argument
+
+
+def _read(load, source: str):
+    from pyspark.errors import AnalysisException
+
+    try:
+        return load()
+    except AnalysisException as exc:  # no such path, not a table
+        raise InputError(f"{source}: Spark cannot read it ({str(exc).splitlines()[0]})") from None
 
 
 def _true_label(frame, name: str, classes: tuple[str, ...]):
@@ -146,13 +157,21 @@ def _uri(location: str) -> str:
 
 
 def output_state(spark, output: str) -> str:
-    """'absent', 'complete' (Spark's _SUCCESS marker is there) or 'failed' (a folder without it)."""
+    """'absent', 'complete' (Spark's _SUCCESS marker is there) or 'failed' (part files without it).
+
+    Anything else at `output` is refused rather than overwritten: a file, or a folder holding more
+    than a Spark job writes."""
     jvm = spark.sparkContext._jvm  # Hadoop's FileSystem: the one view of any URI Spark writes to
     path = jvm.org.apache.hadoop.fs.Path(output)
     fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     if not fs.exists(path):
         return "absent"
-    return "complete" if fs.exists(jvm.org.apache.hadoop.fs.Path(path, "_SUCCESS")) else "failed"
+    if fs.exists(jvm.org.apache.hadoop.fs.Path(path, "_SUCCESS")):
+        return "complete"
+    names = [status.getPath().getName() for status in fs.listStatus(path)] if fs.getFileStatus(path).isDirectory() else None
+    if names is None or not all(name.startswith(("part-", "_", ".")) for name in names):
+        raise ScoringError(f"{output} exists and is not the output of a Spark job; choose another --output or remove it")
+    return "failed"
 
 
 def summarize(spark, output: str, seconds: float) -> Summary:

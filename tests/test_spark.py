@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import csv
 
 from bench.spark_cluster import StandaloneCluster
 from bundle.images import decode
@@ -88,22 +89,43 @@ def test_the_cli_scores_a_folder_on_the_cluster_like_the_local_engine(cluster, f
     assert "holds a finished run with other columns" in capsys.readouterr().err
 
 
-def test_the_cli_scores_a_parquet_table_of_bytes_on_the_cluster(cluster, folder, tmp_path, capsys):
+def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, cluster, folder, tmp_path, capsys):
+    """Parquet with image bytes, CSV with paths relative to the table: both as the local engine scores them.
+
+    The `spark` fixture's application is running, so the CLI joins it rather than starting its own."""
     files = sorted(folder.rglob("*.png"))
     files = [p for p in files if p.name in ("broken.png", "notes.txt.png")] + files[:118]
-    table = pa.table({
-        "id": [str(p.relative_to(folder)) for p in files],
-        "image": [p.read_bytes() for p in files],
-        "label": [p.parent.name if p.parent.name in CLASSES else None for p in files],
-    })  # fmt: skip
-    pq.write_table(table, tmp_path / "images.parquet")
-    local = local_rows(tmp_path / "images.parquet", tmp_path / "local.parquet")
-    assert main(spark_cli(tmp_path / "images.parquet", tmp_path / "spark.parquet", cluster, "--topk", "2")) == 0, capsys.readouterr().err
-    assert_same_rows(by_id(pq.read_table(tmp_path / "spark.parquet").to_pylist()), local)
-    assert sum(r["error"] is not None for r in local.values()) == 2  # cat/broken.png and notes.txt.png are in the table
+    ids = [str(p.relative_to(folder)) for p in files]
+    labels = [p.parent.name if p.parent.name in CLASSES else None for p in files]
+    pq.write_table(pa.table({"id": ids, "image": [p.read_bytes() for p in files], "label": labels}), tmp_path / "images.parquet")
+    csv.write_csv(pa.table({"id": ids, "path": ids, "label": [CLASSES.index(x) if x else None for x in labels]}), folder / "paths.csv")
+    for table in (tmp_path / "images.parquet", folder / "paths.csv"):
+        local = local_rows(table, tmp_path / f"local-{table.stem}.parquet")
+        output = tmp_path / f"spark-{table.stem}.parquet"
+        assert main(spark_cli(table, output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
+        assert_same_rows(by_id(pq.read_table(output).to_pylist()), local)
+        assert sum(r["error"] is not None for r in local.values()) == 2 and sum(r["true_label"] is not None for r in local.values()) == 119  # broken.png is in cat/
+    (folder / "paths.csv").unlink()
 
 
-def test_a_rerun_after_a_failed_job_writes_the_output_again_without_duplicates(cluster, folder, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("source", "output", "message"),
+    [
+        ("missing", "out.parquet", "Spark cannot read it"),
+        ("images", "images", "is not the output of a Spark job"),  # never overwritten
+        ("images", "out.csv", "writes Parquet"),
+        ("bytes.csv", "out.parquet", "must be binary"),
+    ],
+)
+def test_bad_spark_requests_are_one_line_errors(spark, cluster, folder, tmp_path, capsys, source, output, message):
+    csv.write_csv(pa.table({"image": ["not bytes"]}), tmp_path / "bytes.csv")
+    paths = {"images": folder, "missing": tmp_path / "missing"}
+    assert main(spark_cli(paths.get(source, tmp_path / source), paths.get(output, tmp_path / output), cluster)) == 1
+    assert message in capsys.readouterr().err
+    assert len(list(folder.rglob("*.png"))) == 302  # the folder is untouched
+
+
+def test_a_rerun_after_a_failed_job_writes_the_output_again_without_duplicates(spark, cluster, folder, tmp_path, capsys):
     output = tmp_path / "spark.parquet"
     output.mkdir()  # what a failed job leaves: part files, no _SUCCESS
     pq.write_table(pa.table({"id": ["cat/0001.png"] * 3}), output / "part-00000-left-by-a-failed-job.parquet")
@@ -142,10 +164,10 @@ def test_the_dataframe_api_adds_the_bundles_predictions(spark, folder, tmp_path)
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, cluster, cifar, tmp_path):
-    """2,000 images through the default bundle, 1 core per worker: long enough to kill one while both work."""
+    """1,000 images in tasks of 16: one worker is killed (with its executor) while both work."""
     from scoring.spark import with_predictions
 
-    images, labels = cifar.test.images[:2000].permute(0, 2, 3, 1).numpy(), cifar.test.labels[:2000].numpy()
+    images, labels = cifar.test.images[:1000].permute(0, 2, 3, 1).numpy(), cifar.test.labels[:1000].numpy()
     for i, (pixels, label) in enumerate(zip(images, labels)):
         (tmp_path / "in" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / CLASSES[label] / f"{i:04d}.png").write_bytes(png(pixels))
@@ -156,27 +178,28 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, c
         deadline = time.monotonic() + 300
         while not killed.is_set() and time.monotonic() < deadline:
             for stage in filter(None, map(context.statusTracker().getStageInfo, context.statusTracker().getActiveStageIds())):
-                if stage.numCompletedTasks >= 1 and stage.numActiveTasks >= 2:
+                if stage.numCompletedTasks >= 1 and stage.numActiveTasks >= 2 and not killed.is_set():
                     cluster.kill_worker(1)
                     killed.set()
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     killer = threading.Thread(target=kill_when_both_workers_are_busy, daemon=True)
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "8m")  # with the open cost of 512k: 16 files a task
     frame = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(tmp_path / "in"))
     killer.start()
     try:
-        with_predictions(frame, MODELS / "airbench").drop("content").write.parquet(str(tmp_path / "out.parquet"))
+        with_predictions(frame, MODELS / "cnn").drop("content").write.parquet(str(tmp_path / "out.parquet"))
     finally:
-        killed.set()
-        killer.join()
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+        killer.join(timeout=1)
     try:
-        assert cluster.workers[1].poll() is not None and cluster.alive_workers() == 1
-        table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+        assert killed.is_set() and cluster.workers[1].poll() is not None and cluster.alive_workers() == 1
         assert (tmp_path / "out.parquet" / "_SUCCESS").is_file()
+        table = pq.read_table(tmp_path / "out.parquet").to_pylist()
         paths = [r["path"] for r in table]
-        assert len(paths) == len(set(paths)) == 2000 and all(r["error"] is None for r in table)
+        assert len(paths) == len(set(paths)) == 1000 and all(r["error"] is None for r in table)
         order = np.argsort([int(p.rsplit("/", 1)[1][:4]) for p in paths])
-        offline = Bundle.load(MODELS / "airbench").predict(images).probabilities.argmax(1)
+        offline = Bundle.load(MODELS / "cnn").predict(images).probabilities.argmax(1)
         assert np.array_equal(np.array([r["index"] for r in table])[order], offline)
     finally:
         cluster.start_worker()
