@@ -2,6 +2,7 @@
 started from PySpark's own scripts. The CLI's Spark engine and the DataFrame API give the local
 engine's rows, corrupt files get error rows, and a worker killed mid-job costs nothing but time."""
 
+import fnmatch
 import subprocess
 import sys
 import threading
@@ -106,6 +107,14 @@ def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, clust
         assert_same_rows(by_id(pq.read_table(output).to_pylist()), local)
         assert sum(r["error"] is not None for r in local.values()) == 2 and sum(r["true_label"] is not None for r in local.values()) == 119  # broken.png is in cat/
     (folder / "paths.csv").unlink()
+
+
+def test_a_glob_reads_only_what_it_matches_with_ids_under_the_folder_above_it(spark, cluster, folder, tmp_path, capsys):
+    local = {id_: row for id_, row in local_rows(folder, tmp_path / "local.parquet").items() if fnmatch.fnmatch(id_, "*/00*.png")}
+    output = tmp_path / "spark.parquet"
+    assert main(spark_cli(f"{folder}/*/00*.png", output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
+    assert_same_rows(by_id(pq.read_table(output).to_pylist()), local)
+    assert len(local) == 100 and all(row["true_label"] == id_.split("/")[0] for id_, row in local.items())
 
 
 @pytest.mark.parametrize(
