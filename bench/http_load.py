@@ -83,17 +83,21 @@ HEADER = [
 
 
 async def load(
-    url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, model: str | None = None, warmup: float = 1.0
-) -> Result:
+    url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, model: str | None = None, warmup: float = 1.0,
+    requests: list[bytes] | None = None,
+) -> Result:  # fmt: skip
     """`concurrency` closed-loop clients for warmup + seconds; only the timed part is counted.
 
     Each client keeps one HTTP/1.1 connection and sends multipart requests encoded once before the
     run (plain asyncio streams, not httpx): on a small machine the client must leave the cores to
-    the server, and httpx encoding 64 files per request competed with it for them."""
+    the server, and httpx encoding 64 files per request competed with it for them. `requests`
+    replaces those forms with other encoded requests (bench.v2_load's tensors)."""
     latencies: list[float] = []
     errors = 0
-    count = max(1, min(len(blobs) // per_request, 256))
-    requests = [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
+    if requests is None:
+        count = max(1, min(len(blobs) // per_request, 256))
+        requests = [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
+    count = len(requests)
     start = time.perf_counter()
     counting_from, stop = start + warmup, start + warmup + seconds
 
@@ -131,9 +135,10 @@ def address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def http_request(url: str, target: str, content_type: str, body: bytes) -> bytes:
+def http_request(url: str, target: str, content_type: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
     host, port = address(url)
-    head = f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     return head.encode() + body
 
 

@@ -13,6 +13,7 @@ at once, with Retry-After, instead of waiting in an unbounded queue past its cli
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 ERROR_SCHEMA = {
     "title": "Error",
@@ -113,16 +114,16 @@ class ErrorAnswers:
 
 
 class Admission:
-    """At most `max_concurrency` requests to `paths` in flight; the next one gets 429 at once."""
+    """At most `max_concurrency` requests to the paths it `admits` in flight; the next one gets 429 at once."""
 
-    def __init__(self, app, paths: tuple[str, ...], max_concurrency: int):
+    def __init__(self, app, admits: Callable[[str], bool], max_concurrency: int):
         self.app = app
-        self.paths = paths
+        self.admits = admits
         self.max_concurrency = max_concurrency
         self.in_flight = 0  # one event loop per worker: no lock needed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or not self.admits(scope["path"]):
             return await self.app(scope, receive, send)
         if self.in_flight >= self.max_concurrency:
             message = f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY); retry later"

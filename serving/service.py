@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 
 from bundle.images import ImageError, decode
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
-from serving import boundary
+from serving import boundary, v2
 from serving.batching import Batcher
 from serving.errors import Admission, ErrorAnswers
 from serving.schemas import (
@@ -103,6 +103,7 @@ Images = Annotated[list[Upload], Field(min_length=1)]
 
 
 @bentoml.service(name="cifar10", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.asgi_app(v2.app)  # the Open Inference Protocol's /v2 routes, beside the image endpoints
 class CIFAR10:
     @bentoml.on_deployment
     def check_bundles() -> None:
@@ -142,9 +143,10 @@ class CIFAR10:
             pixels = await asyncio.to_thread(self._pixels, images)
         return await self.batchers[bundle.manifest.name].predict(pixels)
 
-    def _count(self, bundle: Bundle, labels: list[str]) -> None:
-        for label in labels:
-            self.predictions.labels(model=bundle.manifest.name, label=label).inc()
+    def count(self, bundle: Bundle, indices) -> None:
+        """The predictions metric: one per image, by the label answered."""
+        for i in indices:
+            self.predictions.labels(model=bundle.manifest.name, label=bundle.manifest.classes[i]).inc()
 
     def __is_ready__(self) -> bool:
         return bool(self.bundles)
@@ -177,7 +179,7 @@ class CIFAR10:
         bundle = self._bundle(model)
         probs = (await self._predict(bundle, images)).probabilities
         classes = bundle.manifest.classes
-        self._count(bundle, [classes[i] for i in probs.argmax(1)])
+        self.count(bundle, probs.argmax(1))
         return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
 
     @bentoml.api
@@ -189,7 +191,7 @@ class CIFAR10:
             raise BadInput(f"k must lie in 1..{len(classes)}, got {k}")
         probs = (await self._predict(bundle, images)).probabilities
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        self._count(bundle, [classes[row[0]] for row in order])
+        self.count(bundle, order[:, 0])
         return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
 
     @bentoml.api
@@ -235,7 +237,7 @@ boundary.apply()
 # The service's own middleware. BentoML stacks it innermost in this order, except Admission, which the
 # boundary moves outermost, just under BentoML's request metrics (serving/boundary.py shows the whole stack).
 CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
-CIFAR10.add_asgi_middleware(Admission, paths=ROUTES, max_concurrency=SETTINGS.max_concurrency)
+CIFAR10.add_asgi_middleware(Admission, admits=lambda path: path in ROUTES or v2.is_infer(path), max_concurrency=SETTINGS.max_concurrency)
 CIFAR10.add_asgi_middleware(
     Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),
     max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,

@@ -1,0 +1,86 @@
+"""The Open Inference Protocol's tensor path against in-process onnxruntime: what serving costs when
+clients send uint8 tensors (Triton's usual way) instead of images to decode.
+
+    python -m bench.v2_load --data-dir ../shared/data/cifar-10-batches-py [--models airbench cnn] [--rounds 3]
+
+For each bundle, `bentoml serve` starts with its defaults (that bundle only). Closed-loop clients
+POST /v2/models/{name}/infer with 64 images a request in the binary tensor data extension, asking
+for the calibrated probabilities as binary, at concurrency 1, 2 and 4; in-process is
+`Bundle.predict` on the same 64-image batches in this process while the server idles. The two
+alternate for --rounds rounds; the table gives medians and their ratio (best concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import REPO, SERVE, running
+from bench.http_load import http_request, load, machine, test_pngs
+from bundle.images import decode
+from bundle.runtime import Bundle
+
+PER_REQUEST = 64
+
+
+def v2_request(url: str, model: str, pixels: np.ndarray) -> bytes:
+    """One infer call, binary tensors in and out, encoded once."""
+    header = json.dumps({
+        "inputs": [{"name": "images", "shape": list(pixels.shape), "datatype": "UINT8", "parameters": {"binary_data_size": pixels.nbytes}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    return http_request(url, f"/v2/models/{model}/infer", "application/octet-stream", header + pixels.tobytes(), headers)
+
+
+def in_process_rate(bundle: Bundle, batches: list[np.ndarray], seconds: float) -> float:
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for batch in batches:
+            bundle.predict(batch)
+            count += len(batch)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="data/cifar-10-batches-py")
+    parser.add_argument("--models", nargs="+", default=["airbench", "cnn"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    pixels = np.stack([decode(blob) for blob in test_pngs(Path(args.data_dir), 256)])
+    batches = [pixels[i : i + PER_REQUEST] for i in range(0, len(pixels), PER_REQUEST)]
+    print(f"machine: {machine()}; {PER_REQUEST} CIFAR-10 test images a request, binary tensors; medians of {args.rounds} rounds")
+    rows = []
+    for model in args.models:
+        (REPO / "logs").mkdir(exist_ok=True)
+        with running(SERVE, REPO / "logs" / f"v2-{model}.log", env={"CIFAR10_MODELS": model}) as server:
+            bundle = Bundle.load(REPO / "models" / model)  # as the service loads it: onnxruntime's own thread count
+            requests = [v2_request(server.url, model, batch) for batch in batches]
+            local, served = [], {c: [] for c in args.concurrency}
+            for _ in range(args.rounds):
+                local.append(in_process_rate(bundle, batches, args.seconds))
+                for concurrency in args.concurrency:
+                    result = asyncio.run(load(server.url, [], PER_REQUEST, concurrency, args.seconds, requests=requests))
+                    assert result.errors == 0, f"{result.errors} failed requests"
+                    served[concurrency].append(len(result.latencies) * PER_REQUEST / result.seconds)
+            ceiling = statistics.median(local)
+            for concurrency, rates in served.items():
+                rows.append((model, concurrency, statistics.median(rates), ceiling))
+    print("\n| bundle | concurrency | V2 infer, images/s | in-process onnxruntime, images/s | V2 / in-process |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for model, concurrency, rate, ceiling in rows:
+        print(f"| `{model}` | {concurrency} | {rate:,.0f} | {ceiling:,.0f} | {rate / ceiling:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The Open Inference Protocol (KServe V2, Triton's HTTP/REST API), so the field's clients work unchanged.
+
+    GET  /v2                               server metadata
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/{name}[/versions/{v}]            model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer      tensors in, tensors out
+
+Infer takes the bundle's own input, uint8 `images` [N, 32, 32, 3] (no image decoding: for clients
+that pre-process), as JSON `data` or in the binary tensor data extension
+(`Inference-Header-Content-Length`: the JSON header's length, the raw tensors after it). It answers
+`logits`, `probabilities` (the bundle's calibrated ones) and `embedding`, all or those asked for
+with `outputs`, each as JSON or binary (`parameters.binary_data`, or `binary_data_output` for all).
+Requests go through the same batcher, limits and load shedding as the image endpoints; every error
+is the protocol's `{"error": "..."}` with a 4xx. Spec: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bundle.runtime import Bundle
+
+INPUT = "images"
+OUTPUTS = ("logits", "probabilities", "embedding")
+HEADER_LENGTH = "inference-header-content-length"
+INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
+
+
+class ProtocolError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def is_infer(path: str) -> bool:
+    """Whether `path` is an infer call: those are admitted (load shedding) like the image endpoints."""
+    return INFER.fullmatch(path) is not None
+
+
+def _error(exc: ProtocolError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+def _service():
+    return bentoml.get_current_service()
+
+
+def _bundle(request: Request) -> Bundle:
+    service = _service()
+    name, version = request.path_params["name"], request.path_params.get("version")
+    if name not in service.bundles:
+        raise ProtocolError(f"unknown model {name!r}; loaded: {', '.join(service.bundles)}", 404)
+    bundle = service.bundles[name]
+    if version is not None and version != bundle.manifest.version:
+        raise ProtocolError(f"model {name!r} has version {bundle.manifest.version!r}, not {version!r}", 404)
+    return bundle
+
+
+async def live(request: Request) -> Response:
+    return JSONResponse({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    is_ready = bool(_service().bundles)
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+async def server_metadata(request: Request) -> Response:
+    return JSONResponse({"name": "cifar10", "version": bentoml.__version__, "extensions": ["binary_tensor_data"]})
+
+
+async def model_metadata(request: Request) -> Response:
+    try:
+        bundle = _bundle(request)
+    except ProtocolError as exc:
+        return _error(exc)
+    classes = len(bundle.manifest.classes)
+    return JSONResponse({
+        "name": bundle.manifest.name,
+        "versions": [bundle.manifest.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, bundle.manifest.embedding_dim]},
+        ],
+    })  # fmt: skip
+
+
+async def model_ready(request: Request) -> Response:
+    try:
+        bundle = _bundle(request)
+    except ProtocolError as exc:
+        return _error(exc)
+    return JSONResponse({"name": bundle.manifest.name, "ready": True})
+
+
+async def infer(request: Request) -> Response:
+    try:
+        bundle = _bundle(request)
+        service = _service()
+        body = await _body(request, service.settings.max_request_bytes)
+        header, tensors = _split(body, request.headers.get(HEADER_LENGTH))
+        pixels = _images(header, tensors, service.settings.max_images)
+        wanted = _wanted_outputs(header)
+    except ProtocolError as exc:
+        return _error(exc)
+    prediction = await service.batchers[bundle.manifest.name].predict(pixels)
+    service.count(bundle, prediction.probabilities.argmax(1))
+    return _answer(bundle, header, wanted, {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings})
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes whatever Content-Length says."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"request of {int(declared):,} bytes; at most {limit:,} (CIFAR10_MAX_REQUEST_BYTES)", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"request over {limit:,} bytes (CIFAR10_MAX_REQUEST_BYTES)", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the binary tensor data after it."""
+    if header_length is None:
+        length = len(body)
+    elif not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
+        raise ProtocolError(f"Inference-Header-Content-Length must be a byte count within the body's {len(body):,}, got {header_length!r}")
+    else:
+        length = int(header_length)
+    try:
+        header = json.loads(body[:length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"the inference request is not JSON ({exc}); binary tensors go after it, with Inference-Header-Content-Length") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise ProtocolError('the inference request must be a JSON object with a list of "inputs"')
+    return header, body[length:]
+
+
+def _images(header: dict[str, Any], tensors: bytes, max_images: int) -> np.ndarray:
+    inputs = header["inputs"]
+    if len(inputs) != 1 or not isinstance(inputs[0], dict) or inputs[0].get("name") != INPUT:
+        raise ProtocolError(f'one input, "{INPUT}" (uint8 [N, 32, 32, 3]), is expected; got {len(inputs)}')
+    tensor = inputs[0]
+    if tensor.get("datatype") != "UINT8":
+        raise ProtocolError(f'input "{INPUT}" must have datatype UINT8, got {tensor.get("datatype")!r}')
+    shape = tensor.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape) and shape[1:] == [32, 32, 3]):
+        raise ProtocolError(f'input "{INPUT}" must have shape [N, 32, 32, 3], got {shape!r}')
+    if not 1 <= shape[0] <= max_images:
+        raise ProtocolError(f"{shape[0]} images in one request; 1 to {max_images} (CIFAR10_MAX_IMAGES)")
+    size = int(np.prod(shape))
+    parameters = tensor.get("parameters") or {}
+    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if binary_size is not None:
+        if binary_size != size or len(tensors) != size:
+            raise ProtocolError(f"{size:,} bytes of binary tensor data expected for shape {shape}; binary_data_size says {binary_size!r} and the body has {len(tensors):,}")
+        return np.frombuffer(tensors, dtype=np.uint8).reshape(shape)
+    if tensors:
+        raise ProtocolError(f'{len(tensors):,} bytes after the JSON header, but input "{INPUT}" has no binary_data_size')
+    try:
+        data = np.asarray(tensor.get("data")).reshape(-1)
+    except ValueError:  # ragged nesting
+        data = np.asarray([])
+    if data.dtype.kind not in "iu" or data.size != size or data.min() < 0 or data.max() > 255:
+        raise ProtocolError(f'input "{INPUT}" needs {size:,} integers 0..255 for shape {shape}, got {data.size:,}')
+    return data.astype(np.uint8).reshape(shape)
+
+
+def _wanted_outputs(header: dict[str, Any]) -> dict[str, bool]:
+    """{output name: as binary} for the outputs asked for (all when none are)."""
+    parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
+    binary_all = bool(parameters.get("binary_data_output", False))
+    asked = header.get("outputs")
+    if asked is None:
+        return {name: binary_all for name in OUTPUTS}
+    if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
+        raise ProtocolError(f'"outputs" must list outputs among {", ".join(OUTPUTS)}')
+    return {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_all)) for o in asked}
+
+
+def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, bool], values: dict[str, np.ndarray]) -> Response:
+    outputs, blobs = [], []
+    for name, binary in wanted.items():
+        array = np.ascontiguousarray(values[name], dtype=np.float32)
+        tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if binary:
+            blobs.append(array.tobytes())
+            tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        outputs.append(tensor)
+    answer = {"model_name": bundle.manifest.name, "model_version": bundle.manifest.version, "outputs": outputs}
+    if "id" in header:
+        answer["id"] = header["id"]
+    text = json.dumps(answer).encode()
+    if not blobs:
+        return Response(text, media_type="application/json")
+    return Response(text + b"".join(blobs), media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(text))})
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (a GET to infer: 405) in the protocol's error shape."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code, headers=exc.headers)
+
+
+MODEL = "/v2/models/{name}"
+VERSION = "/v2/models/{name}/versions/{version}"
+app = Starlette(
+    routes=[
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        *[Route(prefix, model_metadata) for prefix in (MODEL, VERSION)],
+        *[Route(prefix + "/ready", model_ready) for prefix in (MODEL, VERSION)],
+        *[Route(prefix + "/infer", infer, methods=["POST"]) for prefix in (MODEL, VERSION)],
+    ],
+    exception_handlers={HTTPException: http_error},
+)

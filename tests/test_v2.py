@@ -1,0 +1,121 @@
+"""The Open Inference Protocol on a real `bentoml serve`, spoken by Triton's own client, `tritonclient[http]`."""
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.harness import SERVE, running
+from bundle.runtime import Bundle
+from tests.conftest import REPO
+
+tritonclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MAX_REQUEST_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    env = dict(CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MODELS="cnn", CIFAR10_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES))
+    with running(SERVE, tmp_path_factory.mktemp("serve") / "serve.log", env=env) as served:
+        yield served.url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with tritonclient.InferenceServerClient(server.removeprefix("http://")) as triton:
+        yield triton
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return Bundle.load(REPO / "models" / "cnn")
+
+
+@pytest.fixture(scope="module")
+def images(cifar):
+    return cifar.test.images[:64].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def test_health_and_metadata(client, bundle):
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    assert client.is_model_ready("cnn") and client.is_model_ready("cnn", model_version=bundle.manifest.version)
+    assert not client.is_model_ready("cnn", model_version="another") and not client.is_model_ready("resnet")
+    metadata = client.get_model_metadata("cnn")
+    assert metadata["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+    assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
+        ("logits", [-1, 10]), ("probabilities", [-1, 10]), ("embedding", [-1, bundle.manifest.embedding_dim])
+    ]  # fmt: skip
+    with pytest.raises(InferenceServerException, match="unknown model 'resnet'"):
+        client.get_model_metadata("resnet")
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary tensors", "JSON tensors"])
+def test_tritonclients_answers_equal_the_bundles(client, bundle, images, binary):
+    tensor = tritonclient.InferInput("images", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    outputs = [tritonclient.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "embedding", "logits")]
+    result = client.infer("cnn", [tensor], outputs=outputs, request_id="batch-1")
+    offline = bundle.predict(images)
+    assert result.get_response()["id"] == "batch-1" and result.get_response()["model_version"] == bundle.manifest.version
+    assert np.allclose(result.as_numpy("probabilities"), offline.probabilities, atol=1e-6)
+    assert np.allclose(result.as_numpy("logits"), offline.logits, atol=1e-5)
+    assert np.allclose(result.as_numpy("embedding"), offline.embeddings, atol=1e-5)
+    assert (result.as_numpy("probabilities").argmax(1) == offline.probabilities.argmax(1)).all()
+
+
+def test_outputs_can_be_chosen_and_default_to_all(client, images):
+    tensor = tritonclient.InferInput("images", [2, 32, 32, 3], "UINT8")
+    tensor.set_data_from_numpy(images[:2])
+    everything = client.infer("cnn", [tensor])  # no outputs named: all of them, as binary
+    assert {o["name"] for o in everything.get_response()["outputs"]} == {"logits", "probabilities", "embedding"}
+    one = client.infer("cnn", [tensor], outputs=[tritonclient.InferRequestedOutput("probabilities")])
+    assert [o["name"] for o in one.get_response()["outputs"]] == ["probabilities"]
+
+
+def infer(server, header: dict, binary: bytes = b"", header_length: str | None = None) -> httpx.Response:
+    text = json.dumps(header).encode()
+    headers = {"Inference-Header-Content-Length": header_length if header_length is not None else str(len(text))} if binary or header_length else {}
+    return httpx.post(f"{server}/v2/models/cnn/infer", content=text + binary, headers=headers, timeout=30)
+
+
+def tensor(shape, datatype="UINT8", **parameters) -> dict:
+    return {"inputs": [{"name": "images", "shape": shape, "datatype": datatype, **parameters}]}
+
+
+ONE = bytes(3072)
+
+
+@pytest.mark.parametrize(
+    ("header", "binary", "header_length", "status", "message"),
+    [
+        (tensor([1, 32, 32, 3], "FP32", parameters={"binary_data_size": 3072}), ONE, None, 400, "datatype UINT8"),
+        (tensor([1, 32, 32], parameters={"binary_data_size": 3072}), ONE, None, 400, "shape [N, 32, 32, 3]"),
+        (tensor([0, 32, 32, 3], data=[]), b"", None, 400, "1 to 64"),
+        (tensor([65, 32, 32, 3], parameters={"binary_data_size": 65 * 3072}), bytes(65 * 3072), None, 400, "1 to 64"),
+        (tensor([2, 32, 32, 3], parameters={"binary_data_size": 6144}), ONE, None, 400, "binary tensor data expected"),
+        (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "999999", 400, "Inference-Header-Content-Length"),
+        (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "ten", 400, "Inference-Header-Content-Length"),
+        (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "20", 400, "not JSON"),
+        (tensor([1, 32, 32, 3], data=[300] * 3072), b"", None, 400, "integers 0..255"),
+        (tensor([1, 32, 32, 3], data=["a"] * 3072), b"", None, 400, "integers 0..255"),
+        (tensor([1, 32, 32, 3], data=[1] * 10), b"", None, 400, "integers 0..255"),
+        (tensor([1, 32, 32, 3], data=[1] * 3072) | {"outputs": [{"name": "softmax"}]}, b"", None, 400, "outputs"),
+        ({"inputs": "images"}, b"", None, 400, "list of"),
+        (tensor([20, 32, 32, 3], parameters={"binary_data_size": 20 * 3072}), bytes(20 * 3072) * 20, None, 413, "CIFAR10_MAX_REQUEST_BYTES"),
+    ],
+)
+def test_bad_tensors_are_4xx_with_the_protocols_error(server, header, binary, header_length, status, message):
+    answer = infer(server, header, binary, header_length)
+    assert answer.status_code == status and message in answer.json()["error"], answer.text
+
+
+def test_wrong_routes_and_methods_answer_in_the_protocols_shape(server):
+    assert httpx.get(f"{server}/v2/models/cnn/infer").status_code == 405
+    assert "error" in httpx.get(f"{server}/v2/models/cnn/infer").json()
+    answer = httpx.post(f"{server}/v2/models/resnet/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072))
+    assert answer.status_code == 404 and "unknown model" in answer.json()["error"]
+    assert httpx.post(f"{server}/v2/models/cnn/versions/another/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072)).status_code == 404
