@@ -22,6 +22,7 @@ import hashlib
 import shutil
 import tempfile
 import zipfile
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,15 @@ from scoring.local import Options, predict_columns, record_pixels, schema
 
 EXECUTOR_PACKAGES = ("bundle", "scoring")  # what a Python worker imports to score a batch
 
-_STAGING = Path(tempfile.mkdtemp(prefix="cifar10-spark-"))  # the driver serves these files to executors until it exits
-atexit.register(shutil.rmtree, _STAGING, True)
 _shipped: set[tuple[str, str]] = set()  # (Spark application id, file name): each is added to a job once
+
+
+@cache
+def _staging() -> Path:
+    """Where the driver keeps the files it serves to executors, until it exits (made on the driver only)."""
+    folder = Path(tempfile.mkdtemp(prefix="cifar10-spark-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def with_predictions(
@@ -153,12 +160,12 @@ def ship(context, folder: Path) -> str:
     """Add the bundle (as an archive) and the executors' code to the job; the name executors find the bundle under."""
     digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
     alias = f"{folder.resolve().name}-{digest}"  # another bundle version is another archive
-    archive = _STAGING / f"{alias}.zip"
+    archive = _staging() / f"{alias}.zip"
     if (context.applicationId, archive.name) not in _shipped:
         shutil.make_archive(str(archive.with_suffix("")), "zip", folder)
         context.addArchive(f"{archive}#{alias}")
         _shipped.add((context.applicationId, archive.name))
-    code = package_zip(_STAGING)
+    code = package_zip(_staging())
     if (context.applicationId, code.name) not in _shipped:
         context.addPyFile(str(code))
         _shipped.add((context.applicationId, code.name))

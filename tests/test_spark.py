@@ -3,6 +3,9 @@ started from PySpark's own scripts. The CLI's Spark engine and the DataFrame API
 engine's rows, corrupt files get error rows, and a worker killed mid-job costs nothing but time."""
 
 import fnmatch
+import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import csv
 
-from bench.spark_cluster import StandaloneCluster
+from bench.spark_cluster import StandaloneCluster, spark_home
 from bundle.images import decode
 from bundle.runtime import Bundle
 from cifar10.cli import main
@@ -212,6 +215,26 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, c
         assert np.array_equal(np.array([r["index"] for r in table])[order], offline)
     finally:
         cluster.start_worker()
+
+
+def test_the_docs_spark_submit_example_runs_on_a_cluster(folder, tmp_path):
+    """docs/batch-scoring.md's with_predictions script, through spark-submit, with local paths for its s3a:// ones.
+
+    On a cluster of its own: the module's cluster is held by the `spark` fixture's application,
+    which a standalone master gives every core, so a second application would wait for one."""
+    page = (REPO / "docs" / "batch-scoring.md").read_text()
+    script = re.search(r"```python\n(# score_photos.py\n.*?)```", page, re.DOTALL).group(1)
+    photos = shutil.copytree(folder, tmp_path / "photos", ignore=shutil.ignore_patterns("*.csv"))  # what other tests left aside
+    script = script.replace("s3a://bucket/photos/", str(photos)).replace("s3a://bucket/scored.parquet", str(tmp_path / "scored.parquet"))
+    (tmp_path / "score_photos.py").write_text(script.replace('"models/airbench"', repr(str(MODELS / "airbench"))))
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    with StandaloneCluster(workers=1, cores=2, memory="1g") as cluster:
+        submit = [str(spark_home() / "bin" / "spark-submit"), "--master", cluster.url, str(tmp_path / "score_photos.py")]
+        done = subprocess.run(submit, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "scored.parquet").to_pylist()
+    assert len(rows) == 302 and sum(r["error"] is None for r in rows) == 300  # the empty file has no row: docs say so
+    assert all(len(r["topk_labels"]) == 3 for r in rows if r["error"] is None)
 
 
 def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
