@@ -87,8 +87,9 @@ def main() -> None:
     options = Options(args.model, bundle.manifest.version, str(folder))
     scorer = Bundle.load(bundle_dir, spinning=False)  # as `cifar10 score` loads it
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if not args.master:  # a cluster on this machine: the driver too stays on the loopback
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         master = args.master or stack.enter_context(StandaloneCluster(workers=2, cores=1)).url
         cluster = f"cifar10 score --engine spark, {'cluster ' + args.master if args.master else 'standalone cluster, 2 workers x 1 core'}"
         rates: dict[str, list[float]] = {"cifar10 score --engine local": [], cluster: []}

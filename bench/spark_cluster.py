@@ -60,11 +60,11 @@ class StandaloneCluster:
     def _spawn(self, name: str, cls: str, *args: str) -> subprocess.Popen:
         if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
             raise RuntimeError("Spark needs Java 17 or newer: install it (apt-get install default-jre-headless) or set JAVA_HOME")
-        log = open(self.folder / f"{name}.log", "wb")
-        return subprocess.Popen(
-            [str(spark_home() / "bin" / "spark-class"), cls, *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # a group: it and its executors
-        )  # fmt: skip
+        with open(self.folder / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                [str(spark_home() / "bin" / "spark-class"), cls, *args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # a group: it and its executors
+            )  # fmt: skip
 
     def start_worker(self) -> None:
         n = len(self.workers)

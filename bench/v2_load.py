@@ -7,7 +7,7 @@ For each bundle, `bentoml serve` starts with its defaults (that bundle only). Cl
 POST /v2/models/{name}/infer with 64 images a request in the binary tensor data extension, asking
 for the calibrated probabilities as binary, at concurrency 1, 2 and 4; in-process is
 `Bundle.predict` on the same 64-image batches in this process while the server idles. The two
-alternate for --rounds rounds; the table gives medians and their ratio (best concurrency).
+alternate for --rounds rounds; the table gives medians and their ratio at each concurrency.
 """
 
 from __future__ import annotations

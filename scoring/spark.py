@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import re
 import shutil
 import tempfile
 import zipfile
@@ -72,7 +73,7 @@ def with_predictions(
     if not 0 <= topk <= len(manifest.classes) or batch_size < 1:
         raise ValueError(f"topk must lie in 0..{len(manifest.classes)} and batch_size be at least 1, got {topk} and {batch_size}")
     predicted = prediction_schema(options)
-    clash = sorted(set(predicted.names) & set(frame.columns))
+    clash = sorted({n.lower() for n in predicted.names} & {c.lower() for c in frame.columns})  # Spark ignores case by default
     if clash:
         raise ValueError(f"the DataFrame already has the column(s) {', '.join(clash)} that predictions add; rename them first (withColumnRenamed)")
 
@@ -159,7 +160,7 @@ def _as_array(values: list, is_list: bool) -> np.ndarray:
 def ship(context, folder: Path) -> str:
     """Add the bundle (as an archive) and the executors' code to the job; the name executors find the bundle under."""
     digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:12]
-    alias = f"{folder.resolve().name}-{digest}"  # another bundle version is another archive
+    alias = re.sub(r"[^A-Za-z0-9._-]", "_", f"{folder.resolve().name}-{digest}")  # another version, another archive; a URI fragment
     archive = _staging() / f"{alias}.zip"
     if (context.applicationId, archive.name) not in _shipped:
         shutil.make_archive(str(archive.with_suffix("")), "zip", folder)

@@ -3,8 +3,8 @@
     cifar10 score INPUT --model NAME --output OUT.parquet --engine spark [--master spark://host:7077]
 
 Executors read the inputs, so the driver never touches an image: folders and globs through Spark's
-`binaryFile` source, tables through Spark's Parquet and CSV readers; any Hadoop file system URI
-works (`hdfs://`, `s3a://`, `file:/`). Spark writes the output, a Parquet folder of part files,
+`binaryFile` source, tables through Spark's Parquet and CSV readers, at any Hadoop file system URI
+(`hdfs://`, `s3a://`, `file:/`); the paths in a table of paths are opened as local files. Spark writes the output, a Parquet folder of part files,
 through its commit protocol: `_SUCCESS` appears only when every row is in. A re-run finds the
 folder complete (nothing to do) or left by a failed run (written again from scratch: the output
 never holds a row twice).
@@ -23,6 +23,7 @@ from scoring.local import Options, ScoringError, Summary, schema
 from scoring.spark import with_predictions
 
 GLOB = re.compile(r"[*?\[{]")
+SPARK_OUTPUT = re.compile(r"\.?part-.*|_temporary|_started_.*|_committed_.*|\._SUCCESS\.crc")  # what a job leaves before _SUCCESS
 # Spark packs small files into a partition up to 128 MB, counting each at this many bytes: about
 # 256 images a task, so tasks are short enough to spread evenly and cheap to redo after a failure
 OPEN_COST = "512k"
@@ -73,7 +74,7 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
     """A DataFrame of (id, true_label, the images as bytes or paths), and with_predictions' argument naming the images' column."""
     from pyspark.sql import functions as F
 
-    suffix = source.lower().rsplit(".", 1)[-1]
+    suffix = source.rstrip("/").lower().rsplit(".", 1)[-1]
     if suffix in ("parquet", "csv"):
         return _table(spark, source, columns, classes)
     if re.fullmatch(r".*(data_batch_\d+|test_batch)", source):
@@ -86,7 +87,7 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
         .option("pathGlobFilter", suffix_glob())
     )  # fmt: skip
     images = _read(lambda: reader.load(_uri(source)), source)
-    if not images.inputFiles():  # the driver's listing, no image opened
+    if images.select("path").isEmpty():  # binaryFile reads no content for a query without it
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {source}")
     path = F.regexp_replace(F.col("path"), "^file:///", "file:/")
     id_ = F.when(path.startswith(root + "/"), path.substr(len(root) + 2, 1 << 30)).otherwise(path)
@@ -98,7 +99,7 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
 def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tuple[object, dict[str, str]]:
     from pyspark.sql import functions as F
 
-    if source.lower().endswith(".parquet"):
+    if source.rstrip("/").lower().endswith(".parquet"):
         frame = _read(lambda: spark.read.parquet(_uri(source)), source)
     else:
         frame = _read(lambda: spark.read.option("header", True).csv(_uri(source)), source)
@@ -107,9 +108,12 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
         images, argument = F.col(columns.image).alias("content"), {"image_column": "content"}
         id_ = F.col(columns.id).cast("string") if columns.id in names else F.concat(F.lit("row "), F.monotonically_increasing_id().cast("string"))
     elif columns.path in names:  # relative paths are relative to the table's folder, as in the local engine
+        if not _uri(source).startswith("file:"):
+            raise InputError(f"{source}: executors open a table's paths as local files; give a local table, or a column of image bytes")
         column = F.col(columns.path)
         folder = _uri(source).rsplit("/", 1)[0].removeprefix("file:")
-        path = F.when(column.startswith("/"), column).otherwise(F.concat(F.lit(folder + "/"), column))
+        local = F.regexp_replace(column, "^file:(//)?", "")
+        path = F.when(local.startswith("/"), local).otherwise(F.concat(F.lit(folder + "/"), column))
         images, argument = path.alias("path"), {"path_column": "path"}
         id_ = F.col(columns.id).cast("string") if columns.id in names else path
     else:
@@ -122,12 +126,15 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
 
 
 def _read(load, source: str):
+    from py4j.protocol import Py4JJavaError
     from pyspark.errors import AnalysisException
 
     try:
         return load()
     except AnalysisException as exc:  # no such path, not a table
         raise InputError(f"{source}: Spark cannot read it ({str(exc).splitlines()[0]})") from None
+    except Py4JJavaError as exc:  # e.g. a URI scheme without its Hadoop file system (s3a:// needs hadoop-aws)
+        raise InputError(f"{source}: Spark cannot read it ({str(exc.java_exception).splitlines()[0]})") from None
 
 
 def _true_label(frame, name: str, classes: tuple[str, ...]):
@@ -161,15 +168,20 @@ def output_state(spark, output: str) -> str:
 
     Anything else at `output` is refused rather than overwritten: a file, or a folder holding more
     than a Spark job writes."""
+    from py4j.protocol import Py4JJavaError
+
     jvm = spark.sparkContext._jvm  # Hadoop's FileSystem: the one view of any URI Spark writes to
     path = jvm.org.apache.hadoop.fs.Path(output)
-    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    try:
+        fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    except Py4JJavaError as exc:  # e.g. s3a:// without hadoop-aws on the class path
+        raise ScoringError(f"{output}: Spark has no file system for it ({str(exc.java_exception).splitlines()[0]})") from None
     if not fs.exists(path):
         return "absent"
     if fs.exists(jvm.org.apache.hadoop.fs.Path(path, "_SUCCESS")):
         return "complete"
     names = [status.getPath().getName() for status in fs.listStatus(path)] if fs.getFileStatus(path).isDirectory() else None
-    if names is None or not all(name.startswith(("part-", "_", ".")) for name in names):
+    if names is None or not all(SPARK_OUTPUT.fullmatch(name) for name in names):
         raise ScoringError(f"{output} exists and is not the output of a Spark job; choose another --output or remove it")
     return "failed"
 

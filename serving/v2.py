@@ -17,6 +17,7 @@ is the protocol's `{"error": "..."}` with a 4xx. Spec: https://kserve.github.io/
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -35,6 +36,8 @@ INPUT = "images"
 OUTPUTS = ("logits", "probabilities", "embedding")
 HEADER_LENGTH = "inference-header-content-length"
 INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
+IMAGE_VALUES = 32 * 32 * 3
+INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a thread, so that the event loop goes on answering
 
 
 class ProtocolError(Exception):
@@ -111,10 +114,11 @@ async def infer(request: Request) -> Response:
     try:
         bundle = _bundle(request)
         service = _service()
-        body = await _body(request, service.settings.max_request_bytes)
-        header, tensors = _split(body, request.headers.get(HEADER_LENGTH))
-        pixels = _images(header, tensors, service.settings.max_images)
-        wanted = _wanted_outputs(header)
+        settings = service.settings
+        # the largest valid request: max_images tensors as JSON text ("255," per value) and a header
+        body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * 4))
+        parse = lambda: _parse(body, request.headers.get(HEADER_LENGTH), settings.max_images)  # noqa: E731
+        header, pixels, wanted = parse() if len(body) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse)
     except ProtocolError as exc:
         return _error(exc)
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
@@ -122,16 +126,21 @@ async def infer(request: Request) -> Response:
     return _answer(bundle, header, wanted, {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings})
 
 
+def _parse(body: bytes, header_length: str | None, max_images: int) -> tuple[dict[str, Any], np.ndarray, dict[str, bool]]:
+    header, tensors = _split(body, header_length)
+    return header, _images(header, tensors, max_images), _wanted_outputs(header)
+
+
 async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes whatever Content-Length says."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ProtocolError(f"request of {int(declared):,} bytes; at most {limit:,} (CIFAR10_MAX_REQUEST_BYTES)", 413)
+        raise ProtocolError(f"request of {int(declared):,} bytes; at most {limit:,} (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ProtocolError(f"request over {limit:,} bytes (CIFAR10_MAX_REQUEST_BYTES)", 413)
+            raise ProtocolError(f"request over {limit:,} bytes (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -146,7 +155,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         length = int(header_length)
     try:
         header = json.loads(body[:length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError(f"the inference request is not JSON ({exc}); binary tensors go after it, with Inference-Header-Content-Length") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ProtocolError('the inference request must be a JSON object with a list of "inputs"')
@@ -174,9 +183,10 @@ def _images(header: dict[str, Any], tensors: bytes, max_images: int) -> np.ndarr
         return np.frombuffer(tensors, dtype=np.uint8).reshape(shape)
     if tensors:
         raise ProtocolError(f'{len(tensors):,} bytes after the JSON header, but input "{INPUT}" has no binary_data_size')
+    values = tensor.get("data")
     try:
-        data = np.asarray(tensor.get("data")).reshape(-1)
-    except ValueError:  # ragged nesting
+        data = np.asarray(values if not isinstance(values, list) or len(values) in (size, shape[0]) else []).reshape(-1)
+    except (ValueError, RecursionError):  # ragged or absurdly deep nesting
         data = np.asarray([])
     if data.dtype.kind not in "iu" or data.size != size or data.min() < 0 or data.max() > 255:
         raise ProtocolError(f'input "{INPUT}" needs {size:,} integers 0..255 for shape {shape}, got {data.size:,}')
@@ -190,8 +200,10 @@ def _wanted_outputs(header: dict[str, Any]) -> dict[str, bool]:
     asked = header.get("outputs")
     if asked is None:
         return {name: binary_all for name in OUTPUTS}
-    if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
-        raise ProtocolError(f'"outputs" must list outputs among {", ".join(OUTPUTS)}')
+    if not isinstance(asked, list) or not all(
+        isinstance(o, dict) and o.get("name") in OUTPUTS and isinstance(o.get("parameters", {}), dict) for o in asked
+    ):
+        raise ProtocolError(f'"outputs" must list outputs among {", ".join(OUTPUTS)}, each with an optional "parameters" object')
     return {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_all)) for o in asked}
 
 

@@ -103,13 +103,15 @@ def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, clust
     labels = [p.parent.name if p.parent.name in CLASSES else None for p in files]
     pq.write_table(pa.table({"id": ids, "image": [p.read_bytes() for p in files], "label": labels}), tmp_path / "images.parquet")
     csv.write_csv(pa.table({"id": ids, "path": ids, "label": [CLASSES.index(x) if x else None for x in labels]}), folder / "paths.csv")
-    for table in (tmp_path / "images.parquet", folder / "paths.csv"):
-        local = local_rows(table, tmp_path / f"local-{table.stem}.parquet")
-        output = tmp_path / f"spark-{table.stem}.parquet"
-        assert main(spark_cli(table, output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
-        assert_same_rows(by_id(pq.read_table(output).to_pylist()), local)
-        assert sum(r["error"] is not None for r in local.values()) == 2 and sum(r["true_label"] is not None for r in local.values()) == 119  # broken.png is in cat/
-    (folder / "paths.csv").unlink()
+    try:
+        for table in (tmp_path / "images.parquet", folder / "paths.csv"):
+            local = local_rows(table, tmp_path / f"local-{table.stem}.parquet")
+            output = tmp_path / f"spark-{table.stem}.parquet"
+            assert main(spark_cli(table, output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
+            assert_same_rows(by_id(pq.read_table(output).to_pylist()), local)
+            assert sum(r["error"] is not None for r in local.values()) == 2 and sum(r["true_label"] is not None for r in local.values()) == 119  # broken.png is in cat/
+    finally:
+        (folder / "paths.csv").unlink()
 
 
 def test_a_glob_reads_only_what_it_matches_with_ids_under_the_folder_above_it(spark, cluster, folder, tmp_path, capsys):
@@ -125,16 +127,18 @@ def test_a_glob_reads_only_what_it_matches_with_ids_under_the_folder_above_it(sp
     [
         ("missing", "out.parquet", "Spark cannot read it"),
         ("images", "images", "is not the output of a Spark job"),  # never overwritten
+        ("images", "dotfiles", "is not the output of a Spark job"),
         ("images", "out.csv", "writes Parquet"),
         ("bytes.csv", "out.parquet", "must be binary"),
     ],
 )
 def test_bad_spark_requests_are_one_line_errors(spark, cluster, folder, tmp_path, capsys, source, output, message):
     csv.write_csv(pa.table({"image": ["not bytes"]}), tmp_path / "bytes.csv")
+    (tmp_path / "dotfiles" / ".git").mkdir(parents=True)
     paths = {"images": folder, "missing": tmp_path / "missing"}
     assert main(spark_cli(paths.get(source, tmp_path / source), paths.get(output, tmp_path / output), cluster)) == 1
     assert message in capsys.readouterr().err
-    assert len(list(folder.rglob("*.png"))) == 302  # the folder is untouched
+    assert len(list(folder.rglob("*.png"))) == 302 and (tmp_path / "dotfiles" / ".git").is_dir()  # nothing removed
 
 
 def test_a_rerun_after_a_failed_job_writes_the_output_again_without_duplicates(spark, cluster, folder, tmp_path, capsys):

@@ -105,12 +105,19 @@ ONE = bytes(3072)
         (tensor([1, 32, 32, 3], data=[1] * 10), b"", None, 400, "integers 0..255"),
         (tensor([1, 32, 32, 3], data=[1] * 3072) | {"outputs": [{"name": "softmax"}]}, b"", None, 400, "outputs"),
         ({"inputs": "images"}, b"", None, 400, "list of"),
+        (tensor([1, 32, 32, 3], data=[1] * 3072) | {"outputs": [{"name": "logits", "parameters": []}]}, b"", None, 400, "outputs"),
         (tensor([20, 32, 32, 3], parameters={"binary_data_size": 20 * 3072}), bytes(20 * 3072) * 20, None, 413, "CIFAR10_MAX_REQUEST_BYTES"),
     ],
 )
 def test_bad_tensors_are_4xx_with_the_protocols_error(server, header, binary, header_length, status, message):
     answer = infer(server, header, binary, header_length)
     assert answer.status_code == status and message in answer.json()["error"], answer.text
+
+
+def test_a_header_nested_past_pythons_recursion_limit_is_a_400(server):
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = httpx.post(f"{server}/v2/models/cnn/infer", content=deep, timeout=30)
+    assert answer.status_code == 400 and "not JSON" in answer.json()["error"]
 
 
 def test_wrong_routes_and_methods_answer_in_the_protocols_shape(server):
