@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.images import DEFAULT_LIMITS
-from bundle.runtime import Bundle, BundleError, verify
+from bundle.runtime import Bundle, verify
 from scoring.inputs import Record
 from scoring.local import Options, predict_columns, record_pixels, schema
 
@@ -64,10 +64,7 @@ def with_predictions(
     from pyspark.sql.pandas.types import from_arrow_schema
 
     folder = Path(bundle)
-    try:
-        manifest, _ = verify(folder, precision)  # on the driver first: a clear error before any task runs
-    except FileNotFoundError as exc:
-        raise BundleError(f"{folder}: not a bundle folder ({exc})") from exc
+    manifest, _ = verify(folder, precision)  # on the driver first: a clear BundleError before any task runs
     options = Options(folder.name, manifest.version, "", topk, embeddings, knn, precision)
     column = _input_column(frame, image_column, path_column)
     if not 0 <= topk <= len(manifest.classes) or batch_size < 1:

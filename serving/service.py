@@ -39,7 +39,7 @@ from serving.schemas import (
     UploadScore,
 )
 from serving.settings import Settings
-from serving.uploads import Bodies, Upload, upload_bytes
+from serving.uploads import INLINE_BYTES, Bodies, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -95,7 +95,6 @@ def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundl
     return bundle
 
 
-INLINE_DECODE_BYTES = 256 * 1024  # a request's uploads up to this size decode on the event loop (_predict)
 SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
 ROUTES = ("/classify", "/topk", "/embed", "/knn")
 # at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
@@ -137,7 +136,7 @@ class CIFAR10:
         The endpoints are coroutines: a request waits for its batch without holding a thread, with
         less Python work per request than a thread hand-off (docs/performance.md). Small uploads, such as CIFAR-10's own images, decode on the event
         loop (about 60 µs each); larger ones in a thread, so that the loop goes on answering."""
-        if sum(upload.size or 0 for upload in images) <= INLINE_DECODE_BYTES:
+        if sum(upload.size or 0 for upload in images) <= INLINE_BYTES:
             pixels = self._pixels(images)
         else:
             pixels = await asyncio.to_thread(self._pixels, images)

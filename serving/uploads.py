@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 
 from serving.errors import send_error
 
+INLINE_BYTES = 256 * 1024  # a request body up to this size is decoded or parsed on the event loop; a larger one in a thread
 RAW_TYPES = ("image/", "application/octet-stream")
 # what BentoML parses into parameters; no Content-Type at all is read as JSON
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")

@@ -31,13 +31,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bundle.runtime import Bundle
+from serving.uploads import INLINE_BYTES
 
 INPUT = "images"
 OUTPUTS = ("logits", "probabilities", "embedding")
 HEADER_LENGTH = "inference-header-content-length"
 INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 IMAGE_VALUES = 32 * 32 * 3
-INLINE_PARSE_BYTES = 256 * 1024  # larger bodies are parsed in a thread, so that the event loop goes on answering
 
 
 class ProtocolError(Exception):
@@ -51,7 +51,7 @@ def is_infer(path: str) -> bool:
     return INFER.fullmatch(path) is not None
 
 
-def _error(exc: ProtocolError) -> JSONResponse:
+async def protocol_error(request: Request, exc: ProtocolError) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
@@ -84,10 +84,7 @@ async def server_metadata(request: Request) -> Response:
 
 
 async def model_metadata(request: Request) -> Response:
-    try:
-        bundle = _bundle(request)
-    except ProtocolError as exc:
-        return _error(exc)
+    bundle = _bundle(request)
     classes = len(bundle.manifest.classes)
     return JSONResponse({
         "name": bundle.manifest.name,
@@ -103,24 +100,17 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    try:
-        bundle = _bundle(request)
-    except ProtocolError as exc:
-        return _error(exc)
+    bundle = _bundle(request)
     return JSONResponse({"name": bundle.manifest.name, "ready": True})
 
 
 async def infer(request: Request) -> Response:
-    try:
-        bundle = _bundle(request)
-        service = _service()
-        settings = service.settings
-        # the largest valid request: max_images tensors as JSON text ("255," per value) and a header
-        body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * 4))
-        parse = lambda: _parse(body, request.headers.get(HEADER_LENGTH), settings.max_images)  # noqa: E731
-        header, pixels, wanted = parse() if len(body) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse)
-    except ProtocolError as exc:
-        return _error(exc)
+    bundle, service = _bundle(request), _service()
+    settings = service.settings
+    # the largest valid request: max_images tensors as JSON text ("255," per value) and a header
+    body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * 4))
+    parse = lambda: _parse(body, request.headers.get(HEADER_LENGTH), settings.max_images)  # noqa: E731
+    header, pixels, wanted = parse() if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse)
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
     service.count(bundle, prediction.probabilities.argmax(1))
     return _answer(bundle, header, wanted, {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings})
@@ -243,5 +233,5 @@ app = Starlette(
         *[Route(prefix + "/ready", model_ready) for prefix in (MODEL, VERSION)],
         *[Route(prefix + "/infer", infer, methods=["POST"]) for prefix in (MODEL, VERSION)],
     ],
-    exception_handlers={HTTPException: http_error},
+    exception_handlers={HTTPException: http_error, ProtocolError: protocol_error},
 )

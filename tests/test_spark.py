@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import csv
 
+from bench.score_throughput import write_pngs
 from bench.spark_cluster import StandaloneCluster, spark_home
 from bundle.images import decode
-from bundle.runtime import Bundle
+from bundle.runtime import Bundle, BundleError
 from cifar10.cli import main
 from scoring.inputs import read_inputs
 from scoring.local import Options, score
-from tests.conftest import CLASSES, REPO, png
+from tests.conftest import CLASSES, REPO
 
 pytest.importorskip("pyspark")
 MODELS = REPO / "models"
@@ -177,6 +178,10 @@ def test_the_dataframe_api_adds_the_bundles_predictions(spark, folder, tmp_path)
         with_predictions(images.withColumnRenamed("length", "label"), MODELS / "cnn")
     with pytest.raises(ValueError, match="must be binary"):
         with_predictions(images, MODELS / "cnn", image_column="path")
+    with pytest.raises(ValueError, match="topk must lie in 0..10"):
+        with_predictions(images, MODELS / "cnn", topk=11)
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        with_predictions(images, tmp_path / "no-bundle")
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, cluster, cifar, tmp_path):
@@ -184,9 +189,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, c
     from scoring.spark import with_predictions
 
     images, labels = cifar.test.images[:1000].permute(0, 2, 3, 1).numpy(), cifar.test.labels[:1000].numpy()
-    for i, (pixels, label) in enumerate(zip(images, labels)):
-        (tmp_path / "in" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / CLASSES[label] / f"{i:04d}.png").write_bytes(png(pixels))
+    write_pngs(tmp_path / "in", images, labels, CLASSES)
     killed = threading.Event()
     context = spark.sparkContext
 
@@ -214,7 +217,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_complete(spark, c
         table = pq.read_table(tmp_path / "out.parquet").to_pylist()
         paths = [r["path"] for r in table]
         assert len(paths) == len(set(paths)) == 1000 and all(r["error"] is None for r in table)
-        order = np.argsort([int(p.rsplit("/", 1)[1][:4]) for p in paths])
+        order = np.argsort([int(p.rsplit("/", 1)[1].removesuffix(".png")) for p in paths])
         offline = Bundle.load(MODELS / "cnn").predict(images).probabilities.argmax(1)
         assert np.array_equal(np.array([r["index"] for r in table])[order], offline)
     finally:
