@@ -72,8 +72,22 @@ def running(
                 raise RuntimeError(f"{command[:4]} was not ready within 90 s; its log:\n{log.read_text()[-3000:]}")
             yield Server(url, process)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s; then any process it started and left behind (LitServe's workers outlive
+    a terminated server), so that no stray process takes the cores from the next measurement."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(children, timeout=3)
+    for child in alive:
+        child.kill()

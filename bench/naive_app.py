@@ -5,7 +5,7 @@ the network in one eager fp32 forward under `torch.inference_mode()`, no batchin
 
     BENCH_BUNDLE=models/cnn python -m bench.naive_app --port 8000 --workers 2
 
-which is `uvicorn bench.naive_app:app --workers 2` without uvicorn's 40 ms per answer (see serve()).
+which is `uvicorn bench.naive_app:app --workers 2` without uvicorn's 40 ms per answer (bench/nodelay.py).
 
 It builds the bundle's architecture (with the bundle's test-time augmentation, so it does the
 same arithmetic per image) from `training.models`, with the trained weights of BENCH_RUN if given,
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,9 +28,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from uvicorn import Config
-from uvicorn.supervisors import Multiprocess
 
+from bench.nodelay import serve
 from bundle.runtime import read_manifest
 from training.models import TestTimeAugmentation, build_model
 
@@ -56,7 +54,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 async def classify(request: Request) -> Response:
     form = await request.form()
     try:
-        images = [Image.open(io.BytesIO(await upload.read())).convert("RGB").resize((32, 32)) for upload in form.getlist("images")]
+        images = [
+            Image.open(io.BytesIO(await upload.read())).convert("RGB").resize((32, 32)) for upload in form.getlist("images")
+        ]
     except Exception as exc:
         return JSONResponse({"error": f"not an image: {exc}"}, status_code=400)
     if not images:
@@ -66,7 +66,9 @@ async def classify(request: Request) -> Response:
         probabilities = request.app.state.model(pixels).softmax(1)
     confidence, index = probabilities.max(1)
     classes = request.app.state.classes
-    return JSONResponse([{"label": classes[i], "confidence": float(c)} for i, c in zip(index.tolist(), confidence.tolist(), strict=True)])
+    return JSONResponse(
+        [{"label": classes[i], "confidence": float(c)} for i, c in zip(index.tolist(), confidence.tolist(), strict=True)]
+    )
 
 
 async def ready(request: Request) -> Response:
@@ -76,26 +78,9 @@ async def ready(request: Request) -> Response:
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/readyz", ready)], lifespan=lifespan)
 
 
-def serve(port: int, workers: int) -> None:
-    """`uvicorn bench.naive_app:app --workers N`, with Nagle's algorithm off as uvicorn means it to be.
-
-    uvicorn binds the socket it shares among workers without IPPROTO_TCP, so asyncio does not set
-    TCP_NODELAY on its connections and every answer on a kept-alive connection waits about 40 ms
-    for the client's delayed ACK (uvicorn issue #3149, open). A baseline slowed by that would
-    flatter us: bind the socket as uvicorn's single-process path does."""
-    config = Config("bench.naive_app:app", host="127.0.0.1", port=port, workers=workers)
-    Multiprocess(config, sockets=[tcp_listener(config)]).run()
-
-
-def tcp_listener(config: Config) -> socket.socket:
-    """uvicorn's listening socket, declared TCP: asyncio then sets TCP_NODELAY on each connection."""
-    bound = config.bind_socket()
-    return socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    serve(args.port, args.workers)
+    serve("bench.naive_app:app", args.port, args.workers)

@@ -1,0 +1,34 @@
+"""uvicorn's multi-worker launch with Nagle's algorithm off, for the benchmark's peer servers.
+
+uvicorn binds the socket it shares among workers without IPPROTO_TCP, so asyncio does not set
+TCP_NODELAY on its connections, and every answer on a kept-alive connection waits about 40 ms
+for the client's delayed ACK (uvicorn issue #3149, open). LitServe binds its socket the same way.
+A peer slowed by that would flatter us: each peer here binds its socket as uvicorn's
+single-process path does.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from uvicorn import Config
+from uvicorn.supervisors import Multiprocess
+
+_bind = Config.bind_socket  # uvicorn's own, kept for tcp_listener once declare_tcp() has replaced it
+
+
+def tcp_listener(config: Config) -> socket.socket:
+    """uvicorn's listening socket, declared TCP: asyncio then sets TCP_NODELAY on each connection."""
+    bound = _bind(config)
+    return socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+
+
+def serve(app: str, port: int, workers: int) -> None:
+    """`uvicorn APP --workers N` on 127.0.0.1, sharing one TCP_NODELAY socket."""
+    config = Config(app, host="127.0.0.1", port=port, workers=workers)
+    Multiprocess(config, sockets=[tcp_listener(config)]).run()
+
+
+def declare_tcp() -> None:
+    """Make every later uvicorn Config bind its socket as tcp_listener does (for servers that bind their own, as LitServe)."""
+    Config.bind_socket = tcp_listener

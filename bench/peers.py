@@ -1,0 +1,134 @@
+"""Our service against the servers a user would otherwise run, single-image requests, all in one run.
+
+    pip install -e ".[bench]"      # LitServe, for its row
+    python -m bench.peers --data-dir ../shared/data/cifar-10-batches-py [--models airbench cnn] [--rounds 3]
+
+For each bundle, each server starts in turn and bench.http_load's closed-loop clients post one
+CIFAR-10 test PNG per request to its /classify (the same multipart form for all) at each
+concurrency, for --seconds after a one-second warm-up; then the next server. Rounds alternate
+the servers, since this machine's speed swings between minutes. The servers:
+
+- ours: `bentoml serve` with its defaults, and with the settings `--advised` names for a bundle
+  (a worker per core for the study CNN, as the README advises);
+- minimal: bench/minimal_app.py, Starlette + onnxruntime in 2 uvicorn workers, one `session.run`
+  per request;
+- LitServe: bench/litserve_app.py, LitServe + onnxruntime, 2 workers, batches of up to 32.
+
+Printed: each measurement as it comes, then per bundle a table of median requests/s (p50 / p99 ms)
+at each concurrency, the servers' memory, and ours against each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import REPO, SERVE, running
+from bench.http_load import load, machine, test_pngs
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def peers(bundle: str, advised: dict[str, str]) -> list[Peer]:
+    folder = {"BENCH_BUNDLE": str(REPO / "models" / bundle)}
+    found = [Peer("ours, defaults", SERVE)]
+    if advised:
+        found.append(Peer(f"ours, {' '.join(f'{k}={v}' for k, v in advised.items())}", SERVE, advised))
+    found.append(
+        Peer(
+            "minimal Starlette + onnxruntime",
+            [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--workers", "2"],
+            folder,
+        )
+    )
+    try:
+        import litserve  # noqa: F401  # a bench-only extra
+    except ImportError:
+        print("LitServe is not installed (pip install -e '.[bench]'): its row is left out", file=sys.stderr)
+    else:
+        command = [sys.executable, "-m", "bench.litserve_app", "--port", "{port}", "--workers", "2", "--batch", "32"]
+        found.append(Peer("LitServe + onnxruntime", command, folder))
+    return found
+
+
+@dataclass
+class Measured:
+    rates: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    def cell(self) -> str:
+        return f"{statistics.median(self.rates):,.0f} ({statistics.median(self.p50):.1f} / {statistics.median(self.p99):.0f})"
+
+
+def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argparse.Namespace) -> None:
+    measured: dict[tuple[str, int], Measured] = {}
+    memory: dict[str, list[float]] = {}
+    for round_ in range(1, args.rounds + 1):
+        for peer in servers:
+            log = REPO / "logs" / f"peers_{peer.command[2].rsplit('.', 1)[-1]}.log"
+            with running(peer.command, log, env=peer.env) as server:
+                for concurrency in args.concurrency:
+                    result = asyncio.run(load(server.url, blobs, 1, concurrency, args.seconds, bundle))
+                    m = measured.setdefault((peer.name, concurrency), Measured())
+                    m.rates.append(len(result.latencies) / result.seconds)
+                    m.p50.append(np.percentile(result.latencies, 50) * 1000 if result.latencies else float("nan"))
+                    m.p99.append(np.percentile(result.latencies, 99) * 1000 if result.latencies else float("nan"))
+                    m.errors += result.errors
+                    print(f"{bundle} | round {round_} | {peer.name} | c={concurrency} | {m.rates[-1]:,.1f} req/s | "
+                          f"p50 {m.p50[-1]:.1f} ms | p99 {m.p99[-1]:.1f} ms | errors {result.errors}", flush=True)  # fmt: skip
+                memory.setdefault(peer.name, []).append(server.rss / 2**20)
+    print(f"\n`{bundle}`, single-image requests: median requests/s (p50 / p99 ms) of {args.rounds} alternating rounds")
+    print("| server | " + " | ".join(f"concurrency {c}" for c in args.concurrency) + " | memory | errors |")
+    print("| --- |" + " ---: |" * (len(args.concurrency) + 2))
+    for peer in servers:
+        cells = [measured[(peer.name, c)].cell() for c in args.concurrency]
+        errors = sum(measured[(peer.name, c)].errors for c in args.concurrency)
+        print(f"| {peer.name} | {' | '.join(cells)} | {statistics.median(memory[peer.name]):,.0f} MiB | {errors} |")
+    for ours in (p for p in servers if p.name.startswith("ours")):
+        for other in (p for p in servers if not p.name.startswith("ours")):
+            ratios = [
+                statistics.median(measured[(ours.name, c)].rates) / max(statistics.median(measured[(other.name, c)].rates), 1e-9)
+                for c in args.concurrency
+            ]
+            print(f"| {ours.name} / {other.name} | {' | '.join(f'{r:.2f}×' for r in ratios)} | | |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
+    parser.add_argument("--models", nargs="+", default=["airbench", "cnn"])
+    parser.add_argument("--advised", nargs="*", default=["cnn:CIFAR10_WORKERS=2"], metavar="BUNDLE:KEY=VALUE",
+                        help="settings for a second row of ours, per bundle (default: the README's advice for the CNN)")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
+    args = parser.parse_args()
+
+    advised: dict[str, dict[str, str]] = {}
+    for item in args.advised:
+        bundle, setting = item.split(":", 1)
+        key, value = setting.split("=", 1)
+        advised.setdefault(bundle, {})[key] = value
+    blobs = test_pngs(Path(args.data_dir), 1000)
+    (REPO / "logs").mkdir(exist_ok=True)
+    print(f"machine: {machine()}; {args.rounds} rounds of {args.seconds:g} s per measurement")
+    for bundle in args.models:
+        run_bundle(bundle, peers(bundle, advised.get(bundle, {})), blobs, args)
+
+
+if __name__ == "__main__":
+    main()
