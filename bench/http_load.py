@@ -63,8 +63,12 @@ class Result:
     per_request: int
     concurrency: int
     seconds: float
-    latencies: list[float]
-    errors: int
+    latencies: list[float]  # of the answers with status 200
+    statuses: collections.Counter  # every other answer by status; 0: no answer (refused, reset, timed out)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.statuses.values())
 
     def row(self) -> str:
         done = len(self.latencies) + self.errors
@@ -86,14 +90,14 @@ async def load(
     url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, model: str | None = None, warmup: float = 1.0,
     requests: list[bytes] | None = None,
 ) -> Result:  # fmt: skip
-    """`concurrency` closed-loop clients for warmup + seconds; only the timed part is counted.
+    """`concurrency` closed-loop clients for warmup + seconds; only answers that arrive in the timed part are counted.
 
     Each client keeps one HTTP/1.1 connection and sends multipart requests encoded once before the
     run (plain asyncio streams, not httpx): on a small machine the client must leave the cores to
     the server, and httpx encoding 64 files per request competed with it for them. `requests`
     replaces those forms with other encoded requests (bench.v2_load's tensors)."""
     latencies: list[float] = []
-    errors = 0
+    statuses: collections.Counter = collections.Counter()
     if requests is None:
         count = max(1, min(len(blobs) // per_request, 256))
         requests = [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
@@ -102,7 +106,6 @@ async def load(
     counting_from, stop = start + warmup, start + warmup + seconds
 
     async def client_loop(offset: int) -> None:
-        nonlocal errors
         connection, i = None, offset
         while (now := time.perf_counter()) < stop:
             try:
@@ -114,16 +117,16 @@ async def load(
             if not keep and connection:
                 connection[1].close()
                 connection = None
-            if now >= counting_from:
+            if counting_from <= (done := time.perf_counter()) <= stop:  # answers within the timed window: a rate without edge effects
                 if status == 200:
-                    latencies.append(time.perf_counter() - now)
+                    latencies.append(done - now)
                 else:
-                    errors += 1
+                    statuses[status] += 1
         if connection:
             connection[1].close()
 
     await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
-    return Result(per_request, concurrency, seconds, latencies, errors)
+    return Result(per_request, concurrency, seconds, latencies, statuses)
 
 
 # how a connection fails under the clients below: refused, reset, closed mid-answer, a garbled status line, a timeout

@@ -1,10 +1,10 @@
 """uvicorn's multi-worker launch with Nagle's algorithm off, for the benchmark's peer servers.
 
-uvicorn binds the socket it shares among workers without IPPROTO_TCP, so asyncio does not set
-TCP_NODELAY on its connections, and every answer on a kept-alive connection waits about 40 ms
-for the client's delayed ACK (uvicorn issue #3149, open). LitServe binds its socket the same way.
-A peer slowed by that would flatter us: each peer here binds its socket as uvicorn's
-single-process path does.
+uvicorn releases before the fix of its issue #3149 bind the socket they share among workers
+without IPPROTO_TCP, so asyncio does not set TCP_NODELAY on its connections, and every answer on
+a kept-alive connection waits about 40 ms for the client's delayed ACK. LitServe binds its
+socket through uvicorn's Config too. A peer slowed by that would flatter us: each peer here
+binds its socket declared TCP, whatever the uvicorn release.
 """
 
 from __future__ import annotations

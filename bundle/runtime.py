@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import joblib
 import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
-from sklearn.pipeline import Pipeline
 
 from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,13 @@ def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     return options
 
 
+def open_session(model_path: Path, providers: list[str] | None, threads: int | None, spinning: bool) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), session_options(threads, spinning), providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+        raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from exc
+
+
 # Images per onnxruntime call: activation memory grows with the batch (times the views of test-time
 # augmentation), and beyond a few hundred images the rate no longer does (docs/performance.md).
 PREDICT_CHUNK = 256
@@ -151,9 +161,11 @@ def verify(folder: Path, precision: str = "fp32") -> tuple[Manifest, Variant | N
 class Bundle:
     """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
 
-    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, head: Pipeline, chosen: Variant | None = None):
-        self.folder, self.manifest, self.session, self.head = folder, manifest, session, head
-        self.providers = session.get_providers()  # what onnxruntime really uses, not what was asked
+    def __init__(
+        self, folder: Path, manifest: Manifest, sessions: list[ort.InferenceSession], head: Pipeline, chosen: Variant | None = None
+    ):
+        self.folder, self.manifest, self.sessions, self.head = folder, manifest, sessions, head
+        self.providers = sessions[0].get_providers()  # what onnxruntime really uses, not what was asked
         self.precision = chosen.precision if chosen else "fp32"
         self.test_accuracy = chosen.test_accuracy if chosen else manifest.accuracy.onnx  # of the graph in use
         self.robustness = chosen.robustness if chosen else manifest.robustness  # of the graph in use
@@ -161,36 +173,49 @@ class Bundle:
     @classmethod
     def load(
         cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, precision: str = "fp32",
-        spinning: bool = True,
+        spinning: bool = True, sessions: int = 1,
     ) -> Bundle:
         """precision 'int8' loads the bundle's int8 variant (MissingVariant where it has none).
 
         spinning: onnxruntime's threads spin-wait for the next call (its default), which is fastest when
         nothing else needs the cores; False lets them sleep, for a process whose Python work shares the
-        cores with them (docs/performance.md)."""
+        cores with them (docs/performance.md).
+        sessions: beyond 1, that many more onnxruntime sessions of the graph (`predict(images, session=i)`,
+        i = 1..sessions), which split the threads among them, for calls that run at once; session 0 has
+        them all, for a call that runs alone (serving/batching.py). None are added with fewer threads
+        than sessions."""
         folder = Path(folder)
         manifest, chosen = verify(folder, precision)  # before the pickle below is opened
         model_path = folder / (chosen.file if chosen else MODEL_FILE)
-        try:
-            session = ort.InferenceSession(str(model_path), session_options(threads, spinning), providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-            raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from exc
-        check_graph(model_path, session, manifest)
+        split = (threads or os.cpu_count() or 1) // sessions  # threads None: onnxruntime's choice, about a core each
+        opened = [open_session(model_path, providers, t, spinning) for t in [threads] + [split] * (sessions if sessions > 1 and split else 0)]
+        check_graph(model_path, opened[0], manifest)
+        # imported here, not above: scikit-learn costs a process about 150 MiB, and BentoML's supervisor
+        # imports the service (so this module) without ever loading a bundle
+        import joblib
+        from sklearn.pipeline import Pipeline
+
         head = joblib.load(folder / KNN_FILE)
         if not isinstance(head, Pipeline):
             raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
-        bundle = cls(folder, manifest, session, head, chosen)
+        bundle = cls(folder, manifest, opened, head, chosen)
         asked = providers or ["CPUExecutionProvider"]
         log.info("bundle %s (%s) from %s: provider in use %s (asked for %s)", manifest.name, precision, folder, bundle.providers[0], asked)
         return bundle
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them; any N, in bounded memory."""
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.sessions[0]
+
+    def predict(self, images: np.ndarray, session: int = 0) -> Prediction:
+        """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them; any N, in bounded memory.
+        Calls on different sessions run at once, each on its own threads; calls on the same one share them."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
         if len(images) <= PREDICT_CHUNK:
-            return Prediction(*self.session.run(OUTPUTS, {"images": images}))
-        return Prediction.concatenate([self.predict(images[i : i + PREDICT_CHUNK]) for i in range(0, len(images), PREDICT_CHUNK)])
+            return Prediction(*self.sessions[session].run(OUTPUTS, {"images": images}))
+        chunks = range(0, len(images), PREDICT_CHUNK)
+        return Prediction.concatenate([self.predict(images[i : i + PREDICT_CHUNK], session) for i in chunks])
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""

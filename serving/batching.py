@@ -1,10 +1,17 @@
 """Adaptive batching: concurrent requests for one bundle share a single onnxruntime call.
 
 Requests (coroutines on a worker's event loop) put their decoded images on a queue and await
-their rows; one thread per bundle takes everything queued (up to max_batch_size images, waiting
+their rows; an executor thread takes everything queued (up to max_batch_size images, waiting
 at most max_latency_ms for more once it has some), runs one inference, and hands each request
 its rows. Idle, a request runs at once; under load, batches grow by themselves while the
 previous one computes.
+
+A bundle loaded with `sessions` > 1 (CIFAR10_SESSIONS) gets that many executors, all taking from
+the one queue (Triton's instance groups). An executor that finds no other computing runs its
+batch on the session with every thread, so a lone request gets every core; one that starts while
+another computes runs on its own session, of its share of the threads. Under load the batches
+then run side by side, each on one core, which beats one batch on all cores for small networks,
+and the cores stay busy while Python splits one batch's answers and gathers the next.
 
 BentoML's own batching (`batchable=True`) merges only HTTP calls to an endpoint whose single
 parameter is the batch; ours take a list of uploads plus `model` and `k`, so the merge happens
@@ -31,7 +38,11 @@ class Batcher:
         self.max_latency = max_latency_ms / 1000
         self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()  # bounded upstream: CIFAR10_MAX_CONCURRENCY requests per worker
         self.on_batch = on_batch or (lambda size: None)  # e.g. a histogram of batch sizes
-        threading.Thread(target=self._run, name=f"batcher-{bundle.manifest.name}", daemon=True).start()
+        self.computing = 0  # batches running now, counted under the lock
+        self.lock = threading.Lock()
+        own = range(1, len(bundle.sessions)) or [0]  # each executor's session; 0 has every thread
+        for session in own:
+            threading.Thread(target=self._run, args=(session,), name=f"batcher-{bundle.manifest.name}-{session}", daemon=True).start()
 
     async def predict(self, images: np.ndarray) -> Prediction:
         """The rows of `images` from the next batch; the caller's event loop goes on meanwhile."""
@@ -51,18 +62,24 @@ class Batcher:
             size += len(item[0])
         return batch
 
-    def _run(self) -> None:
+    def _run(self, session: int) -> None:
         while True:
             # a request abandoned while queued (its client gone, its time out) is dropped, not computed
             batch = [(images, future) for images, future in self._collect() if future.set_running_or_notify_cancel()]
             if not batch:
                 continue
+            with self.lock:
+                alone = self.computing == 0
+                self.computing += 1
             try:
-                prediction = self.bundle.predict(np.concatenate([images for images, _ in batch]))
+                prediction = self.bundle.predict(np.concatenate([images for images, _ in batch]), 0 if alone else session)
             except Exception as exc:  # every waiting request learns of it; the thread lives on
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
+            finally:
+                with self.lock:
+                    self.computing -= 1
             self.on_batch(len(prediction.logits))
             start = 0
             for images, future in batch:

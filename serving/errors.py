@@ -6,12 +6,17 @@ the errors its endpoints raise in a one-element list and documents `detail` as a
 `ErrorAnswers` middleware unwraps the list and rewrites `/docs.json` to declare what is really
 sent, including the statuses BentoML leaves out (405, 411, 413, 415, 429, 504).
 
-`Admission` sheds load: beyond `max_concurrency` requests in flight per worker a request gets 429
-at once, with Retry-After, instead of waiting in an unbounded queue past its client's deadline.
+`Admission` sheds load: at most `max_concurrency` requests in flight per worker. The next ones
+wait, first come first served, for at most `max_queue_wait_s` and at most `max_queue` of them;
+then 429 with Retry-After, never an unbounded queue past the clients' deadlines. The short wait
+is what keeps a retry storm (clients that resend at once on every 429) from spending the cores
+on refusals: each waiting request holds only its connection, not a body or a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 from collections.abc import Callable
 
@@ -36,7 +41,7 @@ ERROR_STATUSES = {
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
     415: "a body of a type no endpoint reads: send multipart/form-data, or one image as the raw body (image/*, application/octet-stream)",
-    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests already in flight; retry after the Retry-After seconds",
+    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests in flight, and no place freed within CIFAR10_MAX_QUEUE_WAIT_S; retry after the Retry-After seconds",
     500: "a fault of the server (its log has the traceback)",
     504: "not answered within CIFAR10_TIMEOUT_S",
 }
@@ -114,22 +119,55 @@ class ErrorAnswers:
 
 
 class Admission:
-    """At most `max_concurrency` requests to the paths it `admits` in flight; the next one gets 429 at once."""
+    """At most `max_concurrency` requests to the paths it `admits` in flight; the next wait for a place, or get 429."""
 
-    def __init__(self, app, admits: Callable[[str], bool], max_concurrency: int):
+    def __init__(self, app, admits: Callable[[str], bool], max_concurrency: int, max_queue: int, max_queue_wait_s: float):
         self.app = app
         self.admits = admits
-        self.max_concurrency = max_concurrency
+        self.max_concurrency, self.max_queue, self.max_queue_wait_s = max_concurrency, max_queue, max_queue_wait_s
         self.in_flight = 0  # one event loop per worker: no lock needed
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()  # oldest first; a freed place goes to it
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.admits(scope["path"]):
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.max_concurrency:
-            message = f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY); retry later"
+        if self.in_flight < self.max_concurrency and not self.waiting:
+            self.in_flight += 1
+        elif not await self._wait_for_a_place():
+            message = (
+                f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY), "
+                f"and none finished within CIFAR10_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}; retry later"
+            )
             return await send_error(send, 429, message, ((b"retry-after", b"1"),))
-        self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
+            self._release()
+
+    async def _wait_for_a_place(self) -> bool:
+        """True once a finishing request has handed this one its place; False when the queue is full or time is up."""
+        if len(self.waiting) >= self.max_queue or self.max_queue_wait_s <= 0:
+            return False
+        place = asyncio.get_running_loop().create_future()
+        self.waiting.append(place)
+        try:
+            await asyncio.wait_for(asyncio.shield(place), self.max_queue_wait_s)
+            return True
+        except TimeoutError:
+            if place.done():  # handed over in the same instant: take it
+                return True
+            self.waiting.remove(place)
+            return False
+        except asyncio.CancelledError:  # the client went away while waiting
+            if place.done():
+                self._release()  # pass on the place it was handed
+            else:
+                self.waiting.remove(place)
+            raise
+
+    def _release(self) -> None:
+        """A request finished: its place goes to the oldest waiting request, else it is free."""
+        if self.waiting:
+            self.waiting.popleft().set_result(None)
+        else:
             self.in_flight -= 1

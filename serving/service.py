@@ -86,11 +86,12 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
 
 def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundle:
     try:
-        bundle = Bundle.load(folder, providers, settings.threads or None, settings.precision, settings.thread_spinning)
+        bundle = Bundle.load(folder, providers, settings.threads or None, settings.precision, settings.thread_spinning, settings.sessions)
     except MissingVariant as exc:
         log.warning("%s: serving its fp32 graph", exc)
-        bundle = Bundle.load(folder, providers, settings.threads or None, spinning=settings.thread_spinning)
-    bundle.predict(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up before /readyz says yes
+        bundle = Bundle.load(folder, providers, settings.threads or None, spinning=settings.thread_spinning, sessions=settings.sessions)
+    for session in range(len(bundle.sessions)):  # warm-up before /readyz says yes
+        bundle.predict(np.zeros((1, 32, 32, 3), np.uint8), session)
     log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
     return bundle
 
@@ -236,7 +237,10 @@ boundary.apply()
 # The service's own middleware. BentoML stacks it innermost in this order, except Admission, which the
 # boundary moves outermost, just under BentoML's request metrics (serving/boundary.py shows the whole stack).
 CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
-CIFAR10.add_asgi_middleware(Admission, admits=lambda path: path in ROUTES or v2.is_infer(path), max_concurrency=SETTINGS.max_concurrency)
+CIFAR10.add_asgi_middleware(
+    Admission, admits=lambda path: path in ROUTES or v2.is_infer(path),
+    max_concurrency=SETTINGS.max_concurrency, max_queue=SETTINGS.max_queue, max_queue_wait_s=SETTINGS.max_queue_wait_s,
+)  # fmt: skip
 CIFAR10.add_asgi_middleware(
     Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),
     max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,

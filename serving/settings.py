@@ -52,6 +52,7 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
+    sessions: int = 2  # onnxruntime sessions per bundle and worker that run batches side by side under load, splitting the threads (Triton's instance count); 1: one batch at a time
     threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores shared among the workers; 0: its own choice
     thread_spinning: bool = False  # onnxruntime's threads spin-wait between calls; off, they sleep and leave the cores to HTTP and decoding
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
@@ -63,14 +64,16 @@ class Settings:
     workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
     max_batch_size: int = 64  # images in one onnxruntime call; the CNN's rate peaks at 8-64 (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
-    max_concurrency: int = 64  # requests in flight per worker; beyond it a request gets 429 at once
+    max_concurrency: int = 64  # requests in flight per worker; the next ones wait for a place (below), then get 429
+    max_queue: int = 256  # requests per worker waiting for a place; beyond it 429 at once
+    max_queue_wait_s: float = 0.5  # how long a request waits for a place before its 429; 0: refused at once
     timeout_s: float = 60.0  # a request not answered by then gets 504
     max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height, checked from the header before decoding
 
     def __post_init__(self) -> None:
-        positive = ("workers", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
+        positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
         bad = [f"{env_name(name)}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
-        bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms") if (value := getattr(self, name)) is not None and value < 0]
+        bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms", "max_queue", "max_queue_wait_s") if (value := getattr(self, name)) is not None and value < 0]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
         if self.broken_bundles not in ("fail", "skip"):

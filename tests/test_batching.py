@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 
 import numpy as np
 import pytest
@@ -50,7 +51,35 @@ def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
     assert sizes == [1]  # the abandoned request's images were not computed
 
 
-@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
+def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run_side_by_side(bundle):
+    split = Bundle.load(REPO / "models" / "cnn", threads=2, spinning=False, sessions=2)
+    assert [s.get_session_options().intra_op_num_threads for s in split.sessions] == [2, 1, 1]
+    calls, predict = [], split.predict
+
+    def recorded(images, session=0):
+        start = time.perf_counter()
+        time.sleep(0.05)  # long enough for the next batch to start meanwhile
+        answer = predict(images, session)
+        calls.append((session, start, time.perf_counter()))
+        return answer
+
+    split.predict = recorded
+    batcher = Batcher(split, max_batch_size=2, max_latency_ms=0)
+    requests = [images(1 + i % 2, seed=i) for i in range(12)]
+
+    async def alone_then_together():
+        first = await batcher.predict(requests[0])
+        return [first, *await asyncio.gather(*(batcher.predict(r) for r in requests[1:]))]
+
+    answers = asyncio.run(alone_then_together())
+    for request, answer in zip(requests, answers):
+        np.testing.assert_allclose(answer.probabilities, bundle.predict(request).probabilities, atol=1e-5)
+    assert calls[0][0] == 0  # alone: the session with every thread
+    overlapping = [(a, b) for a in calls for b in calls if a is not b and a[1] < b[1] < a[2]]
+    assert overlapping and all(a[0] != b[0] for a, b in overlapping)  # side by side, each on its own session
+
+
+@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
 def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
     from serving.settings import Settings
 

@@ -32,13 +32,21 @@ def accepted_with_nodelay(listener: socket.socket) -> bool:
     return asyncio.run(accept_one())
 
 
-def test_the_naive_baseline_answers_without_nagles_delay():
-    """uvicorn --workers N leaves Nagle on (40 ms per kept-alive answer, uvicorn#3149); the baseline's launcher does not."""
+def test_the_peer_servers_answer_without_nagles_delay():
+    """uvicorn releases before the fix of its issue #3149 left Nagle on with --workers N (40 ms per kept-alive
+    answer), and LitServe binds its socket the same way; the peers' launchers turn it off whatever the release."""
     from uvicorn import Config
 
-    from bench.naive_app import tcp_listener
+    from bench.nodelay import declare_tcp, tcp_listener
 
-    assert accepted_with_nodelay(tcp_listener(Config("bench.naive_app:app", host="127.0.0.1", port=0)))
+    config = Config("bench.minimal_app:app", host="127.0.0.1", port=0)
+    assert accepted_with_nodelay(tcp_listener(config))
+    original = Config.bind_socket
+    try:
+        declare_tcp()  # what bench/litserve_app.py does before LitServer.run binds its socket
+        assert accepted_with_nodelay(Config("bench.litserve_app", host="127.0.0.1", port=0).bind_socket())
+    finally:
+        Config.bind_socket = original
 
 
 def test_an_ab_variant_reads_settings_trees_and_hidden_modules(tmp_path):

@@ -1,7 +1,7 @@
 """Overload, faults and broken bundles against a real `bentoml serve`.
 
-The promises: beyond CIFAR10_MAX_CONCURRENCY a request is refused at once (429, JSON, Retry-After)
-while accepted ones are served; a killed worker is replaced (inside a container too); SIGTERM
+The promises: beyond CIFAR10_MAX_CONCURRENCY and CIFAR10_MAX_QUEUE a request is refused at once (429,
+JSON, Retry-After) while accepted ones are served (the queue itself: tests/test_admission.py); a killed worker is replaced (inside a container too); SIGTERM
 lets in-flight requests finish; bundles damaged on disk after start do not stop serving; a broken
 bundle at start ends the server with the reason, or is skipped when CIFAR10_BROKEN_BUNDLES=skip.
 """
@@ -38,7 +38,7 @@ def timed(call):
 
 
 def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_served(tmp_path):
-    env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MAX_CONCURRENCY": "4"}
+    env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MAX_CONCURRENCY": "4", "CIFAR10_MAX_QUEUE": "0"}
     with running(SERVE, tmp_path / "serve.log", env=env) as server:
         slow = lambda _: timed(lambda: classify(server.url, images=16, model="airbench"))  # noqa: E731  (about 0.1 s of work each)
         with ThreadPoolExecutor(24) as pool:

@@ -1,0 +1,116 @@
+"""Admission's queue: places go to waiting requests first come first served; a full queue, a wait past
+CIFAR10_MAX_QUEUE_WAIT_S or a client gone never leaks a place. Run on a real event loop against a
+minimal ASGI app whose requests finish when the test says (a live server: tests/test_faults.py)."""
+
+import asyncio
+import json
+
+from serving.errors import Admission
+
+
+class App:
+    """An ASGI app whose requests each wait for their own event before answering 200."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self.finish: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, scope, receive, send):
+        name = scope["query_string"].decode()
+        self.started.append(name)
+        await self.finish.setdefault(name, asyncio.Event()).wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def call(admission: Admission, name: str) -> tuple[int, dict]:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/classify", "query_string": name.encode()}
+    await admission(scope, None, send)
+    body = json.loads(sent[1]["body"]) if sent[1]["body"] else {}
+    return sent[0]["status"], body
+
+
+def admission(app: App, max_concurrency: int = 1, max_queue: int = 2, wait: float = 10.0) -> Admission:
+    return Admission(app, admits=lambda path: True, max_concurrency=max_concurrency, max_queue=max_queue, max_queue_wait_s=wait)
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_waiting_requests_get_places_in_order_and_a_full_queue_is_refused_at_once():
+    async def scenario():
+        app = App()
+        gate = admission(app)
+        tasks = {name: asyncio.create_task(call(gate, name)) for name in "abc"}
+        await settle()
+        assert app.started == ["a"] and len(gate.waiting) == 2  # b and c wait
+        status, body = await asyncio.wait_for(call(gate, "d"), 1)  # the queue is full: refused at once
+        assert status == 429 and "CIFAR10_MAX_CONCURRENCY" in body["error"]
+        app.finish.setdefault("a", asyncio.Event()).set()
+        await settle()
+        assert app.started == ["a", "b"]
+        late = asyncio.create_task(call(gate, "e"))  # a place in the queue again, behind c
+        await settle()
+        for name in "bc":
+            app.finish.setdefault(name, asyncio.Event()).set()
+            await settle()
+        app.finish.setdefault("e", asyncio.Event()).set()
+        results = await asyncio.gather(*tasks.values(), late)
+        assert [status for status, _ in results] == [200, 200, 200, 200] and app.started == ["a", "b", "c", "e"]
+        assert gate.in_flight == 0 and not gate.waiting
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_past_the_limit_is_refused_and_leaks_no_place():
+    async def scenario():
+        app = App()
+        gate = admission(app, wait=0.05)
+        first = asyncio.create_task(call(gate, "a"))
+        await settle()
+        status, body = await call(gate, "b")
+        assert status == 429 and "CIFAR10_MAX_QUEUE_WAIT_S=0.05" in body["error"]
+        app.finish.setdefault("a", asyncio.Event()).set()
+        assert (await first)[0] == 200 and gate.in_flight == 0 and not gate.waiting
+
+    asyncio.run(scenario())
+
+
+def test_a_client_gone_while_waiting_leaks_no_place():
+    async def scenario():
+        app = App()
+        gate = admission(app)
+        first = asyncio.create_task(call(gate, "a"))
+        await settle()
+        gone = asyncio.create_task(call(gate, "b"))
+        await settle()
+        gone.cancel()
+        await settle()
+        assert not gate.waiting
+        app.finish.setdefault("a", asyncio.Event()).set()
+        await first
+        assert gate.in_flight == 0
+        app.finish.setdefault("c", asyncio.Event()).set()
+        assert (await asyncio.wait_for(call(gate, "c"), 1))[0] == 200  # the place came back
+
+    asyncio.run(scenario())
+
+
+def test_without_a_queue_the_next_request_is_refused_at_once():
+    async def scenario():
+        app = App()
+        gate = admission(app, max_queue=0)
+        first = asyncio.create_task(call(gate, "a"))
+        await settle()
+        assert (await asyncio.wait_for(call(gate, "b"), 1))[0] == 429
+        app.finish.setdefault("a", asyncio.Event()).set()
+        await first
+
+    asyncio.run(scenario())
