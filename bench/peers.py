@@ -8,8 +8,7 @@ CIFAR-10 test PNG per request to its /classify (the same multipart form for all)
 concurrency, for --seconds after a one-second warm-up; then the next server. Rounds alternate
 the servers, since this machine's speed swings between minutes. The servers:
 
-- ours: `bentoml serve` with its defaults, and with the settings `--advised` names for a bundle
-  (a worker per core for the study CNN, as the README advises);
+- ours: `bentoml serve` with its defaults, and with the settings `--advised` names for a bundle;
 - minimal: bench/minimal_app.py, Starlette + onnxruntime in 2 uvicorn workers, one `session.run`
   per request;
 - LitServe: bench/litserve_app.py, LitServe + onnxruntime, 2 workers, batches of up to 32.
@@ -111,8 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("CIFAR10_DATA_DIR", "data/cifar-10-batches-py"))
     parser.add_argument("--models", nargs="+", default=["airbench", "cnn"])
-    parser.add_argument("--advised", nargs="*", default=["cnn:CIFAR10_WORKERS=2"], metavar="BUNDLE:KEY=VALUE",
-                        help="settings for a second row of ours, per bundle (default: the README's advice for the CNN)")  # fmt: skip
+    parser.add_argument("--advised", nargs="*", default=[], metavar="BUNDLE:KEY=VALUE",
+                        help="settings for a second row of ours, for a bundle (cnn:CIFAR10_WORKERS=2, say)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
