@@ -10,7 +10,8 @@ variables), @PATH to serve another source tree (a `git worktree` of another comm
 to serve as if that optional package were not installed. Each round starts every variant's
 `bentoml serve` in turn and runs bench.http_load's closed-loop clients on it; this machine's
 speed swings between minutes, so only rounds that alternate compare. Printed: each
-measurement, then the median and best of each variant, and the medians' ratio to the first.
+measurement, then the median and best of each variant, and the medians' ratio to the first;
+last, each variant's serving processes' memory after its loads.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     loads = [(n, c) for n in args.images for c in args.concurrency]
     print(f"machine: {machine()}; model {args.model or 'default'}; {args.rounds} rounds of {args.seconds:g} s per load")
     rates: dict[tuple[str, int, int], list[float]] = {}
+    memory: dict[str, list[float]] = {}  # the serving processes' resident memory after each round's loads, MiB
     (REPO / "logs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as stubs:
         for round_ in range(1, args.rounds + 1):
@@ -92,6 +94,7 @@ def main() -> None:
                         p50, p99 = (np.percentile(result.latencies, q) * 1000 for q in (50, 99))
                         print(f"round {round_} | {variant.name} | {per_request} img × c={concurrency} | {rate:,.0f} img/s | "
                               f"p50 {p50:.1f} ms | p99 {p99:.1f} ms | errors {result.errors}", flush=True)  # fmt: skip
+                    memory.setdefault(variant.name, []).append(server.rss / 2**20)
     print("\n| variant | images/request | concurrency | median img/s | best img/s | median / first variant's |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for per_request, concurrency in loads:
@@ -102,6 +105,9 @@ def main() -> None:
             print(
                 f"| {variant.name} | {per_request} | {concurrency} | {median:,.0f} | {max(measured):,.0f} | {median / first:.2f}× |"
             )
+    print("\n| variant | memory after the loads (median) |\n| --- | ---: |")
+    for variant in variants:
+        print(f"| {variant.name} | {statistics.median(memory[variant.name]):,.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ clients keep it busy, and the samples are summed by what they were doing.
     pip install py-spy
     python -m bench.profile_http --model cnn --concurrency 64            # our service
     python -m bench.profile_http --model cnn --concurrency 32 --naive    # bench/naive_app.py
+    python -m bench.profile_http --model cnn --concurrency 32 --minimal  # bench/minimal_app.py
     python -m bench.profile_http --model cnn --images 64 --concurrency 16 --gil   # only the thread holding the GIL
 
 Each sample is charged to the first frame, from the innermost outwards, that belongs to a known
@@ -45,17 +46,19 @@ PARTS = [
 ]
 
 
-def charge(stack: list[str]) -> str:
+def charge(stack: list[str]) -> tuple[str, str]:
+    """(part, the frame that decided it): the innermost frame that belongs to a known part."""
     for frame in reversed(stack):
         for part, needles in PARTS:
             if any(n in frame for n in needles):
-                return part
-    return "other Python"
+                return part, frame
+    return "other Python", stack[-1]
 
 
 def summarise(raw: Path) -> str:
     parts: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    within: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     waiting = 0
     for line in raw.read_text().splitlines():
         stack_text, _, count = line.rpartition(" ")
@@ -65,12 +68,16 @@ def summarise(raw: Path) -> str:
         if any(w in stack[-1] for w in WAITING):
             waiting += int(count)
             continue
-        parts[charge(stack)] += int(count)
+        part, frame = charge(stack)
+        parts[part] += int(count)
+        within[part][frame.split(" (")[0]] += int(count)
         leaves[stack[-1]] += int(count)
     total = sum(parts.values()) or 1
     rows = [f"{total:,} busy samples ({waiting:,} more in threads waiting: select, locks, sleeps)", ""]
-    rows += ["| part | share of busy samples |", "| --- | ---: |"]
-    rows += [f"| {part} | {n / total:.1%} |" for part, n in parts.most_common()]
+    rows += ["| part | share of busy samples | its top functions |", "| --- | ---: | --- |"]
+    for part, n in parts.most_common():
+        top = ", ".join(f"`{f}` {k / total:.1%}" for f, k in within[part].most_common(3))
+        rows.append(f"| {part} | {n / total:.1%} | {top} |")
     rows += ["", "| function (innermost frame) | share |", "| --- | ---: |"]
     rows += [f"| `{leaf[:110]}` | {n / total:.1%} |" for leaf, n in leaves.most_common(15)]
     return "\n".join(rows)
@@ -87,7 +94,9 @@ def py_spy() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundle name (default: the service's default)")
-    parser.add_argument("--naive", action="store_true", help="profile bench/naive_app.py instead of our service")
+    peer = parser.add_mutually_exclusive_group()
+    peer.add_argument("--naive", action="store_true", help="profile bench/naive_app.py instead of our service")
+    peer.add_argument("--minimal", action="store_true", help="profile bench/minimal_app.py (Starlette + onnxruntime) instead")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -100,10 +109,12 @@ def main() -> None:
 
     settings = Settings.from_env()
     model = args.model or settings.default_model
-    command = [p.replace("{workers}", "2") for p in (NAIVE if args.naive else SERVE)]
+    minimal = [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--workers", "{workers}"]
+    command = [p.replace("{workers}", "2") for p in (NAIVE if args.naive else minimal if args.minimal else SERVE)]
     env = dict(BENCH_BUNDLE=str(settings.models_dir / model), CIFAR10_DEFAULT_MODEL=model)
     blobs = test_pngs(Path(args.data_dir), 1000)
-    print(f"machine: {machine()}; {'naive baseline' if args.naive else 'our service'}, model {model}, "
+    served = "naive baseline" if args.naive else "minimal app" if args.minimal else "our service"
+    print(f"machine: {machine()}; {served}, model {model}, "
           f"{args.images} image(s)/request at concurrency {args.concurrency}, {args.seconds:g} s")  # fmt: skip
     (REPO / "logs").mkdir(exist_ok=True)
     with running(command, REPO / "logs" / "profile_http_server.log", env=env) as server, tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +126,7 @@ def main() -> None:
         )  # fmt: skip
         result: list = []
         client = threading.Thread(
-            target=lambda: result.append(asyncio.run(load(server.url, blobs, args.images, args.concurrency, args.seconds, None if args.naive else model)))
+            target=lambda: result.append(asyncio.run(load(server.url, blobs, args.images, args.concurrency, args.seconds, model)))
         )
         client.start()
         _, errors = spy.communicate()

@@ -72,7 +72,7 @@ class Batcher:
                 alone = self.computing == 0
                 self.computing += 1
             try:
-                prediction = self.bundle.predict(np.concatenate([images for images, _ in batch]), 0 if alone else session)
+                prediction = self._compute(np.concatenate([images for images, _ in batch]), 0 if alone else session)
             except Exception as exc:  # every waiting request learns of it; the thread lives on
                 for _, future in batch:
                     future.set_exception(exc)
@@ -80,9 +80,17 @@ class Batcher:
             finally:
                 with self.lock:
                     self.computing -= 1
-            self.on_batch(len(prediction.logits))
             start = 0
             for images, future in batch:
                 end = start + len(images)
                 future.set_result(prediction[start:end])
                 start = end
+
+    def _compute(self, images: np.ndarray, session: int) -> Prediction:
+        """At most max_batch_size images per onnxruntime call, a larger request too: the activations, and so the
+        memory onnxruntime's arena keeps, grow with the call (times the test-time augmentation's views)."""
+        parts = []
+        for start in range(0, len(images), self.max_batch_size):
+            parts.append(self.bundle.predict(images[start : start + self.max_batch_size], session))
+            self.on_batch(len(parts[-1].logits))
+        return parts[0] if len(parts) == 1 else Prediction.concatenate(parts)

@@ -36,6 +36,15 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows(bundle):
     assert len(sizes) < len(requests)  # merged: fewer inference calls than requests
 
 
+def test_a_request_larger_than_the_batch_bound_runs_as_several_calls(bundle):
+    sizes = []
+    batcher = Batcher(bundle, max_batch_size=4, max_latency_ms=0, on_batch=sizes.append)
+    request = images(10, seed=3)
+    answer = asyncio.run(batcher.predict(request))
+    np.testing.assert_allclose(answer.embeddings, bundle.predict(request).embeddings, atol=1e-5)
+    assert sizes == [4, 4, 2]  # no onnxruntime call above the bound: its memory grows with the call
+
+
 def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
     sizes = []
     batcher = Batcher(bundle, max_batch_size=256, max_latency_ms=300, on_batch=sizes.append)
