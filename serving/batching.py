@@ -2,16 +2,17 @@
 
 Requests (coroutines on a worker's event loop) put their decoded images on a queue and await
 their rows; an executor thread takes everything queued (up to max_batch_size images, waiting
-at most max_latency_ms for more once it has some), runs one inference, and hands each request
-its rows. Idle, a request runs at once; under load, batches grow by themselves while the
+at most max_latency_ms for more once it has some), runs it (in onnxruntime calls of at most
+max_batch_size images, a larger request's too), and hands each request its rows. Idle, a request runs at once; under load, batches grow by themselves while the
 previous one computes.
 
 A bundle loaded with `sessions` > 1 (CIFAR10_SESSIONS) gets that many executors, all taking from
 the one queue (Triton's instance groups). An executor that finds no other computing runs its
 batch on the session with every thread, so a lone request gets every core; one that starts while
 another computes runs on its own session, of its share of the threads. Under load the batches
-then run side by side, each on one core, which beats one batch on all cores for small networks,
-and the cores stay busy while Python splits one batch's answers and gathers the next.
+then run side by side, and the cores stay busy while Python splits one batch's answers and
+gathers the next: the small CNN, whose cost is Python more than the model, gains most
+(docs/performance.md).
 
 BentoML's own batching (`batchable=True`) merges only HTTP calls to an endpoint whose single
 parameter is the batch; ours take a list of uploads plus `model` and `k`, so the merge happens
