@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +66,7 @@ def running(
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it
         process = subprocess.Popen(
             [part.format(port=port) for part in command], cwd=cwd, env=dict(os.environ, **(env or {})),
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # its own process group: stop() ends all of it
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
@@ -88,6 +90,6 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    _, alive = psutil.wait_procs(children, timeout=3)
-    for child in alive:
-        child.kill()
+    psutil.wait_procs(children, timeout=3)
+    with contextlib.suppress(ProcessLookupError):  # whatever is left of its group, a dead server's children too
+        os.killpg(process.pid, signal.SIGKILL)

@@ -70,7 +70,8 @@ class Measured:
     errors: int = 0
 
     def cell(self) -> str:
-        return f"{statistics.median(self.rates):,.0f} ({statistics.median(self.p50):.1f} / {statistics.median(self.p99):.0f})"
+        p50, p99 = ([v for v in values if v == v] or [float("nan")] for values in (self.p50, self.p99))  # rounds with no answer: NaN
+        return f"{statistics.median(self.rates):,.0f} ({statistics.median(p50):.1f} / {statistics.median(p99):.0f})"
 
 
 def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argparse.Namespace) -> None:
@@ -78,7 +79,7 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
     memory: dict[str, list[float]] = {}
     for round_ in range(1, args.rounds + 1):
         for peer in servers:
-            log = REPO / "logs" / f"peers_{peer.command[2].rsplit('.', 1)[-1]}.log"
+            log = REPO / "logs" / f"peers_{bundle}_{servers.index(peer)}.log"
             with running(peer.command, log, env=peer.env) as server:
                 for concurrency in args.concurrency:
                     result = asyncio.run(load(server.url, blobs, 1, concurrency, args.seconds, bundle))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,14 +181,17 @@ class Bundle:
         cores with them (docs/performance.md).
         sessions: beyond 1, that many more onnxruntime sessions of the graph (`predict(images, session=i)`,
         i = 1..sessions), which split the threads among them, for calls that run at once; session 0 has
-        them all, for a call that runs alone (serving/batching.py). None are added with fewer threads
-        than sessions."""
+        them all, for a call that runs alone (serving/batching.py). None are added on a GPU, where there
+        are no threads to split, without a thread count, or with fewer threads than sessions."""
         folder = Path(folder)
         manifest, chosen = verify(folder, precision)  # before the pickle below is opened
         model_path = folder / (chosen.file if chosen else MODEL_FILE)
-        split = (threads or os.cpu_count() or 1) // sessions  # threads None: onnxruntime's choice, about a core each
-        opened = [open_session(model_path, providers, t, spinning) for t in [threads] + [split] * (sessions if sessions > 1 and split else 0)]
+        if sessions < 1:
+            raise ValueError(f"sessions must be at least 1, got {sessions}")
+        opened = [open_session(model_path, providers, threads, spinning)]
         check_graph(model_path, opened[0], manifest)
+        if sessions > 1 and threads and threads >= sessions and opened[0].get_providers()[0] == "CPUExecutionProvider":
+            opened += [open_session(model_path, providers, threads // sessions, spinning) for _ in range(sessions)]
         # imported here, not above: scikit-learn costs a process about 150 MiB, and BentoML's supervisor
         # imports the service (so this module) without ever loading a bundle
         import joblib

@@ -42,7 +42,7 @@ cifar10 export "$RUN" --name fast --models-dir "$WORK/models" --data-dir "$DATA"
 
 step "serve with CUDAExecutionProvider"
 export CIFAR10_MODELS_DIR="$WORK/models" CIFAR10_DEFAULT_MODEL=fast
-export CIFAR10_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
+export CIFAR10_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider CIFAR10_MAX_BATCH_SIZE=256  # as bentofile.gpu.yaml
 python -m bentoml serve serving.service:CIFAR10 --port 3300 > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

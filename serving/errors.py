@@ -41,7 +41,7 @@ ERROR_STATUSES = {
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
     415: "a body of a type no endpoint reads: send multipart/form-data, or one image as the raw body (image/*, application/octet-stream)",
-    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests in flight, and no place freed within CIFAR10_MAX_QUEUE_WAIT_S; retry after the Retry-After seconds",
+    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests in flight, and no place freed within CIFAR10_MAX_QUEUE_WAIT_S (or CIFAR10_MAX_QUEUE already waiting); retry after the Retry-After seconds",
     500: "a fault of the server (its log has the traceback)",
     504: "not answered within CIFAR10_TIMEOUT_S",
 }
@@ -133,31 +133,29 @@ class Admission:
             return await self.app(scope, receive, send)
         if self.in_flight < self.max_concurrency and not self.waiting:
             self.in_flight += 1
-        elif not await self._wait_for_a_place():
-            message = (
-                f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY), "
-                f"and none finished within CIFAR10_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}; retry later"
-            )
+        elif refused := await self._wait_for_a_place():
+            message = f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY), {refused}; retry later"
             return await send_error(send, 429, message, ((b"retry-after", b"1"),))
         try:
             await self.app(scope, receive, send)
         finally:
             self._release()
 
-    async def _wait_for_a_place(self) -> bool:
-        """True once a finishing request has handed this one its place; False when the queue is full or time is up."""
+    async def _wait_for_a_place(self) -> str:
+        """"" once a finishing request has handed this one its place; else why it is refused."""
         if len(self.waiting) >= self.max_queue or self.max_queue_wait_s <= 0:
-            return False
+            return f"and {len(self.waiting)} more waiting for a place (CIFAR10_MAX_QUEUE={self.max_queue})"
         place = asyncio.get_running_loop().create_future()
         self.waiting.append(place)
         try:
-            await asyncio.wait_for(asyncio.shield(place), self.max_queue_wait_s)
-            return True
+            async with asyncio.timeout(self.max_queue_wait_s):  # unlike wait_for in 3.11, never swallows a cancellation
+                await asyncio.shield(place)
+            return ""
         except TimeoutError:
             if place.done():  # handed over in the same instant: take it
-                return True
+                return ""
             self.waiting.remove(place)
-            return False
+            return f"and none finished within CIFAR10_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}"
         except asyncio.CancelledError:  # the client went away while waiting
             if place.done():
                 self._release()  # pass on the place it was handed

@@ -52,8 +52,8 @@ class Settings:
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
-    sessions: int = 2  # onnxruntime sessions per bundle and worker that run batches side by side under load, splitting the threads (Triton's instance count); 1: one batch at a time
-    threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores shared among the workers; 0: its own choice
+    sessions: int = 2  # onnxruntime sessions per bundle and worker that run batches side by side under load, splitting the threads (Triton's instance count); 1: one batch at a time; none beyond the threads, none on a GPU
+    threads: int | None = None  # onnxruntime intra-op threads of a worker's main session (the sessions split them); None: the cores shared among the workers; 0: its own choice
     thread_spinning: bool = False  # onnxruntime's threads spin-wait between calls; off, they sleep and leave the cores to HTTP and decoding
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
     precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
@@ -74,6 +74,7 @@ class Settings:
         positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
         bad = [f"{env_name(name)}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
         bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms", "max_queue", "max_queue_wait_s") if (value := getattr(self, name)) is not None and value < 0]
+        bad += [f"{env_name(f.name)}={getattr(self, f.name)} (must be a finite number)" for f in fields(self) if f.type == "float" and not math.isfinite(getattr(self, f.name))]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
         if self.broken_bundles not in ("fail", "skip"):
