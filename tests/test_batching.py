@@ -63,6 +63,8 @@ def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
 def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run_side_by_side(bundle):
     split = Bundle.load(REPO / "models" / "cnn", threads=2, spinning=False, sessions=2)
     assert [s.get_session_options().intra_op_num_threads for s in split.sessions] == [2, 1, 1]
+    assert len(Bundle.load(REPO / "models" / "cnn", threads=None, sessions=2).sessions) == 1  # no thread count to split
+    assert len(Bundle.load(REPO / "models" / "cnn", threads=1, sessions=2).sessions) == 1  # fewer threads than sessions
     calls, predict = [], split.predict
 
     def recorded(images, session=0):
@@ -88,7 +90,7 @@ def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run
     assert overlapping and all(a[0] != b[0] for a, b in overlapping)  # side by side, each on its own session
 
 
-@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
+@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("MAX_QUEUE_WAIT_S", "inf"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
 def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
     from serving.settings import Settings
 
