@@ -72,8 +72,9 @@ class Batcher:
             with self.lock:
                 alone = self.computing == 0
                 self.computing += 1
-            try:
-                prediction = self._compute(np.concatenate([images for images, _ in batch]), 0 if alone else session)
+            pixels = np.concatenate([images for images, _ in batch])
+            try:  # calls of at most max_batch_size images, a larger request's too: onnxruntime's arena keeps the largest call's memory
+                prediction = self.bundle.predict(pixels, 0 if alone else session, chunk=self.max_batch_size)
             except Exception as exc:  # every waiting request learns of it; the thread lives on
                 for _, future in batch:
                     future.set_exception(exc)
@@ -81,17 +82,10 @@ class Batcher:
             finally:
                 with self.lock:
                     self.computing -= 1
+            for start in range(0, len(pixels), self.max_batch_size):
+                self.on_batch(min(self.max_batch_size, len(pixels) - start))
             start = 0
             for images, future in batch:
                 end = start + len(images)
                 future.set_result(prediction[start:end])
                 start = end
-
-    def _compute(self, images: np.ndarray, session: int) -> Prediction:
-        """At most max_batch_size images per onnxruntime call, a larger request too: the activations, and so the
-        memory onnxruntime's arena keeps, grow with the call (times the test-time augmentation's views)."""
-        parts = []
-        for start in range(0, len(images), self.max_batch_size):
-            parts.append(self.bundle.predict(images[start : start + self.max_batch_size], session))
-            self.on_batch(len(parts[-1].logits))
-        return parts[0] if len(parts) == 1 else Prediction.concatenate(parts)

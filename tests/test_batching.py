@@ -65,12 +65,14 @@ def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run
     assert [s.get_session_options().intra_op_num_threads for s in split.sessions] == [2, 1, 1]
     assert len(Bundle.load(REPO / "models" / "cnn", threads=None, sessions=2).sessions) == 1  # no thread count to split
     assert len(Bundle.load(REPO / "models" / "cnn", threads=1, sessions=2).sessions) == 1  # fewer threads than sessions
+    with pytest.raises(ValueError, match="sessions must be at least 1"):
+        Bundle.load(REPO / "models" / "cnn", sessions=0)
     calls, predict = [], split.predict
 
-    def recorded(images, session=0):
+    def recorded(images, session=0, chunk=16):
         start = time.perf_counter()
         time.sleep(0.05)  # long enough for the next batch to start meanwhile
-        answer = predict(images, session)
+        answer = predict(images, session, chunk)
         calls.append((session, start, time.perf_counter()))
         return answer
 
