@@ -42,6 +42,7 @@ from bench.harness import REPO, SERVE, Server, running
 from training.machine import cpu_model
 
 NAIVE = [sys.executable, "-m", "bench.naive_app", "--port", "{port}", "--workers", "{workers}"]
+MINIMAL = [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--workers", "{workers}"]
 
 
 def test_pngs(data_dir: Path, count: int) -> list[bytes]:

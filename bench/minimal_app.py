@@ -14,7 +14,6 @@ core in every worker) the workers fight over the cores.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -30,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench.nodelay import serve
+from bench.nodelay import main
 
 
 def load_session(bundle: Path, workers: int) -> ort.InferenceSession:
@@ -72,9 +71,4 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    os.environ["BENCH_WORKERS"] = str(args.workers)  # read by each worker's lifespan
-    serve("bench.minimal_app:app", args.port, args.workers)
+    main("bench.minimal_app:app", __doc__.splitlines()[0])

@@ -14,7 +14,6 @@ else untrained ones: the cost per image is the same either way.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench.nodelay import serve
+from bench.nodelay import main
 from bundle.runtime import read_manifest
 from training.models import TestTimeAugmentation, build_model
 
@@ -79,8 +78,4 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    serve("bench.naive_app:app", args.port, args.workers)
+    main("bench.naive_app:app", __doc__.splitlines()[0])

@@ -9,6 +9,8 @@ binds its socket declared TCP, whatever the uvicorn release.
 
 from __future__ import annotations
 
+import argparse
+import os
 import socket
 
 from uvicorn import Config
@@ -27,6 +29,16 @@ def serve(app: str, port: int, workers: int) -> None:
     """`uvicorn APP --workers N` on 127.0.0.1, sharing one TCP_NODELAY socket."""
     config = Config(app, host="127.0.0.1", port=port, workers=workers)
     Multiprocess(config, sockets=[tcp_listener(config)]).run()
+
+
+def main(app: str, description: str) -> None:
+    """A peer's command line: --port, --workers; each worker reads the worker count from BENCH_WORKERS."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    os.environ["BENCH_WORKERS"] = str(args.workers)
+    serve(app, args.port, args.workers)
 
 
 def declare_tcp() -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import REPO, SERVE, running
-from bench.http_load import load, machine, test_pngs
+from bench.http_load import MINIMAL, load, machine, test_pngs
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,7 @@ def peers(bundle: str, advised: dict[str, str]) -> list[Peer]:
     found = [Peer("ours, defaults", SERVE)]
     if advised:
         found.append(Peer(f"ours, {' '.join(f'{k}={v}' for k, v in advised.items())}", SERVE, advised))
-    found.append(
-        Peer(
-            "minimal Starlette + onnxruntime",
-            [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--workers", "2"],
-            folder,
-        )
-    )
+    found.append(Peer("minimal Starlette + onnxruntime", [p.replace("{workers}", "2") for p in MINIMAL], folder))
     try:
         import litserve  # noqa: F401  # a bench-only extra
     except ImportError:

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 from bench.harness import REPO, SERVE, running
-from bench.http_load import NAIVE, load, machine, test_pngs
+from bench.http_load import MINIMAL, NAIVE, load, machine, test_pngs
 
 # innermost frames of a thread that waits rather than works (py-spy's idle detection misses these)
 WAITING = ("Condition.wait", "select (selectors.py", "_read_from_self", "sleep", "Event.wait", "Thread.join", "_worker (concurrent")
@@ -109,8 +109,7 @@ def main() -> None:
 
     settings = Settings.from_env()
     model = args.model or settings.default_model
-    minimal = [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--workers", "{workers}"]
-    command = [p.replace("{workers}", "2") for p in (NAIVE if args.naive else minimal if args.minimal else SERVE)]
+    command = [p.replace("{workers}", "2") for p in (NAIVE if args.naive else MINIMAL if args.minimal else SERVE)]
     env = dict(BENCH_BUNDLE=str(settings.models_dir / model), CIFAR10_DEFAULT_MODEL=model)
     blobs = test_pngs(Path(args.data_dir), 1000)
     served = "naive baseline" if args.naive else "minimal app" if args.minimal else "our service"

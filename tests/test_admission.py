@@ -22,6 +22,10 @@ class App:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
+    def release(self, name: str) -> None:
+        """Let request `name` answer, now or as soon as it starts."""
+        self.finish.setdefault(name, asyncio.Event()).set()
+
 
 async def call(admission: Admission, name: str) -> tuple[int, dict]:
     sent = []
@@ -44,6 +48,13 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def holding(gate: Admission, name: str) -> asyncio.Task:
+    """Request `name` sent, and in flight or waiting by the time this returns."""
+    task = asyncio.create_task(call(gate, name))
+    await settle()
+    return task
+
+
 def test_waiting_requests_get_places_in_order_and_a_full_queue_is_refused_at_once():
     async def scenario():
         app = App()
@@ -53,15 +64,15 @@ def test_waiting_requests_get_places_in_order_and_a_full_queue_is_refused_at_onc
         assert app.started == ["a"] and len(gate.waiting) == 2  # b and c wait
         status, body = await asyncio.wait_for(call(gate, "d"), 1)  # the queue is full: refused at once
         assert status == 429 and "CIFAR10_MAX_CONCURRENCY" in body["error"]
-        app.finish.setdefault("a", asyncio.Event()).set()
+        app.release("a")
         await settle()
         assert app.started == ["a", "b"]
         late = asyncio.create_task(call(gate, "e"))  # a place in the queue again, behind c
         await settle()
         for name in "bc":
-            app.finish.setdefault(name, asyncio.Event()).set()
+            app.release(name)
             await settle()
-        app.finish.setdefault("e", asyncio.Event()).set()
+        app.release("e")
         results = await asyncio.gather(*tasks.values(), late)
         assert [status for status, _ in results] == [200, 200, 200, 200] and app.started == ["a", "b", "c", "e"]
         assert gate.in_flight == 0 and not gate.waiting
@@ -73,11 +84,10 @@ def test_a_wait_past_the_limit_is_refused_and_leaks_no_place():
     async def scenario():
         app = App()
         gate = admission(app, wait=0.05)
-        first = asyncio.create_task(call(gate, "a"))
-        await settle()
+        first = await holding(gate, "a")
         status, body = await call(gate, "b")
         assert status == 429 and "CIFAR10_MAX_QUEUE_WAIT_S=0.05" in body["error"]
-        app.finish.setdefault("a", asyncio.Event()).set()
+        app.release("a")
         assert (await first)[0] == 200 and gate.in_flight == 0 and not gate.waiting
 
     asyncio.run(scenario())
@@ -87,17 +97,15 @@ def test_a_client_gone_while_waiting_leaks_no_place():
     async def scenario():
         app = App()
         gate = admission(app)
-        first = asyncio.create_task(call(gate, "a"))
-        await settle()
-        gone = asyncio.create_task(call(gate, "b"))
-        await settle()
+        first = await holding(gate, "a")
+        gone = await holding(gate, "b")
         gone.cancel()
         await settle()
         assert not gate.waiting
-        app.finish.setdefault("a", asyncio.Event()).set()
+        app.release("a")
         await first
         assert gate.in_flight == 0
-        app.finish.setdefault("c", asyncio.Event()).set()
+        app.release("c")
         assert (await asyncio.wait_for(call(gate, "c"), 1))[0] == 200  # the place came back
 
     asyncio.run(scenario())
@@ -107,10 +115,9 @@ def test_without_a_queue_the_next_request_is_refused_at_once():
     async def scenario():
         app = App()
         gate = admission(app, max_queue=0)
-        first = asyncio.create_task(call(gate, "a"))
-        await settle()
+        first = await holding(gate, "a")
         assert (await asyncio.wait_for(call(gate, "b"), 1))[0] == 429
-        app.finish.setdefault("a", asyncio.Event()).set()
+        app.release("a")
         await first
 
     asyncio.run(scenario())
