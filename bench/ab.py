@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import REPO, SERVE, running
-from bench.http_load import load, machine, test_pngs
+from bench.http_load import forms, load, machine, test_pngs
 
 
 @dataclass
@@ -88,7 +88,7 @@ def main() -> None:
                     SERVE, REPO / "logs" / "ab_server.log", env=variant.environment(Path(stubs)), cwd=variant.tree
                 ) as server:
                     for per_request, concurrency in loads:
-                        result = asyncio.run(load(server.url, blobs, per_request, concurrency, args.seconds, args.model))
+                        result = asyncio.run(load(server.url, forms(server.url, blobs, per_request, args.model), per_request, concurrency, args.seconds))
                         rate = len(result.latencies) / result.seconds * per_request
                         rates.setdefault((variant.name, per_request, concurrency), []).append(rate)
                         p50, p99 = (np.percentile(result.latencies, q) * 1000 for q in (50, 99))

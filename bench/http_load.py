@@ -87,21 +87,15 @@ HEADER = [
 ]
 
 
-async def load(
-    url: str, blobs: list[bytes], per_request: int, concurrency: int, seconds: float, model: str | None = None, warmup: float = 1.0,
-    requests: list[bytes] | None = None,
-) -> Result:  # fmt: skip
-    """`concurrency` closed-loop clients for warmup + seconds; only answers that arrive in the timed part are counted.
+async def load(url: str, requests: list[bytes], per_request: int, concurrency: int, seconds: float, warmup: float = 1.0) -> Result:
+    """`concurrency` closed-loop clients sending `requests` in turn for warmup + seconds; only answers
+    that arrive in the timed part are counted.
 
-    Each client keeps one HTTP/1.1 connection and sends multipart requests encoded once before the
-    run (plain asyncio streams, not httpx): on a small machine the client must leave the cores to
-    the server, and httpx encoding 64 files per request competed with it for them. `requests`
-    replaces those forms with other encoded requests (bench.v2_load's tensors)."""
+    Each client keeps one HTTP/1.1 connection and sends requests encoded before the run (`forms`;
+    plain asyncio streams, not httpx): on a small machine the client must leave the cores to the
+    server, and httpx encoding 64 files per request competed with it for them."""
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
-    if requests is None:
-        count = max(1, min(len(blobs) // per_request, 256))
-        requests = [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
     count = len(requests)
     start = time.perf_counter()
     counting_from, stop = start + warmup, start + warmup + seconds
@@ -151,6 +145,12 @@ def form_request(url: str, blobs: list[bytes], model: str | None) -> bytes:
     files = [("images", (f"{j}.png", blob, "image/png")) for j, blob in enumerate(blobs)]
     request = httpx.Request("POST", f"{url}/classify", files=files, data={"model": model} if model else {})
     return http_request(url, "/classify", request.headers["Content-Type"], request.read())
+
+
+def forms(url: str, blobs: list[bytes], per_request: int, model: str | None = None) -> list[bytes]:
+    """Up to 256 distinct /classify requests of `per_request` images each, for `load`."""
+    count = max(1, min(len(blobs) // per_request, 256))
+    return [form_request(url, blobs[k * per_request : (k + 1) * per_request], model) for k in range(count)]
 
 
 @dataclass
@@ -258,7 +258,7 @@ def saturation(url: str, blobs: list[bytes], model: str | None, seconds: float =
     docs/performance.md); with runs > 1, the median of that many runs, since this machine swings."""
     rates = []
     for _ in range(runs):
-        result = asyncio.run(load(url, blobs, 1, 32, seconds, model))
+        result = asyncio.run(load(url, forms(url, blobs, 1, model), 1, 32, seconds))
         rates.append(len(result.latencies) / result.seconds)
     return statistics.median(rates)
 
@@ -283,7 +283,7 @@ def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[
     results = []
     for per_request in sizes:
         for concurrency in concurrencies:
-            result = asyncio.run(load(url, blobs, per_request, concurrency, seconds, model))
+            result = asyncio.run(load(url, forms(url, blobs, per_request, model), per_request, concurrency, seconds))
             print(result.row(), flush=True)
             results.append(result)
     return results

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench.http_load import Answers, add_service_options, load, machine, ms, open_loop, saturation, serving
+from bench.http_load import Answers, add_service_options, forms, load, machine, ms, open_loop, saturation, serving
 
 HEADER = [
     "| load | offered req/s | served req/s | refused (429) | 429 p99 ms | served p50 ms | served p99 ms | other outcomes |",
@@ -53,7 +53,7 @@ def main() -> None:
             answers = asyncio.run(open_loop(server.url, blobs, factor * rate, args.seconds, args.model, args.deadline))
             print(row(f"{factor:g}× saturation", answers), flush=True)
         if args.storm:
-            storm = asyncio.run(load(server.url, blobs, 1, args.storm, args.seconds, args.model))
+            storm = asyncio.run(load(server.url, forms(server.url, blobs, 1, args.model), 1, args.storm, args.seconds))
             goodput = len(storm.latencies) / storm.seconds
             statuses = ", ".join(f"{n:,}× {status or 'no answer'}" for status, n in sorted(storm.statuses.items())) or "none"
             print(f"\nretry storm, {args.storm} connections resending at once: goodput {goodput:,.1f} requests/s "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import REPO, SERVE, running
-from bench.http_load import MINIMAL, load, machine, test_pngs
+from bench.http_load import MINIMAL, forms, load, machine, test_pngs
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
             log = REPO / "logs" / f"peers_{bundle}_{servers.index(peer)}.log"
             with running(peer.command, log, env=peer.env) as server:
                 for concurrency in args.concurrency:
-                    result = asyncio.run(load(server.url, blobs, 1, concurrency, args.seconds, bundle))
+                    result = asyncio.run(load(server.url, forms(server.url, blobs, 1, bundle), 1, concurrency, args.seconds))
                     m = measured.setdefault((peer.name, concurrency), Measured())
                     m.rates.append(len(result.latencies) / result.seconds)
                     m.p50.append(np.percentile(result.latencies, 50) * 1000 if result.latencies else float("nan"))

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 from bench.harness import REPO, SERVE, running
-from bench.http_load import MINIMAL, NAIVE, load, machine, test_pngs
+from bench.http_load import MINIMAL, NAIVE, forms, load, machine, test_pngs
 
 # innermost frames of a thread that waits rather than works (py-spy's idle detection misses these)
 WAITING = ("Condition.wait", "select (selectors.py", "_read_from_self", "sleep", "Event.wait", "Thread.join", "_worker (concurrent")
@@ -125,7 +125,7 @@ def main() -> None:
         )  # fmt: skip
         result: list = []
         client = threading.Thread(
-            target=lambda: result.append(asyncio.run(load(server.url, blobs, args.images, args.concurrency, args.seconds, model)))
+            target=lambda: result.append(asyncio.run(load(server.url, forms(server.url, blobs, args.images, model), args.images, args.concurrency, args.seconds)))
         )
         client.start()
         _, errors = spy.communicate()

@@ -70,7 +70,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 local.append(in_process_rate(bundle, batches, args.seconds))
                 for concurrency in args.concurrency:
-                    result = asyncio.run(load(server.url, [], PER_REQUEST, concurrency, args.seconds, requests=requests))
+                    result = asyncio.run(load(server.url, requests, PER_REQUEST, concurrency, args.seconds))
                     assert result.errors == 0, f"{result.errors} failed requests"
                     served[concurrency].append(len(result.latencies) * PER_REQUEST / result.seconds)
             ceiling = statistics.median(local)

@@ -35,33 +35,53 @@ DEFAULT_LIMITS = Limits()
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """uint8 [32, 32, 3] RGB pixels of an encoded image."""
+    return to_pixels(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """The image with only its header read, and checked against the limits: cheap whatever its size,
+    so a caller can see how many pixels decoding will cost before it pays (`image.size`)."""
     if not data:
         raise ImageError("empty body: send the bytes of a PNG, JPEG, BMP, GIF, WebP or TIFF image")
     try:  # reads the header only; Pillow's own bomb check (MAX_IMAGE_PIXELS) stays as a backstop
         image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError:
         raise ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"image too large: over {limits.max_pixels:,} pixels") from None
+    except Image.DecompressionBombError:  # Pillow's own cap, should limits.max_pixels be set above it
+        raise ImageError(f"image too large: over {min(limits.max_pixels, 2 * Image.MAX_IMAGE_PIXELS):,} pixels") from None
     except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
         raise ImageError(f"corrupt or truncated image ({exc})") from None
     try:
-        with image:
-            return _to_pixels(image, limits)
+        _check_header(image, limits)
     except ImageError:
+        image.close()
         raise
-    except Exception as exc:  # crafted bytes make Pillow raise many types here too (TypeError from a TIFF's n_frames, …)
+    except Exception as exc:
+        image.close()
+        raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
+    return image
+
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """Decode an image from open_image, crop and resize it; the image is closed after."""
+    try:
+        with image:
+            return _to_pixels(image)
+    except Exception as exc:  # crafted bytes make Pillow raise many types here too
         raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
 
 
-def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
+def _check_header(image: Image.Image, limits: Limits) -> None:
     width, height = image.size
     if width * height > limits.max_pixels:  # the header says so; nothing decoded yet
         raise ImageError(f"image too large: {width}×{height} is over {limits.max_pixels:,} pixels")
     if min(width, height) < limits.min_side:
         raise ImageError(f"image too small: {width}×{height}; each side must be at least {limits.min_side} pixels")
-    if getattr(image, "n_frames", 1) > 1 and not limits.allow_animated:
+    if getattr(image, "n_frames", 1) > 1 and not limits.allow_animated:  # TypeError from a crafted TIFF's n_frames, …
         raise ImageError("animated images are not accepted; send a single frame")
+
+
+def _to_pixels(image: Image.Image) -> np.ndarray:
     if image.format == "JPEG":
         image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     image.load()
@@ -77,8 +97,8 @@ def _to_pixels(image: Image.Image, limits: Limits) -> np.ndarray:
 def _rgb(image: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit scaled to 8, transparency composited over white, CMYK converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(pixels / 257 if pixels.max() > 255 else pixels, 0, 255).astype(np.uint8))
+        pixels = np.asarray(image)  # integers: a float copy of a large 16-bit image would cost gigabytes
+        image = Image.fromarray(np.clip(pixels // 257 if pixels.max() > 255 else pixels, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

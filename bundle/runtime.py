@@ -1,8 +1,9 @@
 """A model bundle on disk → an onnxruntime session and a KNN head: the only place a model is loaded.
 
 Loading checks, in this order, and refuses with a BundleError that names the file and the
-problem: the manifest parses under a known schema version; every listed file exists and has
-its sha256 (before anything is unpickled: a pickle can run code); the ONNX graph's inputs and
+problem: the manifest parses under a known schema version; the files it opens (the graph of the
+precision asked for, knn.pkl) are listed, exist and have their sha256 (before anything is
+unpickled: a pickle can run code); the ONNX graph's inputs and
 outputs match the manifest. A bundle that loads cannot fail later for these reasons.
 """
 
@@ -191,7 +192,8 @@ class Bundle:
         opened = [open_session(model_path, providers, threads, spinning)]
         check_graph(model_path, opened[0], manifest)
         if sessions > 1 and threads and threads >= sessions and opened[0].get_providers()[0] == "CPUExecutionProvider":
-            opened += [open_session(model_path, providers, threads // sessions, spinning) for _ in range(sessions)]
+            shares = [threads // sessions + (i < threads % sessions) for i in range(sessions)]
+            opened += [open_session(model_path, providers, share, spinning) for share in shares]
         # imported here, not above: scikit-learn costs a process about 150 MiB, and BentoML's supervisor
         # imports the service (so this module) without ever loading a bundle
         import joblib

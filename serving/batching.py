@@ -22,6 +22,7 @@ here, after decoding, where every request is already a uint8 array.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,8 @@ from concurrent.futures import Future
 import numpy as np
 
 from bundle.runtime import Bundle, Prediction
+
+log = logging.getLogger("bentoml.cifar10.batching")
 
 
 class Batcher:
@@ -67,25 +70,33 @@ class Batcher:
         while True:
             # a request abandoned while queued (its client gone, its time out) is dropped, not computed
             batch = [(images, future) for images, future in self._collect() if future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            with self.lock:
-                alone = self.computing == 0
-                self.computing += 1
+            if batch:
+                self._serve(batch, session)
+
+    def _serve(self, batch: list[tuple[np.ndarray, Future]], session: int) -> None:
+        """Compute one batch and hand each request its rows; whatever fails, each request learns of it
+        and the executor lives on, so no request waits for an answer that will never come."""
+        with self.lock:
+            alone = self.computing == 0
+            self.computing += 1
+        try:
             pixels = np.concatenate([images for images, _ in batch])
-            try:  # calls of at most max_batch_size images, a larger request's too: onnxruntime's arena keeps the largest call's memory
-                prediction = self.bundle.predict(pixels, 0 if alone else session, chunk=self.max_batch_size)
-            except Exception as exc:  # every waiting request learns of it; the thread lives on
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            finally:
-                with self.lock:
-                    self.computing -= 1
-            for start in range(0, len(pixels), self.max_batch_size):
-                self.on_batch(min(self.max_batch_size, len(pixels) - start))
+            # calls of at most max_batch_size images, a larger request's too: onnxruntime's arena keeps the largest call's memory
+            prediction = self.bundle.predict(pixels, 0 if alone else session, chunk=self.max_batch_size)
             start = 0
             for images, future in batch:
-                end = start + len(images)
-                future.set_result(prediction[start:end])
-                start = end
+                future.set_result(prediction[start : start + len(images)])
+                start += len(images)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            with self.lock:
+                self.computing -= 1
+        try:
+            for start in range(0, len(pixels), self.max_batch_size):
+                self.on_batch(min(self.max_batch_size, len(pixels) - start))
+        except Exception:  # a metric that cannot be recorded must not stop the serving
+            log.exception("recording the batch size failed")

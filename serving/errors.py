@@ -34,17 +34,24 @@ ERROR_SCHEMA = {
     "required": ["error"],
 }
 
-# status → when it is sent; every endpoint of the service may answer each of these
+HOW_TO_SEND = (
+    "send the images as multipart/form-data files named 'images', or one image as the raw body "
+    "with Content-Type image/* or application/octet-stream"
+)
+
+# status → when it is sent; every image endpoint may answer each of these
 ERROR_STATUSES = {
     400: "bad request: an image that cannot be decoded or is out of limits, an unknown model, a parameter out of range",
     405: "a method other than POST",
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
-    415: "a body of a type no endpoint reads: send multipart/form-data, or one image as the raw body (image/*, application/octet-stream)",
+    415: f"a body of a type no endpoint reads: {HOW_TO_SEND}",
     429: "overloaded: CIFAR10_MAX_CONCURRENCY requests in flight, and no place freed within CIFAR10_MAX_QUEUE_WAIT_S (or CIFAR10_MAX_QUEUE already waiting); retry after the Retry-After seconds",
     500: "a fault of the server (its log has the traceback)",
     504: "not answered within CIFAR10_TIMEOUT_S",
 }
+# what a route that reads no upload (/models) may answer: it has no body limits and sheds no load
+BODYLESS_STATUSES = (400, 405, 500, 504)
 
 
 async def send_error(send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
@@ -56,19 +63,19 @@ async def send_error(send, status: int, message: str, headers: tuple[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
-def document_errors(spec: dict, routes: tuple[str, ...]) -> dict:
-    """The OpenAPI document with one Error schema behind every error status of every route."""
+def document_errors(spec: dict, routes: tuple[str, ...], bodyless: tuple[str, ...] = ()) -> dict:
+    """The OpenAPI document with one Error schema behind every error status each route can answer."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for bentoml_own in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas.pop(bentoml_own, None)
     schemas["Error"] = ERROR_SCHEMA
     reference = {"$ref": "#/components/schemas/Error"}
-    for route in routes:
+    for route in (*routes, *bodyless):
         responses = spec["paths"][route]["post"]["responses"]
         for status in [s for s in responses if str(s) != "200"]:
             del responses[status]
-        for status, description in ERROR_STATUSES.items():
-            responses[str(status)] = {"description": description, "content": {"application/json": {"schema": reference}}}
+        for status in ERROR_STATUSES if route in routes else BODYLESS_STATUSES:
+            responses[str(status)] = {"description": ERROR_STATUSES[status], "content": {"application/json": {"schema": reference}}}
     return spec
 
 
@@ -85,9 +92,9 @@ def one_error(content):
 class ErrorAnswers:
     """Unwrap BentoML's one-element error lists, and serve the corrected OpenAPI document."""
 
-    def __init__(self, app, routes: tuple[str, ...]):
+    def __init__(self, app, routes: tuple[str, ...], bodyless: tuple[str, ...] = ()):
         self.app = app
-        self.routes = routes
+        self.routes, self.bodyless = routes, bodyless
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,7 +117,7 @@ class ErrorAnswers:
             if message.get("more_body", False):
                 return None
             content = json.loads(body)
-            fixed = json.dumps(document_errors(content, self.routes) if document else one_error(content)).encode()
+            fixed = json.dumps(document_errors(content, self.routes, self.bodyless) if document else one_error(content)).encode()
             headers = [(k, v) for k, v in start["headers"] if k != b"content-length"] + [(b"content-length", str(len(fixed)).encode())]
             await send(dict(start, headers=headers))
             await send({"type": "http.response.body", "body": fixed})

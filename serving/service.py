@@ -1,4 +1,4 @@
-"""The BentoML service: upload bytes → images.decode → uint8 array → Bundle → response model.
+"""The BentoML service: upload bytes → bundle.images (open, decode) → uint8 array → Bundle → response model.
 
     bentoml serve            # in the repository root; bentofile.yaml points here
 
@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -19,10 +20,11 @@ from typing import Annotated, TypeVar
 import bentoml
 import numpy as np
 from bentoml.exceptions import BadInput, BentoMLException
+from PIL import Image
 from pydantic import Field
 from starlette.datastructures import UploadFile
 
-from bundle.images import ImageError, decode
+from bundle.images import ImageError, open_image, to_pixels
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving import boundary, v2
 from serving.batching import Batcher
@@ -39,7 +41,7 @@ from serving.schemas import (
     UploadScore,
 )
 from serving.settings import Settings
-from serving.uploads import INLINE_BYTES, Bodies, Upload, upload_bytes
+from serving.uploads import INLINE_BYTES, INLINE_PIXELS, Bodies, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -71,7 +73,7 @@ def each_bundle(settings: Settings, open_one: Callable[[Path], T]) -> list[T]:
 
 
 def check_bundle(folder: Path, settings: Settings) -> None:
-    """The checks of Bundle.load that need no onnxruntime session: the manifest and every file's sha256."""
+    """The checks of Bundle.load that need no onnxruntime session: the manifest, and the sha256 of the files a worker opens."""
     try:
         verify(folder, settings.precision)
     except MissingVariant:  # served as fp32, with a warning from the worker
@@ -85,11 +87,12 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
 
 
 def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundle:
+    options = dict(providers=providers, threads=settings.threads or None, spinning=settings.thread_spinning, sessions=settings.sessions)
     try:
-        bundle = Bundle.load(folder, providers, settings.threads or None, settings.precision, settings.thread_spinning, settings.sessions)
+        bundle = Bundle.load(folder, precision=settings.precision, **options)
     except MissingVariant as exc:
         log.warning("%s: serving its fp32 graph", exc)
-        bundle = Bundle.load(folder, providers, settings.threads or None, spinning=settings.thread_spinning, sessions=settings.sessions)
+        bundle = Bundle.load(folder, **options)
     for session in range(len(bundle.sessions)):  # warm-up before /readyz says yes
         bundle.predict(np.zeros((1, 32, 32, 3), np.uint8), session)
     log.info("bundle %s (%s): provider in use %s (asked for %s)", bundle.manifest.name, bundle.precision, bundle.providers[0], providers)
@@ -139,13 +142,51 @@ class CIFAR10:
         """Decode, then run in the bundle's batcher together with concurrent requests.
 
         The endpoints are coroutines: a request waits for its batch without holding a thread, with
-        less Python work per request than a thread hand-off (docs/performance.md). Small uploads, such as CIFAR-10's own images, decode on the event
-        loop (about 60 µs each); larger ones in a thread, so that the loop goes on answering."""
-        if sum(upload.size or 0 for upload in images) <= INLINE_BYTES:
-            pixels = self._pixels(images)
-        else:
-            pixels = await asyncio.to_thread(self._pixels, images)
+        less Python work per request than a thread hand-off (docs/performance.md). Small uploads, such
+        as CIFAR-10's own images, decode on the event loop (about 60 µs each); a request of more bytes
+        or more pixels (read from the headers first: a small PNG can hold 40 megapixels) decodes in a
+        thread, so that the loop goes on answering, and stops at its next image once abandoned."""
+        if len(images) > self.settings.max_images:
+            raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
+        small = sum(upload.size or 0 for upload in images) <= INLINE_BYTES
+        opened = self._open(images) if small else await asyncio.to_thread(self._open, images)
+        abandoned = threading.Event()
+        try:
+            if small and sum(image.width * image.height for image in opened) <= INLINE_PIXELS:
+                pixels = self._decode(opened, abandoned)
+            else:
+                pixels = await asyncio.to_thread(self._decode, opened, abandoned)
+        except asyncio.CancelledError:  # the client went away, or CIFAR10_TIMEOUT_S ran out
+            abandoned.set()
+            raise
         return await self.batchers[bundle.manifest.name].predict(pixels)
+
+    def _open(self, images: list[UploadFile]) -> list[Image.Image]:
+        """Each upload's bytes, within their limit, opened as an image whose header is checked."""
+        opened = []
+        limits = self.settings.limits  # built once per request, not per image
+        for i, upload in enumerate(images):
+            try:
+                data = upload_bytes(upload, self.settings.max_image_bytes)
+            except ValueError as exc:
+                raise BentoMLException(f"image {i}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+            try:
+                opened.append(open_image(data, limits))
+            except ImageError as exc:
+                raise BadInput(f"image {i}: {exc}") from None
+        return opened
+
+    @staticmethod
+    def _decode(opened: list[Image.Image], abandoned: threading.Event) -> np.ndarray:
+        arrays = []
+        for i, image in enumerate(opened):
+            if abandoned.is_set():  # nobody waits for the answer: leave the cores to requests that do
+                raise asyncio.CancelledError
+            try:
+                arrays.append(to_pixels(image))
+            except ImageError as exc:
+                raise BadInput(f"image {i}: {exc}") from None
+        return np.stack(arrays)
 
     def count(self, bundle: Bundle, indices) -> None:
         """The predictions metric: one per image, by the label answered."""
@@ -160,22 +201,6 @@ class CIFAR10:
         if name not in self.bundles:
             raise BadInput(f"unknown model {name!r}; loaded: {', '.join(self.bundles)}")
         return self.bundles[name]
-
-    def _pixels(self, images: list[UploadFile]) -> np.ndarray:
-        if len(images) > self.settings.max_images:
-            raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
-        arrays = []
-        limits = self.settings.limits  # built once per request, not per image
-        for i, upload in enumerate(images):
-            try:
-                data = upload_bytes(upload, self.settings.max_image_bytes)
-            except ValueError as exc:
-                raise BentoMLException(f"image {i}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
-            try:
-                arrays.append(decode(data, limits))
-            except ImageError as exc:
-                raise BadInput(f"image {i}: {exc}") from None
-        return np.stack(arrays)
 
     @bentoml.api
     async def classify(self, images: Images, model: str | None = None) -> list[Classification]:
@@ -240,7 +265,7 @@ class CIFAR10:
 boundary.apply()
 # The service's own middleware. BentoML stacks it innermost in this order, except Admission, which the
 # boundary moves outermost, just under BentoML's request metrics (serving/boundary.py shows the whole stack).
-CIFAR10.add_asgi_middleware(ErrorAnswers, routes=(*ROUTES, "/models"))
+CIFAR10.add_asgi_middleware(ErrorAnswers, routes=ROUTES, bodyless=("/models",))
 CIFAR10.add_asgi_middleware(
     Admission, admits=lambda path: path in ROUTES or v2.is_infer(path),
     max_concurrency=SETTINGS.max_concurrency, max_queue=SETTINGS.max_queue, max_queue_wait_s=SETTINGS.max_queue_wait_s,

@@ -22,16 +22,13 @@ from urllib.parse import parse_qsl
 from pydantic import WrapValidator
 from starlette.datastructures import UploadFile
 
-from serving.errors import send_error
+from serving.errors import HOW_TO_SEND, send_error
 
 INLINE_BYTES = 256 * 1024  # a request body up to this size is decoded or parsed on the event loop; a larger one in a thread
+INLINE_PIXELS = 256 * 1024  # and its images' pixels in all (width × height, from their headers) up to this many
 RAW_TYPES = ("image/", "application/octet-stream")
 # what BentoML parses into parameters; no Content-Type at all is read as JSON
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
-HOW_TO_SEND = (
-    "send the images as multipart/form-data files named 'images', or one image as the raw body "
-    "with Content-Type image/* or application/octet-stream"
-)
 
 
 class Bodies:

@@ -26,7 +26,7 @@ import bentoml
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -123,26 +123,32 @@ def _parse(body: bytes, header_length: str | None, max_images: int) -> tuple[dic
 
 async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes whatever Content-Length says."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ProtocolError(f"request of {int(declared):,} bytes; at most {limit:,} (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
+    declared = _byte_count(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
+        raise ProtocolError(f"request of {declared:,} bytes; at most {limit:,} (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(f"request over {limit:,} bytes (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"request over {limit:,} bytes (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer; not a fault of the server
+        raise ProtocolError("the client went away before sending the whole request") from None
     return b"".join(chunks)
+
+
+def _byte_count(value: str) -> int | None:
+    """A header's byte count, or None where it is not one: ASCII digits alone, at most 15 of them."""
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON header and the binary tensor data after it."""
-    if header_length is None:
-        length = len(body)
-    elif not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
+    length = len(body) if header_length is None else _byte_count(header_length)
+    if header_length is not None and (length is None or not 0 < length <= len(body)):
         raise ProtocolError(f"Inference-Header-Content-Length must be a byte count within the body's {len(body):,}, got {header_length!r}")
-    else:
-        length = int(header_length)
     try:
         header = json.loads(body[:length])
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError

@@ -60,9 +60,38 @@ def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
     assert sizes == [1]  # the abandoned request's images were not computed
 
 
+def test_a_failing_batch_fails_its_requests_and_the_batcher_serves_on(bundle):
+    """Whatever raises in a batch (onnxruntime, the batch-size metric), its requests learn of it, no
+    request waits for an answer that will never come, and the next batch is computed as before."""
+    failing = Bundle.load(REPO / "models" / "cnn")
+    predict, broken = failing.predict, [True]
+
+    def once_broken(images, session=0, chunk=16):
+        if broken.pop() if broken else False:
+            raise MemoryError("onnxruntime could not allocate")
+        return predict(images, session, chunk)
+
+    def unrecordable(size):
+        raise OSError("the metrics folder is gone")
+
+    failing.predict = once_broken
+    batcher = Batcher(failing, max_batch_size=16, max_latency_ms=0, on_batch=unrecordable)
+
+    async def fail_then_ask_again():
+        with pytest.raises(MemoryError, match="could not allocate"):
+            await asyncio.wait_for(batcher.predict(images(2, seed=0)), timeout=10)
+        return await asyncio.wait_for(batcher.predict(images(1, seed=1)), timeout=10)
+
+    answer = asyncio.run(fail_then_ask_again())
+    np.testing.assert_allclose(answer.logits, bundle.predict(images(1, seed=1)).logits, atol=1e-5)
+    assert batcher.computing == 0
+
+
 def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run_side_by_side(bundle):
     split = Bundle.load(REPO / "models" / "cnn", threads=2, spinning=False, sessions=2)
     assert [s.get_session_options().intra_op_num_threads for s in split.sessions] == [2, 1, 1]
+    uneven = Bundle.load(REPO / "models" / "cnn", threads=3, spinning=False, sessions=2)
+    assert [s.get_session_options().intra_op_num_threads for s in uneven.sessions] == [3, 2, 1]  # no thread left out
     assert len(Bundle.load(REPO / "models" / "cnn", threads=None, sessions=2).sessions) == 1  # no thread count to split
     assert len(Bundle.load(REPO / "models" / "cnn", threads=1, sessions=2).sessions) == 1  # fewer threads than sessions
     with pytest.raises(ValueError, match="sessions must be at least 1"):

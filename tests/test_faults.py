@@ -124,11 +124,23 @@ def test_bundles_damaged_on_disk_after_start_do_not_stop_serving(container_like)
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
 
 
+def wait_until_in_progress(url: str, requests: int) -> None:
+    """Until BentoML's request metrics count `requests` /classify requests in progress."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+        counted = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("bentoml_service_request_in_progress{") and '"/classify"' in line]
+        if sum(counted) >= requests:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{requests} requests never were in progress at once")
+
+
 def test_sigterm_lets_requests_in_flight_finish(container_like):
     server, _ = container_like
     with ThreadPoolExecutor(6) as pool:
-        in_flight = [pool.submit(classify, server.url, 64, "airbench") for _ in range(6)]  # about 1.5 s of work in all
-        time.sleep(0.3)
+        in_flight = [pool.submit(classify, server.url, 64, "airbench") for _ in range(6)]  # seconds of work in all
+        wait_until_in_progress(server.url, 6)  # all six received, not merely sent: a slow machine takes a while to encode them
         server.process.send_signal(signal.SIGTERM)
         statuses = [f.result().status_code for f in in_flight]
     assert statuses == [200] * 6

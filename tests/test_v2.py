@@ -76,7 +76,7 @@ def test_outputs_can_be_chosen_and_default_to_all(client, images):
     assert [o["name"] for o in one.get_response()["outputs"]] == ["probabilities"]
 
 
-def infer(server, header: dict, binary: bytes = b"", header_length: str | None = None) -> httpx.Response:
+def infer(server, header: dict, binary: bytes = b"", header_length: str | bytes | None = None) -> httpx.Response:
     text = json.dumps(header).encode()
     headers = {"Inference-Header-Content-Length": header_length if header_length is not None else str(len(text))} if binary or header_length else {}
     return httpx.post(f"{server}/v2/models/cnn/infer", content=text + binary, headers=headers, timeout=30)
@@ -99,6 +99,8 @@ ONE = bytes(3072)
         (tensor([2, 32, 32, 3], parameters={"binary_data_size": 6144}), ONE, None, 400, "binary tensor data expected"),
         (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "999999", 400, "Inference-Header-Content-Length"),
         (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "ten", 400, "Inference-Header-Content-Length"),
+        (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, b"\xb2", 400, "Inference-Header-Content-Length"),  # "²" passes str.isdigit
+        (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "9" * 5000, 400, "Inference-Header-Content-Length"),  # past int()'s digits
         (tensor([1, 32, 32, 3], parameters={"binary_data_size": 3072}), ONE, "20", 400, "not JSON"),
         (tensor([1, 32, 32, 3], data=[300] * 3072), b"", None, 400, "integers 0..255"),
         (tensor([1, 32, 32, 3], data=["a"] * 3072), b"", None, 400, "integers 0..255"),

@@ -107,7 +107,7 @@ def epoch_images(padded: torch.Tensor, translate: int, epoch: int, generator: to
     return out.flip(-1) if epoch % 2 else out
 
 
-class FastSteps:
+class Steps:
     """Each epoch: crops, mirrors and uploads made for all images at once, from a generator seeded by
     (seed, epoch); each step: the rate of its point in the triangle, an SGD step, the lookahead."""
 
@@ -125,6 +125,7 @@ class FastSteps:
         self.whitening_bias = run.model.body[0].bias if recipe["whitening_images"] else None
         saved = resume.get("lookahead") if resume else None
         self.lookahead = Lookahead(run.model, {k: v.to(device) for k, v in saved.items()}) if saved is not None else None
+        self.x = self.order = None  # the epoch's images and their order, drawn by begin_epoch
 
     def begin_epoch(self, pos: Position) -> None:
         generator = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + pos.epoch)
@@ -163,7 +164,7 @@ class FastSteps:
         return dict(lookahead=self.lookahead.average if self.lookahead else None)
 
 
-def whiten(recipe: dict):
+def model_init(recipe: dict):
     """The fast recipes' model init: the whitening conv set from the first training images, if the network has one."""
 
     def init(model: Classifier, train_set: Split) -> None:

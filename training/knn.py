@@ -7,11 +7,13 @@ the chosen classifier is then refitted on every training embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
+
+if TYPE_CHECKING:  # scikit-learn is imported where it is used: `cifar10 --help` reads KNN_COMPONENTS
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
 
 KS = (1, 3, 5, 10, 20, 50)
 METRICS = ("euclidean", "cosine")
@@ -30,6 +32,8 @@ class KnnChoice:
 
 
 def make_knn(k: int, metric: str) -> KNeighborsClassifier:
+    from sklearn.neighbors import KNeighborsClassifier
+
     # brute force: exact, and fast enough for 50k × D with BLAS; cosine needs it anyway
     return KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute", n_jobs=-1)
 
@@ -68,6 +72,9 @@ def fit_head(
     components: reduce the embeddings with PCA (fitted on `train`) before the neighbour search,
     to keep the head small; None keeps them whole.
     """
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+
     steps = [("pca", PCA(components, random_state=0).fit(train))] if components else []
     reduce = steps[0][1].transform if steps else (lambda x: x)
     if held is not None and len(held):

@@ -17,6 +17,11 @@ from training.models import Classifier
 from training.recipes import lr_at
 
 
+def model_init(recipe: dict) -> None:
+    """The study's models start from their seeded (or pretrained) weights, with no data-dependent init."""
+    return None
+
+
 def make_optimizer(model: Classifier, recipe: dict) -> torch.optim.Optimizer:
     """Adam with Keras' epsilon; L2 on conv kernels only, as the study's kernel_regularizer."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -27,7 +32,7 @@ def make_optimizer(model: Classifier, recipe: dict) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=recipe["lr"], eps=1e-7)
 
 
-class StudySteps:
+class Steps:
     """Shuffle once per epoch, set the epoch's rate; each step augments its batch and takes an Adam step."""
 
     def __init__(self, recipe: dict, run: Start, optimizer: torch.optim.Optimizer, device: torch.device, bf16: bool, resume: dict | None):
@@ -68,3 +73,8 @@ class StudySteps:
             generator=self.generator.get_state(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         )  # fmt: skip
+
+
+def final_metrics(run: Start, recipe: dict, device: torch.device, bf16: bool) -> dict:
+    """The study reports train and test accuracy alone, which every run measures."""
+    return {}

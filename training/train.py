@@ -27,14 +27,12 @@ def train(
     progress: bool | None = None,
 ) -> dict:
     """Train to recipe['epochs'] (or on from `resume`), checkpointing every epoch and on Ctrl-C; the run summary."""
-    loop = fast if recipe["loop"] == "fast" else study
-    init = fast.whiten(recipe) if loop is fast else None
-    run, optimizer = start(recipe, data, device, resume, loop.make_optimizer, init)
+    loop = fast if recipe["loop"] == "fast" else study  # each loop module: model_init, make_optimizer, Steps, final_metrics
+    run, optimizer = start(recipe, data, device, resume, loop.make_optimizer, loop.model_init(recipe))
     started = time.perf_counter()
-    steps = (fast.FastSteps if loop is fast else study.StudySteps)(recipe, run, optimizer, device, bf16, resume)
+    steps = loop.Steps(recipe, run, optimizer, device, bf16, resume)
     history = run_epochs(steps, run, optimizer, recipe, data, run_dir, device, bf16, progress)
     # train accuracy as the study reports it: model.evaluate (no dropout, running BN statistics)
     final = dict(train=evaluate(run.model, run.train_set, device, bf16), test=evaluate(run.model, run.test_set, device, bf16))
-    if loop is fast:
-        final |= fast.final_metrics(run, recipe, device, bf16)
+    final |= loop.final_metrics(run, recipe, device, bf16)
     return write_summary(run_dir, recipe, data, run.model, device, bf16, history, started, final)
