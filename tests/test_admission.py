@@ -5,6 +5,8 @@ minimal ASGI app whose requests finish when the test says (a live server: tests/
 import asyncio
 import json
 
+import pytest
+
 from serving.errors import Admission
 
 
@@ -119,5 +121,46 @@ def test_without_a_queue_the_next_request_is_refused_at_once():
         assert (await asyncio.wait_for(call(gate, "b"), 1))[0] == 429
         app.release("a")
         await first
+
+    asyncio.run(scenario())
+
+
+def test_a_client_gone_just_as_it_was_handed_a_place_passes_the_place_on():
+    async def scenario():
+        app = App()
+        gate = admission(app)
+        first, handed, third = await holding(gate, "a"), await holding(gate, "b"), await holding(gate, "c")
+        app.release("a")
+        await first  # a's place is b's now, and b has not run since
+        handed.cancel()
+        await settle()
+        assert app.started == ["a", "c"] and handed.cancelled()
+        app.release("c")
+        assert (await third)[0] == 200 and gate.in_flight == 0 and not gate.waiting
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_fails_frees_its_place_and_other_paths_pass_without_one():
+    async def failing(scope, receive, send):
+        if scope["path"] == "/classify":
+            raise RuntimeError("a fault of the endpoint")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario():
+        gate = Admission(failing, admits=lambda path: path == "/classify", max_concurrency=1, max_queue=0, max_queue_wait_s=0)
+        for _ in range(2):  # the second is admitted, not refused: the first's place came back
+            with pytest.raises(RuntimeError, match="a fault"):
+                await call(gate, "a")
+            assert gate.in_flight == 0
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        gate.in_flight = gate.max_concurrency  # full: a path it does not admit is not held back
+        await gate({"type": "http", "path": "/models", "query_string": b""}, None, send)
+        assert sent[0]["status"] == 200
 
     asyncio.run(scenario())
