@@ -91,8 +91,9 @@ def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns
     if columns.image in names:
         sources = table.column(columns.image).to_pylist()
     elif columns.path in names:
-        # relative paths are relative to the table's folder, so a table travels with its images
-        sources = [None if p is None else (origin.parent / p if not Path(p).is_absolute() else Path(p)) for p in table.column(columns.path).to_pylist()]
+        # relative paths are relative to the table's folder, so a table travels with its images; made absolute, as
+        # Spark's engine reports them, so that a path's id is the same whichever engine scored it
+        sources = [None if p is None else (origin.parent.absolute() / p if not Path(p).is_absolute() else Path(p)) for p in table.column(columns.path).to_pylist()]
     else:
         raise InputError(
             f"{origin}: no column {columns.image!r} (image bytes) or {columns.path!r} (paths); it has {', '.join(names)}. "

@@ -62,7 +62,7 @@ class Settings:
     max_request_bytes: int = 100_000_000  # a whole multipart request (411 without a Content-Length)
     max_neighbours: int = 50
     workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
-    max_batch_size: int = 16  # images in one onnxruntime call, a larger request's too; rates are flat from 8 up, memory is not (docs/performance.md)
+    max_batch_size: int = 8  # images in one onnxruntime call, a larger request's too; rates are flat from 8 up, memory is not (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
     max_concurrency: int = 64  # requests in flight per worker; the next ones wait for a place (below), then get 429
     max_queue: int = 256  # requests per worker waiting for a place; beyond it 429 at once

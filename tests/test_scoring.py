@@ -89,6 +89,7 @@ def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path)
     a, b = pq.read_table(tmp_path / "a.parquet").to_pylist(), pq.read_table(tmp_path / "b.parquet").to_pylist()
     assert [r["label"] for r in a] == [r["label"] for r in b] and from_paths.rows == from_bytes.rows == 50
     assert from_paths.labelled == 50 and from_bytes.labelled == 0
+    assert [r["id"] for r in a] == [str(p.absolute()) for p in files]  # as Spark's engine names them
 
 
 def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shared_data, bundle, tmp_path, capsys):
