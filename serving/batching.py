@@ -7,9 +7,9 @@ max_batch_size images, a larger request's too), and hands each request its rows.
 previous one computes.
 
 A bundle loaded with `sessions` > 1 (CIFAR10_SESSIONS) gets that many executors, all taking from
-the one queue (Triton's instance groups). An executor that finds no other computing runs its
-batch on the session with every thread, so a lone request gets every core; one that starts while
-another computes runs on its own session, of its share of the threads. Under load the batches
+the one queue (Triton's instance groups). While no other batch computes, an executor runs its
+calls on the session with every thread, so a lone request gets every core; while another
+computes, on its own session, of its share of the threads. Under load the batches
 then run side by side, and the cores stay busy while Python splits one batch's answers and
 gathers the next: the small CNN, whose cost is Python more than the model, gains most
 (docs/performance.md).
@@ -73,16 +73,24 @@ class Batcher:
             if batch:
                 self._serve(batch, session)
 
+    def _session(self, own: int) -> int:
+        """Session 0, with every thread, while this executor's batch is the only one computing; else its own."""
+        with self.lock:
+            return 0 if self.computing == 1 else own
+
     def _serve(self, batch: list[tuple[np.ndarray, Future]], session: int) -> None:
         """Compute one batch and hand each request its rows; whatever fails, each request learns of it
         and the executor lives on, so no request waits for an answer that will never come."""
         with self.lock:
-            alone = self.computing == 0
             self.computing += 1
         try:
             pixels = np.concatenate([images for images, _ in batch])
-            # calls of at most max_batch_size images, a larger request's too: onnxruntime's arena keeps the largest call's memory
-            prediction = self.bundle.predict(pixels, 0 if alone else session, chunk=self.max_batch_size)
+            # calls of at most max_batch_size images, a larger request's too (onnxruntime's arena keeps the largest
+            # call's memory), each choosing its session as it starts: a long batch that began alone moves off the
+            # session with every thread once another starts, rather than oversubscribing the cores to its end
+            step = self.max_batch_size
+            calls = [self.bundle.predict(pixels[i : i + step], self._session(session)) for i in range(0, len(pixels), step)]
+            prediction = calls[0] if len(calls) == 1 else Prediction.concatenate(calls)
             start = 0
             for images, future in batch:
                 future.set_result(prediction[start : start + len(images)])

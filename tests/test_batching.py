@@ -121,6 +121,39 @@ def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run
     assert overlapping and all(a[0] != b[0] for a, b in overlapping)  # side by side, each on its own session
 
 
+class Recorded:
+    """An onnxruntime session whose calls take 50 ms longer and are recorded as (session, start, end)."""
+
+    def __init__(self, index: int, session, calls: list):
+        self.index, self.session, self.calls = index, session, calls
+
+    def run(self, outputs, feed):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        answer = self.session.run(outputs, feed)
+        self.calls.append((self.index, start, time.perf_counter()))
+        return answer
+
+
+def test_a_long_batch_that_began_alone_leaves_the_session_with_every_thread_once_another_starts(bundle):
+    split = Bundle.load(REPO / "models" / "cnn", threads=2, spinning=False, sessions=2)
+    calls: list = []
+    split.sessions = [Recorded(i, session, calls) for i, session in enumerate(split.sessions)]
+    batcher = Batcher(split, max_batch_size=1, max_latency_ms=0)
+
+    async def long_then_short():
+        long = asyncio.create_task(batcher.predict(images(6, seed=20)))
+        await asyncio.sleep(0.08)  # the long batch's second call is running
+        await batcher.predict(images(1, seed=21))
+        return await long
+
+    answer = asyncio.run(long_then_short())
+    np.testing.assert_allclose(answer.probabilities, bundle.predict(images(6, seed=20)).probabilities, atol=1e-5)
+    assert calls[0][0] == 0  # alone: every thread
+    assert any(c[0] != 0 for c in calls)  # then beside the short batch: its own session
+    assert not [a for a in calls if a[0] == 0 for b in calls if b is not a and b[1] < a[1] < b[2]]  # session 0 never starts beside another call
+
+
 @pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("MAX_QUEUE_WAIT_S", "inf"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
 def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
     from serving.settings import Settings
