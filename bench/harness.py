@@ -28,7 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 90, path: str = "/readyz", poll: float = 0.5) -> bool:
+# how long a server may take to answer its readiness check: generous, as a busy 2-core machine is slow to start one
+READY_SECONDS = 180
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = READY_SECONDS, path: str = "/readyz", poll: float = 0.5) -> bool:
     """Poll url+path every `poll` seconds until it answers 200; False if the process dies or time runs out."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
@@ -71,7 +75,7 @@ def running(
         url = f"http://127.0.0.1:{port}"
         try:
             if not wait_ready(url, process, path=ready_path, poll=poll):
-                raise RuntimeError(f"{command[:4]} was not ready within 90 s; its log:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[:4]} was not ready within {READY_SECONDS} s; its log:\n{log.read_text()[-3000:]}")
             yield Server(url, process)
         finally:
             stop(process)
