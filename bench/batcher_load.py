@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.harness import REPO
 from bench.http_load import machine
 from bundle.runtime import Bundle
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant) or {"this tree": "."}
-    bundles = {n: Bundle.load(Path("models") / args.model, threads=args.threads, spinning=False, sessions=n) for n in args.sessions}
+    bundles = {n: Bundle.load(REPO / "models" / args.model, threads=args.threads, spinning=False, sessions=n) for n in args.sessions}
     classes = {name: batcher_class(Path(tree)) for name, tree in variants.items()}
     print(f"machine: {machine()}; {args.model}, requests of {args.images} images in turn, concurrency {args.concurrency}, calls of up to {args.max_batch_size}")
     rates: dict[tuple[str, int], list[float]] = {}

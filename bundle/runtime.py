@@ -211,14 +211,14 @@ class Bundle:
     def session(self) -> ort.InferenceSession:
         return self.sessions[0]
 
-    def predict(self, images: np.ndarray, session: int = 0, chunk: int = PREDICT_CHUNK) -> Prediction:
+    def predict(self, images: np.ndarray, session: int = 0) -> Prediction:
         """images: uint8 [N, 32, 32, 3] RGB, as images.decode gives them; any N, in onnxruntime calls of at
-        most `chunk` images, so in bounded memory. Calls on different sessions run at once, each on its own
-        threads; calls on the same one share them."""
+        most PREDICT_CHUNK images, so in bounded memory. Calls on different sessions run at once, each on
+        its own threads; calls on the same one share them."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
-        starts = range(0, max(len(images), 1), chunk)  # an empty batch is one call too, answered with no rows
-        calls = [Prediction(*self.sessions[session].run(OUTPUTS, {"images": images[i : i + chunk]})) for i in starts]
+        starts = range(0, max(len(images), 1), PREDICT_CHUNK)  # an empty batch is one call too, answered with no rows
+        calls = [Prediction(*self.sessions[session].run(OUTPUTS, {"images": images[i : i + PREDICT_CHUNK]})) for i in starts]
         return calls[0] if len(calls) == 1 else Prediction.concatenate(calls)
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

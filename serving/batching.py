@@ -104,7 +104,7 @@ class Batcher:
             with self.lock:
                 self.computing -= 1
         try:
-            for start in range(0, len(pixels), self.max_batch_size):
-                self.on_batch(min(self.max_batch_size, len(pixels) - start))
+            for call in calls:
+                self.on_batch(len(call.logits))
         except Exception:  # a metric that cannot be recorded must not stop the serving
             log.exception("recording the batch size failed")

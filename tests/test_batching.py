@@ -66,10 +66,10 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_serves_on(bundle):
     failing = Bundle.load(REPO / "models" / "cnn")
     predict, broken = failing.predict, [True]
 
-    def once_broken(images, session=0, chunk=16):
+    def once_broken(images, session=0):
         if broken.pop() if broken else False:
             raise MemoryError("onnxruntime could not allocate")
-        return predict(images, session, chunk)
+        return predict(images, session)
 
     def unrecordable(size):
         raise OSError("the metrics folder is gone")
@@ -98,10 +98,10 @@ def test_with_sessions_a_lone_batch_gets_every_thread_and_batches_under_load_run
         Bundle.load(REPO / "models" / "cnn", sessions=0)
     calls, predict = [], split.predict
 
-    def recorded(images, session=0, chunk=16):
+    def recorded(images, session=0):
         start = time.perf_counter()
         time.sleep(0.05)  # long enough for the next batch to start meanwhile
-        answer = predict(images, session, chunk)
+        answer = predict(images, session)
         calls.append((session, start, time.perf_counter()))
         return answer
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.hostile import FORMATS, png_header_only
-from bundle.images import ImageError, Limits, decode
+from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode, open_image
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -58,6 +58,21 @@ def test_sixteen_bit_grey_is_scaled_to_eight():
 def test_cmyk_jpeg_becomes_rgb():
     out = decode(encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"))
     assert out.shape == (32, 32, 3) and out[..., 0].mean() > 200 and out[..., 1].mean() < 60  # red
+
+
+def test_the_header_tells_the_pixels_of_a_file_small_in_bytes():
+    """A one-colour PNG at the pixel limit fits in the bytes the service decodes on its event loop;
+    open_image gives its size from the header, which is how the service sends it to a thread instead."""
+    from serving.uploads import INLINE_BYTES
+
+    side = int(DEFAULT_LIMITS.max_pixels**0.5)
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert len(data) < INLINE_BYTES
+    with open_image(data) as image:
+        assert image.size == (side, side)
+    assert (decode(data) == 128).all()
 
 
 @pytest.mark.parametrize(

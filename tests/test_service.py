@@ -231,6 +231,24 @@ def test_bad_raw_bodies_are_4xx(server, body, query, status, message):
     assert message in answer.json()["error"]
 
 
+def test_a_small_file_of_many_pixels_is_decoded_off_the_event_loop_like_any_other(server, test_images, offline):
+    """Few bytes, many pixels: decoded in a thread (the loop decodes only what is small in both), with the
+    answer it gets offline; an image beside it that fails to decode is refused by its index."""
+    many = encode(np.full((3000, 3000, 3), (200, 40, 40), np.uint8))  # 9 megapixels in a few kB
+    answer = httpx.post(f"{server}/classify", files=upload([many]), timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()[0]["index"] == int(offline.predict(decode(many)[None]).logits.argmax())
+    truncated = encode(test_images[0])[:300]  # its header reads, its pixels do not
+    refused = httpx.post(f"{server}/classify", files=upload([many, truncated]), timeout=60)
+    assert refused.status_code == 400 and "image 1: corrupt or truncated" in refused.json()["error"], refused.text
+
+
+def test_the_openapi_document_declares_what_each_route_can_answer(server):
+    paths = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
+    assert {"400", "411", "413", "415", "429", "504"} <= set(paths["/classify"]["post"]["responses"])
+    assert set(paths["/models"]["post"]["responses"]) == {"200", "400", "405", "500", "504"}  # reads no upload, sheds no load
+
+
 def test_a_request_over_its_size_limit_is_refused_before_it_is_read(server):
     files = [("images", (f"{i}.png", bytes(190_000), "image/png")) for i in range(6)]  # each under the per-file limit
     answer = httpx.post(f"{server}/classify", files=files, timeout=60)
