@@ -11,7 +11,7 @@ missing `MultipartSerde.parse_request` mend would mean fetching URLs that client
 The HTTP stack, outermost first, as BentoML builds it with these mends applied:
 
     BentoML's request metrics            (counts every answer, refusals included)
-    serving.errors.Admission             (429 beyond CIFAR10_MAX_CONCURRENCY; moved here by shed_load_early)
+    serving.admission.Admission          (429 beyond its concurrency limit; moved here by shed_load_early)
     OpenTelemetry tracing                (only when an exporter is configured: trace_only_for_an_exporter)
     BentoML's access log, its timeout (504)
     serving.errors.ErrorAnswers          (one JSON error shape; the corrected /docs.json)
@@ -166,7 +166,7 @@ def shed_load_early() -> None:
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
-    from serving.errors import Admission
+    from serving.admission import Admission
 
     stack = ServiceAppFactory.middlewares
 

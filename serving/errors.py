@@ -1,4 +1,4 @@
-"""How the service says no: one JSON error shape, stated in the OpenAPI document, and load shedding.
+"""How the service says no: one JSON error shape, stated in the OpenAPI document.
 
 Every 4xx and 5xx answer is `{"error": "what went wrong and what to do"}`, plus `detail` (a list
 of per-field problems) when BentoML's request validation refuses a parameter. BentoML 1.4 wraps
@@ -6,19 +6,12 @@ the errors its endpoints raise in a one-element list and documents `detail` as a
 `ErrorAnswers` middleware unwraps the list and rewrites `/docs.json` to declare what is really
 sent, including the statuses BentoML leaves out (405, 411, 413, 415, 429, 504).
 
-`Admission` sheds load: at most `max_concurrency` requests in flight per worker. The next ones
-wait, first come first served, for at most `max_queue_wait_s` and at most `max_queue` of them;
-then 429 with Retry-After, never an unbounded queue past the clients' deadlines. The short wait
-is what keeps a retry storm (clients that resend at once on every 429) from spending the cores
-on refusals: each waiting request holds only its connection, not a body or a thread.
+Load shedding, which answers 429 in this shape, is serving/admission.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
-from collections.abc import Callable
 
 ERROR_SCHEMA = {
     "title": "Error",
@@ -123,56 +116,3 @@ class ErrorAnswers:
             await send({"type": "http.response.body", "body": fixed})
 
         await self.app(scope, receive, rewrite)
-
-
-class Admission:
-    """At most `max_concurrency` requests to the paths it `admits` in flight; the next wait for a place, or get 429."""
-
-    def __init__(self, app, admits: Callable[[str], bool], max_concurrency: int, max_queue: int, max_queue_wait_s: float):
-        self.app = app
-        self.admits = admits
-        self.max_concurrency, self.max_queue, self.max_queue_wait_s = max_concurrency, max_queue, max_queue_wait_s
-        self.in_flight = 0  # one event loop per worker: no lock needed
-        self.waiting: collections.deque[asyncio.Future] = collections.deque()  # oldest first; a freed place goes to it
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.admits(scope["path"]):
-            return await self.app(scope, receive, send)
-        if self.in_flight < self.max_concurrency and not self.waiting:
-            self.in_flight += 1
-        elif refused := await self._wait_for_a_place():
-            message = f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY), {refused}; retry later"
-            return await send_error(send, 429, message, ((b"retry-after", b"1"),))
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self._release()
-
-    async def _wait_for_a_place(self) -> str:
-        """"" once a finishing request has handed this one its place; else why it is refused."""
-        if len(self.waiting) >= self.max_queue or self.max_queue_wait_s <= 0:
-            return f"and {len(self.waiting)} more waiting for a place (CIFAR10_MAX_QUEUE={self.max_queue})"
-        place = asyncio.get_running_loop().create_future()
-        self.waiting.append(place)
-        try:
-            async with asyncio.timeout(self.max_queue_wait_s):  # unlike wait_for in 3.11, never swallows a cancellation
-                await asyncio.shield(place)
-            return ""
-        except TimeoutError:
-            if place.done():  # handed over in the same instant: take it
-                return ""
-            self.waiting.remove(place)
-            return f"and none finished within CIFAR10_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}"
-        except asyncio.CancelledError:  # the client went away while waiting
-            if place.done():
-                self._release()  # pass on the place it was handed
-            else:
-                self.waiting.remove(place)
-            raise
-
-    def _release(self) -> None:
-        """A request finished: its place goes to the oldest waiting request, else it is free."""
-        if self.waiting:
-            self.waiting.popleft().set_result(None)
-        else:
-            self.in_flight -= 1

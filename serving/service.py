@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import threading
@@ -28,7 +29,8 @@ from bundle.images import ImageError, open_image, to_pixels
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving import boundary, v2
 from serving.batching import Batcher
-from serving.errors import Admission, ErrorAnswers
+from serving.admission import Admission
+from serving.errors import ErrorAnswers
 from serving.schemas import (
     CalibrationSummary,
     Classification,
@@ -99,6 +101,14 @@ def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundl
     return bundle
 
 
+@functools.cache
+def concurrency_gauge():
+    """The requests admitted at once now, summed over the live workers (serving/admission.py)."""
+    from prometheus_client import Gauge  # in the worker, once BentoML has set up multiprocess metrics
+
+    return Gauge("cifar10_concurrency_limit", "Requests admitted at once, summed over the live workers", multiprocess_mode="livesum")
+
+
 SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
 ROUTES = ("/classify", "/topk", "/embed", "/knn")
 # at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
@@ -128,6 +138,7 @@ class CIFAR10:
         self.predictions = {
             (name, i): predictions.labels(model=name, label=label) for name, b in self.bundles.items() for i, label in enumerate(b.manifest.classes)
         }
+        concurrency_gauge().set(s.max_concurrency)
         sizes = Histogram("cifar10_batch_size", "Images per onnxruntime call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batchers = {
             name: Batcher(bundle, s.max_batch_size, s.max_latency_ms, sizes.labels(model=name).observe)
@@ -269,6 +280,7 @@ CIFAR10.add_asgi_middleware(ErrorAnswers, routes=ROUTES, bodyless=("/models",))
 CIFAR10.add_asgi_middleware(
     Admission, admits=lambda path: path in ROUTES or v2.is_infer(path),
     max_concurrency=SETTINGS.max_concurrency, max_queue=SETTINGS.max_queue, max_queue_wait_s=SETTINGS.max_queue_wait_s,
+    target_latency_s=SETTINGS.target_latency_s, on_limit=lambda value: concurrency_gauge().set(value),
 )  # fmt: skip
 CIFAR10.add_asgi_middleware(
     Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),

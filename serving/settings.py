@@ -64,7 +64,8 @@ class Settings:
     workers: int = 1  # serving processes, each with every bundle loaded (BentoML's workers)
     max_batch_size: int = 8  # images in one onnxruntime call, a larger request's too; rates are flat from 8 up, memory is not (docs/performance.md)
     max_latency_ms: float = 0.0  # extra wait for more requests once some are queued; 0: take what is there
-    max_concurrency: int = 64  # requests in flight per worker; the next ones wait for a place (below), then get 429
+    max_concurrency: int = 64  # requests in flight per worker at most; the next ones wait for a place (below), then get 429
+    target_latency_s: float = 0.5  # the admitted requests' median time in service each worker steers to, by admitting fewer at once (down to 2); 0: always max_concurrency
     max_queue: int = 256  # requests per worker waiting for a place; beyond it 429 at once
     max_queue_wait_s: float = 0.5  # how long a request waits for a place before its 429; 0: refused at once
     timeout_s: float = 60.0  # a request not answered by then gets 504
@@ -73,7 +74,7 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
         bad = [f"{env_name(name)}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
-        bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms", "max_queue", "max_queue_wait_s") if (value := getattr(self, name)) is not None and value < 0]
+        bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms", "max_queue", "max_queue_wait_s", "target_latency_s") if (value := getattr(self, name)) is not None and value < 0]
         bad += [f"{env_name(f.name)}={getattr(self, f.name)} (must be a finite number)" for f in fields(self) if f.type == "float" and not math.isfinite(getattr(self, f.name))]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")

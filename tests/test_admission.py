@@ -1,13 +1,15 @@
 """Admission's queue: places go to waiting requests first come first served; a full queue, a wait past
-CIFAR10_MAX_QUEUE_WAIT_S or a client gone never leaks a place. Run on a real event loop against a
-minimal ASGI app whose requests finish when the test says (a live server: tests/test_faults.py)."""
+CIFAR10_MAX_QUEUE_WAIT_S or a client gone never leaks a place. Its limit: settles at rate × target
+under saturation, comes back when requests are fast, and a lowered one holds places back. Run on a
+real event loop against a minimal ASGI app whose requests finish when the test says (a live server:
+tests/test_faults.py)."""
 
 import asyncio
 import json
 
 import pytest
 
-from serving.errors import Admission
+from serving.admission import WINDOW, Admission, LatencyLimit
 
 
 class App:
@@ -159,8 +161,81 @@ def test_a_request_that_fails_frees_its_place_and_other_paths_pass_without_one()
         async def send(message):
             sent.append(message)
 
-        gate.in_flight = gate.max_concurrency  # full: a path it does not admit is not held back
+        gate.in_flight = gate.limit.value  # full: a path it does not admit is not held back
         await gate({"type": "http", "path": "/models", "query_string": b""}, None, send)
         assert sent[0]["status"] == 200
+
+    asyncio.run(scenario())
+
+
+def saturated(limit: LatencyLimit, rate: float, requests: int = 400) -> None:
+    """`requests` finish at a worker that serves `rate` requests/s and always has more waiting: each took
+    the work of the limit's requests ahead of it (Little's law)."""
+    for _ in range(requests):
+        limit.observe(limit.value / rate)
+
+
+@pytest.mark.parametrize("rate", [6.0, 40.0, 230.0])
+def test_under_saturation_the_limit_settles_where_rate_times_target_fills_it(rate):
+    limit = LatencyLimit(maximum=64, target_s=0.5)
+    saturated(limit, rate)
+    settled, expected = limit.value, min(64, max(2, rate * 0.5))  # rate × target, within the bounds
+    assert abs(settled - expected) <= max(1, 0.1 * expected), (rate, settled)
+
+
+def test_requests_faster_than_the_target_raise_the_limit_back_to_its_maximum():
+    limit = LatencyLimit(maximum=64, target_s=1.0)
+    saturated(limit, rate=1.0)
+    assert limit.value == 2  # the floor: two requests take two seconds
+    for _ in range(6 * 16):
+        limit.observe(0.02)
+    assert limit.value == 64
+
+
+def test_without_a_target_the_limit_never_moves():
+    limit = LatencyLimit(maximum=8, target_s=0.0)
+    assert not any(limit.observe(30.0) for _ in range(100)) and limit.value == 8
+
+
+def test_a_lowered_limit_holds_freed_places_back_and_a_raised_one_hands_them_out_at_once():
+    async def scenario():
+        app = App()
+        told = []
+        gate = Admission(app, admits=lambda path: True, max_concurrency=4, max_queue=8, max_queue_wait_s=10, target_latency_s=0.001, on_limit=told.append)
+        tasks = [await holding(gate, name) for name in "abcdefgh"]
+        assert app.started == list("abcd") and len(gate.waiting) == 4
+        gate.limit._window = [1.0] * (WINDOW - 1)  # requests that took far longer than the target: one more closes the window
+        app.release("a")
+        await settle()
+        assert told == [2] and gate.limit.value == 2
+        assert app.started == list("abcd") and gate.in_flight == 3  # a's place is not handed on: 3 run, over the new limit
+        for name in "bc":
+            app.release(name)
+        await settle()
+        assert app.started == list("abcde") and gate.in_flight == 2  # b's place is not handed on either; c's is, to e
+        gate.limit.target_s = 10.0  # now requests are far faster than the target
+        gate.limit._window = [0.01] * (WINDOW - 1)
+        app.release("d")
+        await settle()
+        assert told == [2, 4] and app.started == list("abcdefgh") and gate.in_flight == 4  # f, g and h at once
+        for name in "efgh":
+            app.release(name)
+        results = await asyncio.gather(*tasks)
+        assert [status for status, body in results] == [200] * 8 and gate.in_flight == 0 and not gate.waiting
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_under_a_lowered_limit_names_both_settings():
+    async def scenario():
+        app = App()
+        gate = Admission(app, admits=lambda path: True, max_concurrency=8, max_queue=0, max_queue_wait_s=0, target_latency_s=0.25)
+        gate.limit.value = 2
+        first, second = await holding(gate, "a"), await holding(gate, "b")
+        status, body = await call(gate, "c")
+        assert status == 429 and "CIFAR10_MAX_CONCURRENCY=8" in body["error"] and "CIFAR10_TARGET_LATENCY_S=0.25" in body["error"]
+        app.release("a")
+        app.release("b")
+        await asyncio.gather(first, second)
 
     asyncio.run(scenario())

@@ -1,7 +1,8 @@
 """Overload, faults and broken bundles against a real `bentoml serve`.
 
 The promises: beyond CIFAR10_MAX_CONCURRENCY and CIFAR10_MAX_QUEUE a request is refused at once (429,
-JSON, Retry-After) while accepted ones are served (the queue itself: tests/test_admission.py); a killed worker is replaced (inside a container too); SIGTERM
+JSON, Retry-After) while accepted ones are served (the queue itself: tests/test_admission.py); requests
+slower than CIFAR10_TARGET_LATENCY_S lower that limit, shown in /metrics; a killed worker is replaced (inside a container too); SIGTERM
 lets in-flight requests finish; bundles damaged on disk after start do not stop serving; a broken
 bundle at start ends the server with the reason, or is skipped when CIFAR10_BROKEN_BUNDLES=skip.
 """
@@ -60,6 +61,29 @@ def test_beyond_the_concurrency_limit_requests_are_refused_at_once_and_the_rest_
     assert counted == len(refused), metrics
     log = (tmp_path / "serve.log").read_text()
     assert "path=/classify" in log and "status=429" not in log
+
+
+def concurrency_limit(url: str) -> float:
+    """The worker's concurrency limit now, from /metrics."""
+    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("cifar10_concurrency_limit "))
+
+
+def test_requests_slower_than_the_latency_target_lower_the_concurrency_limit(tmp_path):
+    env = {
+        "CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MODELS": "cnn", "CIFAR10_MAX_CONCURRENCY": "16",
+        "CIFAR10_TARGET_LATENCY_S": "0.000001", "CIFAR10_MAX_QUEUE": "0",
+    }  # fmt: skip
+    with running(SERVE, tmp_path / "serve.log", env=env) as server:
+        assert concurrency_limit(server.url) == 16
+        for _ in range(8 * 3):  # three windows of requests that each took far longer than the target: 16 → 8 → 4 → 2
+            assert classify(server.url).status_code == 200
+        assert concurrency_limit(server.url) == 2
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: classify(server.url, images=64), range(8)))
+        refused = [a for a in answers if a.status_code == 429]
+        assert {a.status_code for a in answers} == {200, 429}, [a.status_code for a in answers]
+        assert all("lowered to 2" in a.json()["error"] and "CIFAR10_TARGET_LATENCY_S" in a.json()["error"] for a in refused)
 
 
 def test_a_request_past_the_timeout_gets_504_with_the_json_error(tmp_path):

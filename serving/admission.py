@@ -1,0 +1,128 @@
+"""Load shedding: how many requests a worker serves at once, and what the next ones get.
+
+`Admission` lets at most `limit.value` requests to the paths it admits run at once (image
+endpoints and `/v2` infer). The next ones wait, first come first served, at most
+`max_queue_wait_s` and at most `max_queue` of them; then 429 with Retry-After, never an unbounded
+queue past the clients' deadlines. The short wait is what keeps a retry storm (clients that resend
+at once on every 429) from spending the cores on refusals: each waiting request holds only its
+connection, not a body or a thread.
+
+`LatencyLimit` sets how many run at once. A fixed number suits one model on one machine only:
+64 requests are a fraction of a second of work for the study CNN and several seconds for the
+default bundle on a slow CPU, and every admitted request waits for the work of those ahead of it.
+So the number follows Little's law (requests in service = rate × time in service), as Envoy's
+adaptive concurrency filter and Netflix's concurrency-limits do: it falls while the admitted
+requests' median time in service is above a target and rises back, up to `max_concurrency`, while
+it is below. Under saturation it settles where the worker's rate times the target fills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+from serving.errors import send_error
+
+MIN_CONCURRENCY = 2  # never fewer at once: one request decoding while another computes
+WINDOW = 8  # requests (at least) whose median time in service moves the limit once
+
+
+class LatencyLimit:
+    """How many requests to admit at once: `maximum`, lowered while their median time in service is above `target_s`.
+
+    Each window of completed requests moves the limit by the square root of target / median (at
+    most ×2 or ×½), so that under saturation, where that median is limit / rate, it closes half the
+    remaining gap (in logarithm) per window without overshooting. `target_s` 0 keeps it at `maximum`.
+    """
+
+    def __init__(self, maximum: int, target_s: float, minimum: int = MIN_CONCURRENCY):
+        self.maximum, self.target_s = maximum, target_s
+        self.minimum = min(minimum, maximum)
+        self.value = maximum
+        self._window: list[float] = []
+
+    def observe(self, seconds: float) -> bool:
+        """One admitted request's time in service; True when the limit moved."""
+        if self.target_s <= 0:
+            return False
+        self._window.append(seconds)
+        if len(self._window) < max(WINDOW, self.value // 4):
+            return False
+        median = statistics.median(self._window)
+        self._window.clear()
+        step = math.sqrt(min(4.0, max(0.25, self.target_s / max(median, 1e-6))))
+        moved = math.ceil(self.value * step) if step > 1 else math.floor(self.value * step)
+        value, self.value = self.value, min(self.maximum, max(self.minimum, moved))
+        return self.value != value
+
+
+class Admission:
+    """At most `limit.value` requests to the paths it `admits` in flight; the next wait for a place, or get 429."""
+
+    def __init__(
+        self, app, admits: Callable[[str], bool], max_concurrency: int, max_queue: int, max_queue_wait_s: float,
+        target_latency_s: float = 0.0, on_limit: Callable[[int], None] = lambda value: None,
+    ):  # fmt: skip
+        self.app = app
+        self.admits = admits
+        self.limit = LatencyLimit(max_concurrency, target_latency_s)
+        self.on_limit = on_limit  # told each new limit (the service's metric)
+        self.max_queue, self.max_queue_wait_s = max_queue, max_queue_wait_s
+        self.in_flight = 0  # one event loop per worker: no lock needed
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()  # oldest first; a freed place goes to it
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.admits(scope["path"]):
+            return await self.app(scope, receive, send)
+        if self.in_flight < self.limit.value and not self.waiting:
+            self.in_flight += 1
+        elif refused := await self._wait_for_a_place():
+            return await send_error(send, 429, f"{self._full()}, {refused}; retry later", ((b"retry-after", b"1"),))
+        started = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.limit.observe(time.monotonic() - started):
+                self.on_limit(self.limit.value)
+            self._release()
+
+    def _full(self) -> str:
+        if self.limit.value == self.limit.maximum:
+            return f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY)"
+        return (
+            f"{self.in_flight} requests in flight, the limit of this worker now (CIFAR10_MAX_CONCURRENCY={self.limit.maximum}, "
+            f"lowered to {self.limit.value} while requests take longer than CIFAR10_TARGET_LATENCY_S={self.limit.target_s:g})"
+        )
+
+    async def _wait_for_a_place(self) -> str:
+        """"" once a finishing request has handed this one its place; else why it is refused."""
+        if len(self.waiting) >= self.max_queue or self.max_queue_wait_s <= 0:
+            return f"and {len(self.waiting)} more waiting for a place (CIFAR10_MAX_QUEUE={self.max_queue})"
+        place = asyncio.get_running_loop().create_future()
+        self.waiting.append(place)
+        try:
+            async with asyncio.timeout(self.max_queue_wait_s):  # unlike wait_for in 3.11, never swallows a cancellation
+                await asyncio.shield(place)
+            return ""
+        except TimeoutError:
+            if place.done():  # handed over in the same instant: take it
+                return ""
+            self.waiting.remove(place)
+            return f"and none finished within CIFAR10_MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}"
+        except asyncio.CancelledError:  # the client went away while waiting
+            if place.done():
+                self._release()  # pass on the place it was handed
+            else:
+                self.waiting.remove(place)
+            raise
+
+    def _release(self) -> None:
+        """A request finished: places free under the limit go to the oldest waiting requests."""
+        self.in_flight -= 1
+        while self.waiting and self.in_flight < self.limit.value:
+            self.in_flight += 1
+            self.waiting.popleft().set_result(None)
