@@ -28,8 +28,8 @@ from starlette.datastructures import UploadFile
 from bundle.images import ImageError, open_image, to_pixels
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving import boundary, v2
-from serving.batching import Batcher
 from serving.admission import Admission
+from serving.batching import Batcher
 from serving.errors import ErrorAnswers
 from serving.schemas import (
     CalibrationSummary,
