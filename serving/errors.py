@@ -39,7 +39,7 @@ ERROR_STATUSES = {
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
     415: f"a body of a type no endpoint reads: {HOW_TO_SEND}",
-    429: "overloaded: CIFAR10_MAX_CONCURRENCY requests in flight, and no place freed within CIFAR10_MAX_QUEUE_WAIT_S (or CIFAR10_MAX_QUEUE already waiting); retry after the Retry-After seconds",
+    429: "overloaded: as many requests in flight as the worker admits at once (at most CIFAR10_MAX_CONCURRENCY, fewer while they take longer than CIFAR10_TARGET_LATENCY_S), and no place freed within CIFAR10_MAX_QUEUE_WAIT_S (or CIFAR10_MAX_QUEUE already waiting); retry after the Retry-After seconds",
     500: "a fault of the server (its log has the traceback)",
     504: "not answered within CIFAR10_TIMEOUT_S",
 }
