@@ -47,6 +47,8 @@ MINIMAL = [sys.executable, "-m", "bench.minimal_app", "--port", "{port}", "--wor
 
 def test_pngs(data_dir: Path, count: int) -> list[bytes]:
     """The first `count` CIFAR-10 test images, PNG-encoded."""
+    if not (data_dir / "test_batch").is_file():
+        raise SystemExit(f"no CIFAR-10 test_batch in {data_dir}: pass --data-dir or set CIFAR10_DATA_DIR to the cifar-10-batches-py folder")
     with open(data_dir / "test_batch", "rb") as f:
         batch = pickle.load(f, encoding="latin1")
     key = "data" if "data" in batch else b"data"
