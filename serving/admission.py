@@ -10,10 +10,11 @@ connection, not a body or a thread.
 `LatencyLimit` sets how many run at once. A fixed number suits one model on one machine only:
 64 requests are a fraction of a second of work for the study CNN and several seconds for the
 default bundle on a slow CPU, and every admitted request waits for the work of those ahead of it.
-So the number follows Little's law (requests in service = rate × time in service), as Envoy's
-adaptive concurrency filter and Netflix's concurrency-limits do: it falls while the admitted
-requests' median time in service is above a target and rises back, up to `max_concurrency`, while
-it is below. Under saturation it settles where the worker's rate times the target fills it.
+So, in the spirit of Envoy's adaptive concurrency filter and Netflix's concurrency-limits, the
+number follows a latency target: it falls while the admitted requests' median time in service is
+above the target and all places are taken, and rises back, up to `max_concurrency`, while it is
+below. Under saturation the median is places / rate (Little's law), so the places settle where
+the worker's rate times the target fills them.
 """
 
 from __future__ import annotations
@@ -34,30 +35,40 @@ WINDOW = 8  # requests (at least) whose median time in service moves the limit o
 class LatencyLimit:
     """How many requests to admit at once: `maximum`, lowered while their median time in service is above `target_s`.
 
-    Each window of completed requests moves the limit by the square root of target / median (at
-    most ×2 or ×½), so that under saturation, where that median is limit / rate, it closes half the
-    remaining gap (in logarithm) per window without overshooting. `target_s` 0 keeps it at `maximum`.
+    Each window of requests moves the limit by the square root of target / median (at most ×2 or
+    ×½), so that under saturation, where the median is limit / rate, it closes half the remaining
+    gap (in logarithm) per window. Only requests admitted since the last move count: the ones
+    admitted before it waited behind the old number of places, and counting them would overshoot.
+    It is lowered only when some request found every place taken: a lone client's slow requests
+    would not be served sooner with fewer places. `target_s` 0 keeps it at `maximum`.
     """
 
     def __init__(self, maximum: int, target_s: float, minimum: int = MIN_CONCURRENCY):
         self.maximum, self.target_s = maximum, target_s
         self.minimum = min(minimum, maximum)
         self.value = maximum
+        self.moves = 0  # how often the value has moved: a request admitted under an older value does not count
+        self.full = False  # whether a request found every place taken during this window
         self._window: list[float] = []
 
-    def observe(self, seconds: float) -> bool:
-        """One admitted request's time in service; True when the limit moved."""
-        if self.target_s <= 0:
+    def observe(self, seconds: float, admitted_at_move: int) -> bool:
+        """The time in service of a request admitted when `moves` was `admitted_at_move`; True when the limit moved."""
+        if self.target_s <= 0 or admitted_at_move != self.moves:
             return False
         self._window.append(seconds)
         if len(self._window) < max(WINDOW, self.value // 4):
             return False
         median = statistics.median(self._window)
+        full, self.full = self.full, False
         self._window.clear()
         step = math.sqrt(min(4.0, max(0.25, self.target_s / max(median, 1e-6))))
-        moved = math.ceil(self.value * step) if step > 1 else math.floor(self.value * step)
-        value, self.value = self.value, min(self.maximum, max(self.minimum, moved))
-        return self.value != value
+        if step < 1 and not full:
+            return False
+        moved = min(self.maximum, max(self.minimum, math.ceil(self.value * step) if step > 1 else math.floor(self.value * step)))
+        if moved == self.value:
+            return False
+        self.value, self.moves = moved, self.moves + 1
+        return True
 
 
 class Admission:
@@ -80,22 +91,26 @@ class Admission:
             return await self.app(scope, receive, send)
         if self.in_flight < self.limit.value and not self.waiting:
             self.in_flight += 1
-        elif refused := await self._wait_for_a_place():
-            return await send_error(send, 429, f"{self._full()}, {refused}; retry later", ((b"retry-after", b"1"),))
-        started = time.monotonic()
+        else:
+            self.limit.full = True
+            if refused := await self._wait_for_a_place():
+                return await send_error(send, 429, f"{self._full()}, {refused}; retry later", ((b"retry-after", b"1"),))
+        admitted_at_move = self.limit.moves
+        timed = ServiceTime(receive, send)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, timed.receive, timed.send)
         finally:
-            if self.limit.observe(time.monotonic() - started):
-                self.on_limit(self.limit.value)
+            moved = timed.seconds is not None and self.limit.observe(timed.seconds, admitted_at_move)
             self._release()
+            if moved:
+                self.on_limit(self.limit.value)
 
     def _full(self) -> str:
         if self.limit.value == self.limit.maximum:
             return f"{self.in_flight} requests in flight, the limit of this worker (CIFAR10_MAX_CONCURRENCY)"
         return (
-            f"{self.in_flight} requests in flight, the limit of this worker now (CIFAR10_MAX_CONCURRENCY={self.limit.maximum}, "
-            f"lowered to {self.limit.value} while requests take longer than CIFAR10_TARGET_LATENCY_S={self.limit.target_s:g})"
+            f"{self.in_flight} requests in flight, {self.limit.value} admitted at once now (CIFAR10_MAX_CONCURRENCY="
+            f"{self.limit.maximum}, lowered while requests take longer than CIFAR10_TARGET_LATENCY_S={self.limit.target_s:g})"
         )
 
     async def _wait_for_a_place(self) -> str:
@@ -126,3 +141,25 @@ class Admission:
         while self.waiting and self.in_flight < self.limit.value:
             self.in_flight += 1
             self.waiting.popleft().set_result(None)
+
+
+class ServiceTime:
+    """A request's time in service: from its body's last byte to its answer's start, so that a slow
+    upload or a slow reader does not count as the worker's. None for answers that say nothing about
+    the worker's speed: refusals of bad requests (4xx) and faults (500); a 504 counts."""
+
+    def __init__(self, receive, send):
+        self._receive, self._send = receive, send
+        self.received = time.monotonic()  # until the body's last part comes
+        self.seconds: float | None = None
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.received = time.monotonic()
+        return message
+
+    async def send(self, message):
+        if message["type"] == "http.response.start" and (message["status"] < 400 or message["status"] == 504):
+            self.seconds = time.monotonic() - self.received
+        await self._send(message)

@@ -5,11 +5,12 @@ real event loop against a minimal ASGI app whose requests finish when the test s
 tests/test_faults.py)."""
 
 import asyncio
+import collections
 import json
 
 import pytest
 
-from serving.admission import WINDOW, Admission, LatencyLimit
+from serving.admission import WINDOW, Admission, LatencyLimit, ServiceTime
 
 
 class App:
@@ -168,19 +169,28 @@ def test_a_request_that_fails_frees_its_place_and_other_paths_pass_without_one()
     asyncio.run(scenario())
 
 
-def saturated(limit: LatencyLimit, rate: float, requests: int = 400) -> None:
-    """`requests` finish at a worker that serves `rate` requests/s and always has more waiting: each took
-    the work of the limit's requests ahead of it (Little's law)."""
+def saturated(limit: LatencyLimit, rate: float, requests: int = 4000) -> list[int]:
+    """The limit after each of `requests` that finish at a worker serving `rate` requests/s one after another in
+    the order admitted, with more always waiting: each took, from its admission, the work of those admitted
+    before it and its own (Little's law)."""
+    now, in_service, values = 0.0, collections.deque(), []  # (admitted at, the limit's moves then), oldest first
     for _ in range(requests):
-        limit.observe(limit.value / rate)
+        while len(in_service) < limit.value:
+            in_service.append((now, limit.moves))
+            limit.full = True  # more are waiting
+        now += 1 / rate
+        admitted, moves = in_service.popleft()
+        limit.observe(now - admitted, moves)
+        values.append(limit.value)
+    return values
 
 
-@pytest.mark.parametrize("rate", [6.0, 40.0, 230.0])
+@pytest.mark.parametrize("rate", [6.0, 40.0, 60.0, 100.0, 230.0])
 def test_under_saturation_the_limit_settles_where_rate_times_target_fills_it(rate):
-    limit = LatencyLimit(maximum=64, target_s=0.5)
-    saturated(limit, rate)
-    settled, expected = limit.value, min(64, max(2, rate * 0.5))  # rate × target, within the bounds
-    assert abs(settled - expected) <= max(1, 0.1 * expected), (rate, settled)
+    values = saturated(LatencyLimit(maximum=64, target_s=0.5), rate)
+    expected = min(64, max(2, rate * 0.5))  # rate × target, within the bounds
+    settled = set(values[len(values) // 2 :])  # and stays there
+    assert all(abs(value - expected) <= max(1, 0.1 * expected) for value in settled), (rate, sorted(settled))
 
 
 def test_requests_faster_than_the_target_raise_the_limit_back_to_its_maximum():
@@ -188,13 +198,43 @@ def test_requests_faster_than_the_target_raise_the_limit_back_to_its_maximum():
     saturated(limit, rate=1.0)
     assert limit.value == 2  # the floor: two requests take two seconds
     for _ in range(6 * 16):
-        limit.observe(0.02)
+        limit.observe(0.02, limit.moves)
     assert limit.value == 64
+
+
+def test_slow_requests_lower_the_limit_only_when_every_place_was_taken():
+    limit = LatencyLimit(maximum=64, target_s=0.5)
+    assert not any(limit.observe(3.0, 0) for _ in range(100)) and limit.value == 64  # a lone client's slow requests
+    limit.full = True
+    assert any(limit.observe(3.0, 0) for _ in range(16)) and limit.value == 32
 
 
 def test_without_a_target_the_limit_never_moves():
     limit = LatencyLimit(maximum=8, target_s=0.0)
-    assert not any(limit.observe(30.0) for _ in range(100)) and limit.value == 8
+    limit.full = True
+    assert not any(limit.observe(30.0, 0) for _ in range(100)) and limit.value == 8
+
+
+def test_time_in_service_runs_from_the_last_body_part_to_the_answer_and_skips_refusals():
+    async def scenario(status: int):
+        parts = [{"type": "http.request", "body": b"a", "more_body": True}, {"type": "http.request", "body": b"b"}]
+
+        async def receive():
+            await asyncio.sleep(0.2)  # a slow upload
+            return parts.pop(0)
+
+        async def send(message):
+            pass
+
+        timed = ServiceTime(receive, send)
+        await timed.receive(), await timed.receive()
+        await asyncio.sleep(0.05)  # the work
+        await timed.send({"type": "http.response.start", "status": status, "headers": []})
+        return timed.seconds
+
+    assert 0.05 <= asyncio.run(scenario(200)) < 0.2
+    assert asyncio.run(scenario(504)) >= 0.05  # a timeout says the worker is slow
+    assert asyncio.run(scenario(400)) is None and asyncio.run(scenario(500)) is None
 
 
 def test_a_lowered_limit_holds_freed_places_back_and_a_raised_one_hands_them_out_at_once():
@@ -215,10 +255,13 @@ def test_a_lowered_limit_holds_freed_places_back_and_a_raised_one_hands_them_out
         assert app.started == list("abcde") and gate.in_flight == 2  # b's place is not handed on either; c's is, to e
         gate.limit.target_s = 10.0  # now requests are far faster than the target
         gate.limit._window = [0.01] * (WINDOW - 1)
-        app.release("d")
+        app.release("d")  # admitted before the limit moved: its time does not count
         await settle()
-        assert told == [2, 4] and app.started == list("abcdefgh") and gate.in_flight == 4  # f, g and h at once
-        for name in "efgh":
+        assert told == [2] and gate.in_flight == 2  # d's place went to f
+        app.release("e")  # admitted after it: closes the window
+        await settle()
+        assert told == [2, 4] and app.started == list("abcdefgh") and gate.in_flight == 3  # f, and g and h at once
+        for name in "fgh":
             app.release(name)
         results = await asyncio.gather(*tasks)
         assert [status for status, body in results] == [200] * 8 and gate.in_flight == 0 and not gate.waiting
