@@ -5,7 +5,8 @@
 For each bundle in --models-dir: one session asking for CUDAExecutionProvider (then the CPU) and one
 on the CPU alone; the provider each really uses is read back from its session. Both predict the
 first N CIFAR-10 test images (decoded from PNG, as the service does). The labels must be equal on
-every image and the calibrated probabilities within PROBABILITY_TOLERANCE; the largest logit and
+every image but near-ties (where the CPU's top two probabilities lie within twice the tolerance)
+and the calibrated probabilities within PROBABILITY_TOLERANCE; the largest logit and
 embedding differences are reported beside them (onnxruntime's CUDA convolutions may use TF32, whose
 10-bit mantissa moves logits by about 1e-3). Exits 1 naming the first failure; writes the figures to
 --report as JSON.
@@ -47,8 +48,8 @@ def compare(folder: Path, images: np.ndarray) -> dict:
 def failure(row: dict) -> str | None:
     if row["provider"] != "CUDAExecutionProvider":
         return f"{row['bundle']}: asked for CUDA, onnxruntime runs it on {row['provider']}"
-    if row["labels_equal"] != row["images"]:
-        return f"{row['bundle']}: labels differ from the CPU's on {row['images'] - row['labels_equal']} of {row['images']} images"
+    if row["labels_equal"] != row["images"] and row["smallest_margin_where_different"] > 2 * PROBABILITY_TOLERANCE:
+        return f"{row['bundle']}: labels differ from the CPU's on {row['images'] - row['labels_equal']} of {row['images']} images, not near-ties"
     if row["max_abs_probability"] > PROBABILITY_TOLERANCE:
         return f"{row['bundle']}: probabilities differ from the CPU's by {row['max_abs_probability']:.2e}"
     return None

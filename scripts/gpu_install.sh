@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine, over the parts that scripts/gpu_wheels.sh made here and the device calls carried
-# there one by one (its printout lists the calls). BUNDLE: a (onnxruntime-gpu) or ab (that and BentoML's stack).
+# there one by one (its printout lists the calls). BUNDLE: ab (onnxruntime-gpu and BentoML's stack).
 #
 #   bash scripts/gpu_install.sh BUNDLE --status          # between calls: checks the parts here so far
+#                                                         # (a lost machine: start again at call 1)
 #   bash scripts/gpu_install.sh BUNDLE                   # last call: reassemble, verify, install into $SITE
 #   bash scripts/gpu_install.sh BUNDLE -- CMD [ARG...]   # the same, then runs CMD with $SITE first on PYTHONPATH
 #
@@ -53,17 +54,33 @@ rm -rf "$SITE"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
   --target "$SITE" "${WHEELS[@]}" || die "pip install"
 rm -rf "$T" && trap - EXIT
+# CUDA 13 and cuDNN 9 come with the device's PyTorch, as pip's nvidia-* packages beside it. onnxruntime's
+# preload_dlls() looks for them in nvidia/ beside its own package, and the loader in LD_LIBRARY_PATH
+# (BentoML's workers inherit both).
+NV=$("$PY" -c 'import importlib.util as u, pathlib; s = u.find_spec("torch"); print(pathlib.Path(s.origin).parents[1] / "nvidia" if s else "")')
+if [ -d "$NV" ]; then
+  ln -sfn "$NV" "$SITE/nvidia"
+  export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+else
+  echo "gpu_install: WARNING: no nvidia/ beside this Python's torch: onnxruntime will not find CUDA and cuDNN"
+fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
-"$PY" - "$SITE" "$B" <<'PY' || die "the installed wheels do not import"
-import sys, onnxruntime as ort
+"$PY" - "$SITE" <<'PY' || die "the installed wheels do not import"
+import ctypes, sys
+import onnxruntime as ort
 print("gpu_install: onnxruntime", ort.__version__, "from", ort.__file__, ort.get_available_providers())
 assert ort.__file__.startswith(sys.argv[1]), "the device's CPU onnxruntime comes first"
-if sys.argv[2] == "ab":
-    import bentoml, pydantic
-    print("gpu_install: bentoml", bentoml.__version__, "pydantic", pydantic.VERSION)
+import bentoml, pydantic
+print("gpu_install: bentoml", bentoml.__version__, "pydantic", pydantic.VERSION)
+ort.preload_dlls()
+for library in ("libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9"):
+    try:
+        ctypes.CDLL(library)
+    except OSError as exc:
+        print(f"gpu_install: WARNING: {library} does not load ({exc}): the CUDA provider will fall back to the CPU")
 PY
 echo "gpu_install: installed ${#WHEELS[@]} wheel(s) into $SITE; in this same command, use them with"
-echo "  export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH} PATH=$SITE/bin:\$PATH"
+echo "  export PYTHONPATH=$PYTHONPATH PATH=$SITE/bin:\$PATH LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 [ "${1:-}" = -- ] || exit 0
 shift
 exec "$@"

@@ -10,12 +10,13 @@
 # certifi" (device packages to carry anyway: the device's versions are unknown, and pydantic 2.14 wants
 # typing-extensions>=4.16, bentoml 1.4.40 certifi>=2026.10.19; both are backward compatible; CARRY_TOO= carries none).
 #
-# It downloads cp312 manylinux/py3 wheels into .whl/wheels/ (ignored through .git/info/exclude) in two sets:
-#   a: onnxruntime-gpu alone (the in-process GPU check);
-#   b: bentoml at pyproject.toml's pin and our serving dependencies, with every dependency found by walking each
-#      wheel's METADATA Requires-Dist (markers evaluated for Linux, CPython 3.12), minus what the device already has.
+# It downloads cp312 manylinux/py3 wheels into .whl/wheels/ (ignored through .git/info/exclude):
+#   a: onnxruntime-gpu;
+#   b: bentoml at pyproject.toml's pin and our serving dependencies (pydantic is one that even the in-process
+#      check needs), with every dependency found by walking each wheel's METADATA Requires-Dist (markers evaluated
+#      for Linux, CPython 3.12), minus what the device already has.
 #      pip's resolver (a dry run) picks the versions, one per package, so that they agree with one another.
-# It packs each bundle, a and ab (a + b), as one tar cut into .whl/<bundle>/part.NN, sized so the tree that
+# It packs them, the bundle ab, as one tar cut into .whl/ab/part.NN, sized so the tree that
 # travels (tracked and untracked-not-ignored files) plus one part fits a call's 64 MiB; .whl/<bundle>/MANIFEST holds
 # sizes and sha256 of parts and wheels and the device packages relied on. It ends by printing the calls, in order.
 # On the device, scripts/gpu_install.sh checks each call's arrival, then reassembles, verifies and installs.
@@ -28,7 +29,8 @@ cd "$(dirname "$0")/.."
 MIB=$((1024 * 1024)); BUDGET=$((64 * MIB)); MARGIN_MIB=${MARGIN_MIB:-2}
 DATA=${DATA:-../shared/data/cifar-10-batches-py}
 export KINDS=${KINDS:-/work/.library/device/KINDS.md} CARRY_TOO=${CARRY_TOO-typing-extensions certifi} W=.whl
-grep -qxF "/$W/" .git/info/exclude 2>/dev/null || echo "/$W/" >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+grep -qxF "/$W/" "$EXCLUDE" 2>/dev/null || echo "/$W/" >> "$EXCLUDE"
 git check-ignore -q "$W/x" || { echo "gpu_wheels: $W/ is not ignored by git" >&2; exit 1; }
 mkdir -p "$W/wheels"
 
@@ -113,7 +115,7 @@ for s, roots in ROOTS.items():
         need(Requirement(r), "pyproject" if s == "b" else "gpu", s)
 for f in set(os.listdir(f"{W}/wheels")) - set(chosen.values()):  # earlier runs' versions, metadata-only downloads
     os.remove(f"{W}/wheels/{f}")
-for bundle, sets in (("a", {"a"}), ("ab", {"a", "b"})):
+for bundle, sets in (("ab", {"a", "b"}),):
     with open(f"{W}/set.{bundle}", "w") as f:
         f.writelines(chosen[n] + "\n" for n in sorted(chosen) if reach[n] & sets)
     with open(f"{W}/have.{bundle}", "w") as f:
@@ -139,7 +141,7 @@ PY
 DATA_BYTES=$(stat -c %s "$W/data/test_batch")
 
 # 4. Each bundle: one tar, cut into parts; MANIFEST; the calls.
-for B in a ab; do
+for B in ab; do
   rm -rf "${W:?}/$B" && mkdir "$W/$B"
   mapfile -t FILES < "$W/set.$B"
   tar -cf - -C "$W/wheels" "${FILES[@]}" | split -b "$PART" -d -a 2 - "$W/$B/part."
