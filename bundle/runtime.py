@@ -50,6 +50,8 @@ class Prediction:
 
     @staticmethod
     def concatenate(parts: list[Prediction]) -> Prediction:
+        if len(parts) == 1:  # one onnxruntime call: its arrays as they are, no copy
+            return parts[0]
         return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probabilities", "embeddings")))
 
 
@@ -219,7 +221,7 @@ class Bundle:
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
         starts = range(0, max(len(images), 1), PREDICT_CHUNK)  # an empty batch is one call too, answered with no rows
         calls = [Prediction(*self.sessions[session].run(OUTPUTS, {"images": images[i : i + PREDICT_CHUNK]})) for i in starts]
-        return calls[0] if len(calls) == 1 else Prediction.concatenate(calls)
+        return Prediction.concatenate(calls)
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""

@@ -90,7 +90,7 @@ class Batcher:
             # session with every thread once another starts, rather than oversubscribing the cores to its end
             step = self.max_batch_size
             calls = [self.bundle.predict(pixels[i : i + step], self._session(session)) for i in range(0, len(pixels), step)]
-            prediction = calls[0] if len(calls) == 1 else Prediction.concatenate(calls)
+            prediction = Prediction.concatenate(calls)
             start = 0
             for images, future in batch:
                 future.set_result(prediction[start : start + len(images)])

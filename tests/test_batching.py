@@ -154,7 +154,7 @@ def test_a_long_batch_that_began_alone_leaves_the_session_with_every_thread_once
     assert not [a for a in calls if a[0] == 0 for b in calls if b is not a and b[1] < a[1] < b[2]]  # session 0 never starts beside another call
 
 
-@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("MAX_QUEUE_WAIT_S", "inf"), ("TIMEOUT_S", "0"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
+@pytest.mark.parametrize(("name", "value"), [("MAX_CONCURRENCY", "0"), ("SESSIONS", "0"), ("MAX_QUEUE_WAIT_S", "-1"), ("MAX_QUEUE_WAIT_S", "inf"), ("TIMEOUT_S", "0"), ("TARGET_LATENCY_S", "-1"), ("BROKEN_BUNDLES", "ignore"), ("THREAD_SPINNING", "sometimes")])
 def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
     from serving.settings import Settings
 
