@@ -34,7 +34,7 @@ grep -qxF "/$W/" "$EXCLUDE" 2>/dev/null || echo "/$W/" >> "$EXCLUDE"
 git check-ignore -q "$W/x" || { echo "gpu_wheels: $W/ is not ignored by git" >&2; exit 1; }
 mkdir -p "$W/wheels"
 
-# 1. Resolve and download: writes $W/set.{a,ab} (file names) and $W/have.{a,ab} (device packages relied on).
+# 1. Resolve and download: writes $W/set.ab (file names) and $W/have.ab (device packages relied on).
 python3 - <<'PY'
 import json, os, re, subprocess, sys, tomllib, zipfile
 from email.parser import Parser
@@ -52,19 +52,20 @@ device = {canon(n.strip()): None for n in kinds.split("## Python packages alread
 for item in re.search(r"asked for: ([^|]*)", kinds).group(1).split(","):  # the 'pip list' row: the versions known
     name, version = item.split()
     device[canon(name)] = version
-roots_b = [r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if canon(Requirement(r).name) != "onnxruntime"]
-ROOTS = {"a": ["onnxruntime-gpu==1.31.1"], "b": roots_b}
+ROOTS = ["onnxruntime-gpu==1.31.1"] + [
+    r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if canon(Requirement(r).name) != "onnxruntime"
+]
 CARRY_TOO = {canon(n) for n in os.environ["CARRY_TOO"].split()}
 
 def pip(*args, tags):
     return subprocess.run([sys.executable, "-m", "pip", *args, "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
                            *(f"--platform={t}" for t in tags)], capture_output=True, text=True)
 
-# pip's resolver picks one version of each package for both sets at once (it backtracks, e.g. through the
+# pip's resolver picks one version of each package (it backtracks, e.g. through the
 # opentelemetry releases that pin one another exactly); the walk below decides which of them must travel.
 for TAGS in (TAGS, TAGS + MORE):
     out = pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", f"{W}/report.json", "--target", f"{W}/dry",
-              *ROOTS["a"], *ROOTS["b"], tags=TAGS)
+              *ROOTS, tags=TAGS)
     if out.returncode == 0:
         break
 else:
@@ -85,44 +86,41 @@ def requires(file):
 def applies(req, extras):
     return req.marker is None or any(req.marker.evaluate({**ENV, "extra": e}) for e in extras)
 
-chosen, have, reach, extras_of = {}, {}, {}, {}  # what travels: name -> wheel, sets, extras; have: what the device must provide
+chosen, have, extras_of = {}, {}, {}  # what travels: name -> wheel, extras; have: what the device must provide
 
-def need(req, parent, s):
+def need(req, parent):
     name = canon(req.name)
     known = "absent" if name in CARRY_TOO else device.get(name, "absent")
     if known != "absent" and (known is None or req.specifier.contains(known, prereleases=True)):
-        have.setdefault(name, set()).add((str(req.specifier) or "-", parent, s))
+        have.setdefault(name, set()).add((str(req.specifier) or "-", parent))
         if req.extras:  # the device has the package, maybe not what its extras pull in
             for r in requires(download(name)):
                 if applies(r, req.extras) and not applies(r, [""]):
-                    need(r, name, s)
+                    need(r, name)
         return
     ex = {""} | set(req.extras)
-    if name in chosen and ex <= extras_of[name] and s in reach[name]:
+    if name in chosen and ex <= extras_of[name]:
         return
     if not req.specifier.contains(pins[name], prereleases=True):
         sys.exit(f"gpu_wheels: {parent} needs {req}, pip chose {pins[name]}")
     if name not in chosen:
         chosen[name] = download(name)
     extras_of[name] = extras_of.get(name, set()) | ex
-    reach.setdefault(name, set()).add(s)
     for r in requires(chosen[name]):
         if applies(r, extras_of[name]):
-            need(r, name, s)
+            need(r, name)
 
-for s, roots in ROOTS.items():
-    for r in roots:
-        need(Requirement(r), "pyproject" if s == "b" else "gpu", s)
+for r in ROOTS:
+    need(Requirement(r), "gpu" if r.startswith("onnxruntime-gpu") else "pyproject")
 for f in set(os.listdir(f"{W}/wheels")) - set(chosen.values()):  # earlier runs' versions, metadata-only downloads
     os.remove(f"{W}/wheels/{f}")
-for bundle, sets in (("ab", {"a", "b"}),):
-    with open(f"{W}/set.{bundle}", "w") as f:
-        f.writelines(chosen[n] + "\n" for n in sorted(chosen) if reach[n] & sets)
-    with open(f"{W}/have.{bundle}", "w") as f:
-        f.writelines(sorted({f"have {n} {spec} {by}\n" for n in have for spec, by, s in have[n] if s in sets}))
-print(f"{'wheel':<72} {'set':>3} {'bytes':>11}")
-for n in sorted(chosen, key=lambda n: (min(reach[n]), n)):
-    print(f"{chosen[n]:<72} {min(reach[n]):>3} {os.path.getsize(f'{W}/wheels/{chosen[n]}'):>11,}")
+with open(f"{W}/set.ab", "w") as f:
+    f.writelines(chosen[n] + "\n" for n in sorted(chosen))
+with open(f"{W}/have.ab", "w") as f:
+    f.writelines(sorted({f"have {n} {spec} {by}\n" for n in have for spec, by in have[n]}))
+print(f"{'wheel':<72} {'bytes':>11}")
+for n in sorted(chosen):
+    print(f"{chosen[n]:<72} {os.path.getsize(f'{W}/wheels/{chosen[n]}'):>11,}")
 PY
 
 # 2. The tree that travels with every call: tracked plus untracked-not-ignored files.
