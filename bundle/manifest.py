@@ -10,10 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 2  # 2: a calibrated `probabilities` output, its calibration and the robustness table
+# 2: a calibrated `probabilities` output, its calibration and the robustness table;
+# 3: the KNN head as NumPy arrays (knn.npz, bundle/knn.py) instead of a scikit-learn pickle
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-KNN_FILE = "knn.pkl"
+KNN_FILE = "knn.npz"
 INT8_FILE = "model.int8.onnx"
 Precision = Literal["fp32", "int8"]  # fp32: MODEL_FILE; int8: the variant `cifar10 quantize` adds
 PRECISIONS: tuple[str, ...] = Precision.__args__
@@ -116,7 +118,7 @@ class Provenance(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str
     architecture: str

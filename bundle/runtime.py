@@ -2,9 +2,9 @@
 
 Loading checks, in this order, and refuses with a BundleError that names the file and the
 problem: the manifest parses under a known schema version; the files it opens (the graph of the
-precision asked for, knn.pkl) are listed, exist and have their sha256 (before anything is
-unpickled: a pickle can run code); the ONNX graph's inputs and
-outputs match the manifest. A bundle that loads cannot fail later for these reasons.
+precision asked for, knn.npz) are listed, exist and have their sha256; the ONNX graph's inputs
+and outputs, and the KNN head's arrays, match the manifest. A bundle that loads cannot fail
+later for these reasons.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from bundle.knn import NeighbourHead, vote_shares
 from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
-
-if TYPE_CHECKING:
-    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +162,7 @@ class Bundle:
     """A loaded bundle: `predict` for the network, `knn` for the head on its embeddings."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, sessions: list[ort.InferenceSession], head: Pipeline, chosen: Variant | None = None
+        self, folder: Path, manifest: Manifest, sessions: list[ort.InferenceSession], head: NeighbourHead, chosen: Variant | None = None
     ):
         self.folder, self.manifest, self.sessions, self.head = folder, manifest, sessions, head
         self.providers = sessions[0].get_providers()  # what onnxruntime really uses, not what was asked
@@ -196,15 +194,7 @@ class Bundle:
         if sessions > 1 and threads and threads >= sessions and opened[0].get_providers()[0] == "CPUExecutionProvider":
             shares = [threads // sessions + (i < threads % sessions) for i in range(sessions)]
             opened += [open_session(model_path, providers, share, spinning) for share in shares]
-        # imported here, not above: scikit-learn costs a process about 150 MiB, and BentoML's supervisor
-        # imports the service (so this module) without ever loading a bundle
-        import joblib
-        from sklearn.pipeline import Pipeline
-
-        head = joblib.load(folder / KNN_FILE)
-        if not isinstance(head, Pipeline):
-            raise BundleError(f"{folder / KNN_FILE}: holds a {type(head).__name__}, not a scikit-learn Pipeline")
-        bundle = cls(folder, manifest, opened, head, chosen)
+        bundle = cls(folder, manifest, opened, load_head(folder, manifest), chosen)
         asked = providers or ["CPUExecutionProvider"]
         log.info("bundle %s (%s) from %s: provider in use %s (asked for %s)", manifest.name, precision, folder, bundle.providers[0], asked)
         return bundle
@@ -225,13 +215,22 @@ class Bundle:
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""
-        distances, indices = nearest(self.head, embeddings, neighbours)
-        knn = self.head[-1]
-        labels = knn.classes_[knn._y][indices]  # scikit-learn keeps the fitted labels encoded in _y
-        return self.head.predict_proba(embeddings), distances, indices, labels
+        head = self.head
+        distances, indices = head.nearest(embeddings, max(neighbours, head.k))  # one search for the vote and the answer
+        votes = vote_shares(head.labels[indices[:, : head.k]], head.classes)
+        distances, indices = distances[:, :neighbours], indices[:, :neighbours]
+        return votes, distances, indices, head.labels[indices]
 
 
-def nearest(head: Pipeline, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices into the fitted training rows) of the n nearest neighbours."""
-    reduced = head[:-1].transform(embeddings) if len(head) > 1 else embeddings
-    return head[-1].kneighbors(reduced, n_neighbors=n)
+def load_head(folder: Path, manifest: Manifest) -> NeighbourHead:
+    knn = manifest.knn
+    try:
+        head = NeighbourHead.load(folder / KNN_FILE, len(manifest.classes), knn.k, knn.metric)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # what np.load raises for a file that is not an .npz of arrays
+        raise BundleError(f"{folder / KNN_FILE}: not a KNN head this version reads ({exc})") from exc
+    dimensions = knn.components or manifest.embedding_dim
+    if head.points.shape != (knn.fit_images, dimensions) or (head.components is not None) != bool(knn.components):
+        raise BundleError(f"{folder / KNN_FILE}: {head.points.shape[0]} rows of {head.points.shape[1]} dimensions, where the manifest says {knn.fit_images} of {dimensions}")
+    if head.components is not None and head.components.shape[1] != manifest.embedding_dim:
+        raise BundleError(f"{folder / KNN_FILE}: projects {head.components.shape[1]}-dimensional embeddings, the graph gives {manifest.embedding_dim}")
+    return head

@@ -18,7 +18,7 @@ def test_the_built_bento_serves_from_anywhere(tmp_path):
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("cifar10:")
     source = tmp_path / "bentoml" / "bentos" / "cifar10" / tag.split(":")[1] / "src"
-    assert (source / "models" / "airbench" / "knn.pkl").is_file() and (source / "serving" / "service.py").is_file()
+    assert (source / "models" / "airbench" / "knn.npz").is_file() and (source / "serving" / "service.py").is_file()
     assert (source / "bundle" / "runtime.py").is_file()
     carried = {p.parent.name for p in source.rglob("*.py")}
     assert carried == {"bundle", "serving"}, f"the bento carries the bundle contract and the service only, not {carried - {'bundle', 'serving'}}"

@@ -44,9 +44,9 @@ def test_the_report_has_every_section(tiny_run, shared_data, capsys, monkeypatch
     seen = {}
     original = knn.select_knn
 
-    def spy(embeddings, labels, validation_indices, **kwargs):
+    def spy(embeddings, labels, classes, validation_indices, **kwargs):
         seen.update(rows=len(embeddings), validation=np.asarray(validation_indices))
-        return original(embeddings, labels, validation_indices, **kwargs)
+        return original(embeddings, labels, classes, validation_indices, **kwargs)
 
     monkeypatch.setattr(knn, "select_knn", spy)
     assert main(["evaluate", str(tiny_run), "--data-dir", str(shared_data)]) == 0, capsys.readouterr().err
@@ -106,7 +106,7 @@ def test_knn_selection_uses_only_the_indices_it_is_given():
     labels = np.tile(np.arange(10), 40)
     embeddings = rng.normal(size=(400, 8)) + labels[:, None] * 3.0  # ten well-separated clusters
     validation = np.arange(300, 400)
-    choice = select_knn(embeddings, labels, validation, ks=(1, 5))
+    choice = select_knn(embeddings, labels, 10, validation, ks=(1, 5))
     assert choice.validation_indices.tolist() == validation.tolist()
     assert choice.fit_indices.tolist() == list(range(300))
     assert choice.validation_accuracy > 0.9 and set(choice.scores) == {
@@ -123,14 +123,13 @@ def test_temperature_undoes_overconfident_logits():
 
 
 def test_a_reduced_head_keeps_its_neighbours_in_the_training_rows():
-    from bundle.runtime import nearest
     from training.knn import fit_head
 
     rng = np.random.default_rng(1)
     labels = np.tile(np.arange(10), 50)
     embeddings = rng.normal(size=(500, 40)) + np.eye(10, 40)[labels] * 6.0
-    head, choice = fit_head(embeddings[:400], labels[:400], embeddings[400:], labels[400:], components=8)
-    assert head["pca"].n_components_ == 8 and choice.validation_indices.tolist() == list(range(400, 500))
-    distances, indices = nearest(head, embeddings[400:405], 3)
+    head, choice = fit_head(embeddings[:400], labels[:400], 10, embeddings[400:], labels[400:], components=8)
+    assert head.components.shape == (8, 40) and choice.validation_indices.tolist() == list(range(400, 500))
+    distances, indices = head.nearest(embeddings[400:405], 3)
     assert indices.shape == (5, 3) and indices.max() < 400
     assert (labels[indices[:, 0]] == labels[400:405]).all() and (np.diff(distances, axis=1) >= 0).all()

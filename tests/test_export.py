@@ -13,7 +13,7 @@ from PIL import Image
 
 from bundle.manifest import Manifest
 from bundle.runtime import Bundle, BundleError
-from tests.conftest import cpu_bf16
+from tests.conftest import REPO, cpu_bf16
 from training.analysis import load_trained
 from training.export import export
 from training.recipes import get_recipe
@@ -72,7 +72,7 @@ def test_the_manifest_describes_the_bundle(bundle_dir, cifar):
     assert manifest.input.dtype == "uint8" and manifest.input.shape == (None, 32, 32, 3)
     assert manifest.accuracy.test_images == 400 and manifest.accuracy.max_abs_logit_diff <= manifest.accuracy.tolerance
     assert manifest.knn.components == 8 and manifest.knn.fit_images == 300
-    assert set(manifest.files) == {"model.onnx", "knn.pkl"} and manifest.outputs == ("logits", "probabilities", "embedding")
+    assert set(manifest.files) == {"model.onnx", "knn.npz"} and manifest.outputs == ("logits", "probabilities", "embedding")
     assert manifest.normalization.std[0] > 1  # global z-score in pixel units travels with the bundle
     onnx.checker.check_model(str(bundle_dir / "model.onnx"))
     # the accuracy the manifest states is what onnxruntime gives on those test images
@@ -104,19 +104,19 @@ def test_the_knn_head_answers_votes_and_neighbours(bundle_dir):
     assert labels.shape == (3, 4) and labels.max() < 10
 
 
-@pytest.mark.parametrize("name", ["knn.pkl", "model.onnx"])
-def test_a_flipped_byte_is_refused_before_unpickling(copy, name, monkeypatch):
+@pytest.mark.parametrize("name", ["knn.npz", "model.onnx"])
+def test_a_flipped_byte_is_refused_before_the_file_is_read(copy, name, monkeypatch):
     data = bytearray((copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / name).write_bytes(bytes(data))
-    monkeypatch.setattr("joblib.load", lambda *a, **k: pytest.fail("unpickled a tampered bundle"))
+    monkeypatch.setattr("numpy.load", lambda *a, **k: pytest.fail("read a tampered bundle"))
     with pytest.raises(BundleError, match=rf"{name}: sha256 .* does not match"):
         Bundle.load(copy)
 
 
 def test_an_incomplete_bundle_names_the_missing_file(copy):
-    (copy / "knn.pkl").unlink()
-    with pytest.raises(BundleError, match=r"knn.pkl: missing"):
+    (copy / "knn.npz").unlink()
+    with pytest.raises(BundleError, match=r"knn.npz: missing"):
         Bundle.load(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match=r"manifest.json: missing"):
@@ -129,9 +129,9 @@ def test_an_unknown_schema_version_is_refused(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="schema_version 99"):
         Bundle.load(copy)
-    manifest["schema_version"] = 1  # a bundle exported before probabilities were calibrated in the graph
+    manifest["schema_version"] = 2  # a bundle exported with a scikit-learn knn.pkl
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="schema_version 1 is not 2.*export the run again"):
+    with pytest.raises(BundleError, match="schema_version 2 is not 3.*export the run again"):
         Bundle.load(copy)
 
 
@@ -167,12 +167,17 @@ def test_export_never_overwrites(bundle_dir, cifar):
         export(load_trained(bundle_dir.parent.parent / "run", cifar), cifar, bundle_dir, "tiny")
 
 
-def test_serving_never_imports_torch():
+def test_serving_never_imports_torch_or_scikit_learn():
     import subprocess
     import sys
 
-    code = "import sys, bundle.runtime, bundle.manifest; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = (
+        "import sys, bundle.runtime; bundle.runtime.Bundle.load('models/cnn').knn(bundle.runtime.Bundle.load('models/cnn')"
+        ".predict(__import__('numpy').zeros((1, 32, 32, 3), 'uint8')).embeddings, 3);"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'scipy'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
 
 
 def test_export_refuses_a_graph_that_disagrees_with_pytorch():

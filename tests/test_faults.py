@@ -193,7 +193,7 @@ def test_sigterm_lets_requests_in_flight_finish(container_like):
 def one_broken(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(REPO / "models", models)
-    with open(models / "cnn" / "knn.pkl", "r+b") as f:
+    with open(models / "cnn" / "knn.npz", "r+b") as f:
         f.seek(100)
         f.write(b"x")
     return models
@@ -203,7 +203,7 @@ def test_a_broken_bundle_at_start_ends_the_server_with_the_reason(one_broken, tm
     command = [part.format(port=free_port()) for part in SERVE]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, CIFAR10_MODELS_DIR=str(one_broken)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "cnn/knn.pkl: sha256" in result.stderr + result.stdout and "CIFAR10_BROKEN_BUNDLES=skip" in result.stderr + result.stdout
+    assert "cnn/knn.npz: sha256" in result.stderr + result.stdout and "CIFAR10_BROKEN_BUNDLES=skip" in result.stderr + result.stdout
 
 
 def test_when_every_bundle_is_broken_skipping_leaves_nothing_and_says_so(one_broken):

@@ -87,12 +87,22 @@ def test_request_bodies_are_never_unpickled(server, tmp_path, content_type):
     assert not marker.exists()
 
 
-def test_a_tampered_knn_pickle_is_refused_before_it_is_loaded(tmp_path):
+def test_a_knn_head_holding_a_pickle_never_runs_it_even_with_the_right_hash(tmp_path):
+    """The hash guards against a flipped byte; a head whose hash was rewritten with it is still only arrays."""
+    import hashlib
+    import json
+
+    import numpy as np
+
     bundle = tmp_path / "cnn"
     shutil.copytree(REPO / "models" / "cnn", bundle)
     marker = tmp_path / "marker"
-    (bundle / "knn.pkl").write_bytes(pickle.dumps(WritesAFile(marker)))
-    with pytest.raises(BundleError, match="knn.pkl: sha256 .* does not match the manifest"):
+    with open(bundle / "knn.npz", "wb") as f:
+        np.savez(f, points=np.array([WritesAFile(marker)], dtype=object), labels=np.zeros(1, np.int16))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["knn.npz"] = {"sha256": hashlib.sha256((bundle / "knn.npz").read_bytes()).hexdigest(), "bytes": (bundle / "knn.npz").stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="knn.npz: not a KNN head this version reads"):
         Bundle.load(bundle)
     assert not marker.exists()
 

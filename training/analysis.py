@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bundle.runtime import nearest
 from cifar10.errors import UserError
 from training.calibration import fit_temperature
 from training.data import Cifar10, Split
@@ -102,7 +101,7 @@ def analyse(run: TrainedRun, data: Cifar10, device: torch.device, bf16: bool) ->
     classes = list(data.classes)
 
     temperature = fit_temperature(held.logits, held.labels) if held is not None else None
-    knn_metrics, neighbours = knn_on_embeddings(train, held, test)
+    knn_metrics, neighbours = knn_on_embeddings(train, held, test, len(classes))
     metrics = {
         "run": run.name,
         "epochs": len(run.history),
@@ -123,18 +122,18 @@ def analyse(run: TrainedRun, data: Cifar10, device: torch.device, bf16: bool) ->
     return metrics, arrays
 
 
-def knn_on_embeddings(train: Outputs, held: Outputs | None, test: Outputs) -> tuple[dict, dict]:
+def knn_on_embeddings(train: Outputs, held: Outputs | None, test: Outputs, classes: int) -> tuple[dict, dict]:
     """Choose k and distance without the test set, refit on all training embeddings, score."""
     held_embeddings, held_labels = (held.embeddings, held.labels) if held is not None else (None, None)
-    head, choice = fit_head(train.embeddings, train.labels, held_embeddings, held_labels)
-    distances, indices = nearest(head, test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
+    head, choice = fit_head(train.embeddings, train.labels, classes, held_embeddings, held_labels)
+    distances, indices = head.nearest(test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
     metrics = {
         "k": choice.k,
         "metric": choice.metric,
         "validation_accuracy": choice.validation_accuracy,
         "validation_scores": choice.scores,
         "validation_images": len(choice.validation_indices),
-        "train_accuracy": float(head.score(train.embeddings, train.labels)),
-        "test_accuracy": float(head.score(test.embeddings, test.labels)),
+        "train_accuracy": head.accuracy(train.embeddings, train.labels),
+        "test_accuracy": head.accuracy(test.embeddings, test.labels),
     }
     return metrics, {"distances": distances, "indices": indices}

@@ -2,7 +2,7 @@
 
 models/<name>/model.onnx   uint8 [N, 32, 32, 3] RGB in; logits [N, 10], calibrated probabilities [N, 10]
                            and embedding [N, D] out
-models/<name>/knn.pkl      the KNN head on the training embeddings (joblib)
+models/<name>/knn.npz      the KNN head on the training embeddings (NumPy arrays: bundle/knn.py)
 models/<name>/manifest.json
 
 The temperature is fitted on the run's held-out images first (training/calibration.py); the graph
@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-import joblib
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bundle.knn import NeighbourHead
 from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from bundle.runtime import OUTPUTS, PREDICT_CHUNK, sha256
 from cifar10.errors import UserError
@@ -151,9 +151,11 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
     labels = test.labels.numpy()
     train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[2]
     held_embeddings = run_onnx(session, to_nhwc(held.images), "onnxruntime held-out")[2] if len(held) else None
-    head, choice = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy(), components)
-    full = fit_head(train_embeddings, train.labels.numpy(), held_embeddings, held.labels.numpy())[0] if components else head
-    joblib.dump(head, folder / KNN_FILE)
+    fit = (train_embeddings, train.labels.numpy(), len(data.classes), held_embeddings, held.labels.numpy())
+    head, choice = fit_head(*fit, components)
+    full = fit_head(*fit)[0] if components else head
+    head.save(folder / KNN_FILE)
+    served = NeighbourHead.load(folder / KNN_FILE, len(data.classes), choice.k, choice.metric)  # its accuracy is what the file gives
 
     manifest = Manifest(
         name=name,
@@ -177,14 +179,14 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
             metric=choice.metric,
             components=components,
             fit_images=len(train),
-            test_accuracy=float(head.score(test_embeddings, labels)),
-            test_accuracy_full_embedding=float(full.score(test_embeddings, labels)),
+            test_accuracy=served.accuracy(test_embeddings, labels),
+            test_accuracy_full_embedding=full.accuracy(test_embeddings, labels),
         ),
         files={f: FileEntry(sha256=sha256(folder / f), bytes=(folder / f).stat().st_size) for f in (MODEL_FILE, KNN_FILE)},
         provenance=Provenance(
             git_commit=git_commit(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
-            versions={p: version(p) for p in ("torch", "onnx", "onnxruntime", "scikit-learn", "numpy")},
+            versions={p: version(p) for p in ("torch", "onnx", "onnxruntime", "numpy")},
             data=data.source,
             run=run.name,
         ),
