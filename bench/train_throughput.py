@@ -24,7 +24,9 @@ from training.loop import pick_device
 from training.models import build_model
 from training.recipes import RECIPES
 
-MODELS = {"seed_cnn": "cnn-baseline", "airbench": "fast", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"}
+MODELS = {
+    "seed_cnn": "cnn-baseline", "airbench": "fast", "airbench_wide": "fast-wide", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"
+}  # fmt: skip
 SETTINGS = {  # name: (bf16 autocast, channels_last)
     "eager fp32": (False, False),
     "bf16 + channels_last": (True, True),

@@ -146,6 +146,12 @@ def airbench(mean, std, widths: Sequence[int] = (64, 256, 256), logit_scale: flo
     return Classifier(body, embedding_dim=widths[2], dropout=0.0, mean=mean, std=std, head_bias=False)
 
 
+def airbench_wide(mean, std) -> Classifier:
+    """airbench95's widths (128/384/384): 2.6× the work of `airbench` per image, for a point more on
+    clean pixels in airbench's own runs; the `fast-wide` recipe's candidate (docs/training.md)."""
+    return airbench(mean, std, widths=(128, 384, 384))
+
+
 WHITENING_CHANNELS = 2 * 3 * 2 * 2  # each eigenvector of the 2×2×3 patch covariance, and its negative
 
 class TestTimeAugmentation(nn.Module):
@@ -253,6 +259,7 @@ BUILDERS: dict[str, Callable[..., Classifier]] = {
     "vgg16_full": vgg16_full,
     "vgg16_bn": vgg16_bn,
     "airbench": airbench,
+    "airbench_wide": airbench_wide,
 }
 
 
