@@ -48,8 +48,12 @@ class LatencyLimit:
         self.minimum = min(minimum, maximum)
         self.value = maximum
         self.moves = 0  # how often the value has moved: a request admitted under an older value does not count
-        self.full = False  # whether a request found every place taken during this window
+        self._full = False  # whether a request found every place taken during this window
         self._window: list[float] = []
+
+    def every_place_taken(self) -> None:
+        """A request found no free place: only then may the window that ends next lower the limit."""
+        self._full = True
 
     def observe(self, seconds: float, admitted_at_move: int) -> bool:
         """The time in service of a request admitted when `moves` was `admitted_at_move`; True when the limit moved."""
@@ -59,7 +63,7 @@ class LatencyLimit:
         if len(self._window) < max(WINDOW, self.value // 4):
             return False
         median = statistics.median(self._window)
-        full, self.full = self.full, False
+        full, self._full = self._full, False
         self._window.clear()
         step = math.sqrt(min(4.0, max(0.25, self.target_s / max(median, 1e-6))))
         if step < 1 and not full:
@@ -92,7 +96,7 @@ class Admission:
         if self.in_flight < self.limit.value and not self.waiting:
             self.in_flight += 1
         else:
-            self.limit.full = True
+            self.limit.every_place_taken()
             if refused := await self._wait_for_a_place():
                 return await send_error(send, 429, f"{self._full()}, {refused}; retry later", ((b"retry-after", b"1"),))
         admitted_at_move = self.limit.moves

@@ -177,7 +177,7 @@ def saturated(limit: LatencyLimit, rate: float, requests: int = 4000) -> list[in
     for _ in range(requests):
         while len(in_service) < limit.value:
             in_service.append((now, limit.moves))
-            limit.full = True  # more are waiting
+            limit.every_place_taken()  # more are waiting
         now += 1 / rate
         admitted, moves = in_service.popleft()
         limit.observe(now - admitted, moves)
@@ -205,13 +205,13 @@ def test_requests_faster_than_the_target_raise_the_limit_back_to_its_maximum():
 def test_slow_requests_lower_the_limit_only_when_every_place_was_taken():
     limit = LatencyLimit(maximum=64, target_s=0.5)
     assert not any(limit.observe(3.0, 0) for _ in range(100)) and limit.value == 64  # a lone client's slow requests
-    limit.full = True
+    limit.every_place_taken()
     assert any(limit.observe(3.0, 0) for _ in range(16)) and limit.value == 32
 
 
 def test_without_a_target_the_limit_never_moves():
     limit = LatencyLimit(maximum=8, target_s=0.0)
-    limit.full = True
+    limit.every_place_taken()
     assert not any(limit.observe(30.0, 0) for _ in range(100)) and limit.value == 8
 
 
