@@ -1,4 +1,4 @@
-"""Time a bundle's KNN head per call: the vote over its k nearest training rows plus the 5 nearest.
+"""Time a bundle's KNN head per call, as the service calls it: `Bundle.knn` for the vote and the 5 nearest rows.
 
     python -m bench.knn_head
     git show 8ee40ab:models/airbench/knn.pkl > /tmp/airbench.pkl; git show 8ee40ab:models/cnn/knn.pkl > /tmp/cnn.pkl
@@ -36,8 +36,8 @@ def per_call_ms(call, rows: int) -> float:
 def medians(bundle: Bundle, old, rows: int, rounds: int, rng: np.random.Generator) -> list[float]:
     """Median ms per call of the NumPy head, then of the old Pipeline if given, in alternating rounds."""
     queries = rng.normal(size=(rows, bundle.manifest.embedding_dim)).astype(np.float32)
-    ways = [lambda: (bundle.head.votes(queries), bundle.head.nearest(queries, 5))]
-    if old is not None:
+    ways = [lambda: bundle.knn(queries, 5)]
+    if old is not None:  # what Bundle.knn did with it: the Pipeline's vote, then its 5 nearest
         ways.append(lambda: (old.predict_proba(queries), old[-1].kneighbors(old[:-1].transform(queries), 5)))
     times: list[list[float]] = [[] for _ in ways]
     for _ in range(rounds):

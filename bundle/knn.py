@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("euclidean", "cosine")
-QUERY_CHUNK = 64  # query rows per distance matrix: 64 × 50,000 float64 is 25 MB
+ARRAYS = ("points", "labels", "mean", "components")  # what knn.npz holds; the last two only with a projection
+QUERY_CHUNK = 64  # query rows per distance matrix: 64 × 50,000 float64 is 25 MB, about three times that at the peak
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NeighbourHead:
     """k nearest training rows by `metric`, after projecting onto `components` (none: the embedding whole).
 
     Distances are computed in float64, whatever the embeddings' dtype: float32's rounding would
-    reorder neighbours whose distances agree to six digits.
+    reorder neighbours whose distances agree to six digits. Rows at equal distance come in the
+    order of their index, so the k nearest are the first k of any longer list.
     """
 
     points: np.ndarray  # [N, C] the training rows, projected (and unit length for cosine), float64
@@ -50,21 +52,29 @@ class NeighbourHead:
     def _squared_norms(self) -> np.ndarray:
         return np.einsum("ij,ij->i", self.points, self.points)
 
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """[len(queries), N] from projected queries: 1 - cosine similarity, or squared Euclidean distance."""
+        products = queries @ self.points.T
+        if self.metric == "cosine":  # unit rows (a zero row stays zero: distance 1, as scikit-learn has it)
+            return np.clip(np.subtract(1, products, out=products), 0, 2, out=products)
+        products *= -2  # |q - p|² = |q|² - 2 q·p + |p|², in place: the matrix is the memory
+        products += self._squared_norms
+        products += np.einsum("ij,ij->i", queries, queries)[:, None]
+        return np.maximum(products, 0, out=products)
+
     def nearest(self, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, indices into the training rows) of the n nearest, nearest first."""
+        """(distances, indices into the training rows) of the n nearest, nearest first, equals by index."""
         if not 1 <= n <= len(self.points):
             raise ValueError(f"n must be between 1 and the {len(self.points)} training rows, got {n}")
         queries = self.project(embeddings)
-        squared, found = np.empty((len(queries), n)), np.empty((len(queries), n), np.int64)
+        found = np.empty((len(queries), n), np.int64)
+        values = np.empty((len(queries), n))
         for start in range(0, len(queries), QUERY_CHUNK):
-            chunk = queries[start : start + QUERY_CHUNK]
-            # |q - p|² = |q|² - 2 q·p + |p|², one matrix product for the whole chunk
-            distances = np.einsum("ij,ij->i", chunk, chunk)[:, None] - 2 * chunk @ self.points.T + self._squared_norms
-            nearest = np.argpartition(distances, n - 1, axis=1)[:, :n]
-            nearest = np.take_along_axis(nearest, np.take_along_axis(distances, nearest, 1).argsort(axis=1), 1)
-            found[start : start + len(chunk)] = nearest
-            squared[start : start + len(chunk)] = np.maximum(np.take_along_axis(distances, nearest, 1), 0)
-        return (squared / 2 if self.metric == "cosine" else np.sqrt(squared)), found
+            distances = self.distances(queries[start : start + QUERY_CHUNK])
+            for row, (line, out) in enumerate(zip(distances, found[start : start + len(distances)])):
+                out[:] = smallest(line, n)
+                values[start + row] = line[out]
+        return (values if self.metric == "cosine" else np.sqrt(values)), found
 
     def votes(self, embeddings: np.ndarray) -> np.ndarray:
         """[N, classes]: the share of the k nearest training rows in each class."""
@@ -78,7 +88,9 @@ class NeighbourHead:
         return float((self.predict(embeddings) == labels).mean())
 
     def save(self, path: Path) -> None:
-        """float32 on disk (half the bytes); the PCA arrays only where there is a projection."""
+        """Points as float32 (half the bytes), labels as int16; the PCA arrays only where there is a projection."""
+        if self.classes > np.iinfo(np.int16).max:
+            raise ValueError(f"{self.classes} classes do not fit the file's int16 labels")
         pca = {} if self.components is None else {"mean": self.mean, "components": self.components}
         arrays = dict(points=self.points.astype(np.float32), labels=self.labels.astype(np.int16), **pca)
         with open(path, "wb") as out:  # a file object: np.savez would append .npz to a name without it
@@ -86,29 +98,45 @@ class NeighbourHead:
 
     @classmethod
     def load(cls, path: Path, classes: int, k: int, metric: str) -> NeighbourHead:
-        """classes, k and metric come from the bundle's manifest, which states them once."""
-        with np.load(path, allow_pickle=False) as arrays:
+        """classes, k and metric come from the bundle's manifest, which states them once. Raises ValueError
+        for a file that is not a head of that shape: whatever it holds is refused at load, not at a request."""
+        arrays = np.load(path, allow_pickle=False)  # a pickled object array raises ValueError
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise ValueError("holds one array, not an .npz of arrays")
+        with arrays:
             found = set(arrays.files)
-            if not {"points", "labels"} <= found or found - {"points", "labels", "mean", "components"}:
-                raise ValueError(f"holds arrays {sorted(found)}, not points, labels and optionally mean and components")
-            points, labels = arrays["points"].astype(np.float64), arrays["labels"].astype(np.int64)
-            mean, components = (arrays["mean"], arrays["components"]) if "components" in found else (None, None)
-        if points.ndim != 2 or labels.shape != (len(points),) or not 1 <= k <= len(points):
-            raise ValueError(f"points {points.shape} and labels {labels.shape} do not make a head for k={k}")
-        if components is not None and (
-            components.ndim != 2 or components.shape[0] != points.shape[1] or mean.shape != components.shape[1:]
-        ):
-            raise ValueError(
-                f"PCA mean {mean.shape} and components {components.shape} do not project onto {points.shape[1]} dimensions"
-            )
+            if found not in ({"points", "labels"}, set(ARRAYS)):
+                raise ValueError(f"holds arrays {sorted(found)}, not points and labels, with or without mean and components")
+            loaded = {name: np.asarray(arrays[name]) for name in found}
+        floats = [loaded[name] for name in ("points", "mean", "components") if name in loaded]
+        if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in floats):
+            raise ValueError("points, mean and components must be finite floating-point numbers")
+        points, labels = loaded["points"].astype(np.float64), loaded["labels"]
+        if not np.issubdtype(labels.dtype, np.integer) or points.ndim != 2 or labels.shape != (len(points),):
+            raise ValueError(f"points {points.shape} and labels {labels.shape} {labels.dtype} are not rows and their class indices")
+        if not 1 <= k <= len(points):
+            raise ValueError(f"{len(points)} training rows cannot give k={k} neighbours")
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= classes:
             raise ValueError(f"labels outside the {classes} classes")
-        return cls(points, labels, classes, k, metric, mean, components)
+        mean, components = loaded.get("mean"), loaded.get("components")
+        if components is not None and (components.ndim != 2 or components.shape[0] != points.shape[1] or mean.shape != components.shape[1:]):
+            raise ValueError(f"PCA mean {mean.shape} and components {components.shape} do not project onto {points.shape[1]} dimensions")
+        return cls(points, labels.astype(np.int64), classes, k, metric, mean, components)
+
+
+def smallest(line: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n smallest values, smallest first, equal values by index: the same n whatever n's neighbours."""
+    if n < len(line):
+        boundary = np.partition(line, n - 1)[n - 1]
+        candidates = np.flatnonzero(line <= boundary)  # every row tied at the boundary too, in index order
+    else:
+        candidates = np.arange(len(line))
+    return candidates[np.argsort(line[candidates], kind="stable")[:n]]
 
 
 def search_space(embeddings: np.ndarray, metric: str, mean: np.ndarray | None, components: np.ndarray | None) -> np.ndarray:
     """Rows as the neighbours are searched among them: projected onto the PCA components, if any, and
-    for cosine made unit length (cosine distance is then half the squared Euclidean one)."""
+    for cosine made unit length (a zero row stays zero)."""
     rows = np.asarray(embeddings, np.float64)
     if components is not None:
         rows = (rows - mean) @ np.asarray(components, np.float64).T

@@ -185,7 +185,7 @@ class Bundle:
         them all, for a call that runs alone (serving/batching.py). None are added on a GPU, where there
         are no threads to split, without a thread count, or with fewer threads than sessions."""
         folder = Path(folder)
-        manifest, chosen = verify(folder, precision)  # before the pickle below is opened
+        manifest, chosen = verify(folder, precision)  # before any file is read
         model_path = folder / (chosen.file if chosen else MODEL_FILE)
         if sessions < 1:
             raise ValueError(f"sessions must be at least 1, got {sessions}")
@@ -216,6 +216,8 @@ class Bundle:
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""
         head = self.head
+        if neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, got {neighbours}")
         distances, indices = head.nearest(embeddings, max(neighbours, head.k))  # one search for the vote and the answer
         votes = vote_shares(head.labels[indices[:, : head.k]], head.classes)
         distances, indices = distances[:, :neighbours], indices[:, :neighbours]

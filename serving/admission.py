@@ -48,12 +48,12 @@ class LatencyLimit:
         self.minimum = min(minimum, maximum)
         self.value = maximum
         self.moves = 0  # how often the value has moved: a request admitted under an older value does not count
-        self._full = False  # whether a request found every place taken during this window
+        self._saturated = False  # whether a request found every place taken during this window
         self._window: list[float] = []
 
     def every_place_taken(self) -> None:
         """A request found no free place: only then may the window that ends next lower the limit."""
-        self._full = True
+        self._saturated = True
 
     def observe(self, seconds: float, admitted_at_move: int) -> bool:
         """The time in service of a request admitted when `moves` was `admitted_at_move`; True when the limit moved."""
@@ -63,10 +63,10 @@ class LatencyLimit:
         if len(self._window) < max(WINDOW, self.value // 4):
             return False
         median = statistics.median(self._window)
-        full, self._full = self._full, False
+        saturated, self._saturated = self._saturated, False
         self._window.clear()
         step = math.sqrt(min(4.0, max(0.25, self.target_s / max(median, 1e-6))))
-        if step < 1 and not full:
+        if step < 1 and not saturated:
             return False
         moved = min(self.maximum, max(self.minimum, math.ceil(self.value * step) if step > 1 else math.floor(self.value * step)))
         if moved == self.value:

@@ -171,11 +171,12 @@ def test_serving_never_imports_torch_or_scikit_learn():
     import subprocess
     import sys
 
-    code = (
-        "import sys, bundle.runtime; bundle.runtime.Bundle.load('models/cnn').knn(bundle.runtime.Bundle.load('models/cnn')"
-        ".predict(__import__('numpy').zeros((1, 32, 32, 3), 'uint8')).embeddings, 3);"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'scipy'}))"
-    )
+    code = """
+import sys, numpy, bundle.runtime
+bundle = bundle.runtime.Bundle.load("models/cnn")
+bundle.knn(bundle.predict(numpy.zeros((1, 32, 32, 3), numpy.uint8)).embeddings, 3)
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "sklearn", "scipy"}))
+"""
     found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
 

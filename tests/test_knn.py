@@ -76,6 +76,16 @@ def test_the_file_gives_back_the_same_answers_and_holds_no_pickle(data, tmp_path
         assert sorted(arrays.files) == ["components", "labels", "mean", "points"]
 
 
+def test_a_zero_row_is_at_cosine_distance_one_and_equal_rows_come_in_index_order():
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 2.0]])
+    head = NeighbourHead.fit(points, np.arange(6) % 3, 3, 2, "cosine")
+    distances, indices = head.nearest(np.array([[0.0, 1.0]]), 6)
+    assert indices.tolist() == [[5, 2, 3, 4, 0, 1]]  # the three equal rows by index; the zero row at 1.0 before the orthogonal one
+    np.testing.assert_allclose(distances, [[0.0, 0.2, 0.2, 0.2, 1.0, 1.0]], atol=1e-12)
+    for n in range(1, 6):  # a shorter list is the start of a longer one, ties at its end included
+        assert head.nearest(np.array([[0.0, 1.0]]), n)[1].tolist() == [indices[0, :n].tolist()]
+
+
 def test_a_file_that_does_not_make_a_head_is_refused(tmp_path):
     path = tmp_path / "knn.npz"
     np.savez(path, points=np.zeros((5, 3)), labels=np.zeros(4, np.int16))
@@ -86,6 +96,19 @@ def test_a_file_that_does_not_make_a_head_is_refused(tmp_path):
         NeighbourHead.load(path, 10, 3, "euclidean")
     np.savez(path, points=np.zeros((5, 3)), labels=np.zeros(5, np.int16), extra=np.zeros(1))
     with pytest.raises(ValueError, match="holds arrays"):
+        NeighbourHead.load(path, 10, 3, "euclidean")
+    np.savez(path, points=np.zeros((5, 3)), labels=np.zeros(5, np.int16), components=np.zeros((3, 4)))  # no mean
+    with pytest.raises(ValueError, match="holds arrays"):
+        NeighbourHead.load(path, 10, 3, "euclidean")
+    np.savez(path, points=np.full((5, 3), np.nan), labels=np.zeros(5, np.int16))
+    with pytest.raises(ValueError, match="finite floating-point"):
+        NeighbourHead.load(path, 10, 3, "euclidean")
+    np.savez(path, points=np.zeros((5, 3)), labels=np.zeros(5))
+    with pytest.raises(ValueError, match="class indices"):
+        NeighbourHead.load(path, 10, 3, "euclidean")
+    with open(path, "wb") as f:  # one array, not an archive of them
+        np.save(f, np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="one array"):
         NeighbourHead.load(path, 10, 3, "euclidean")
     with pytest.raises(ValueError, match="between 1 and the 5 training rows"):
         NeighbourHead.fit(np.zeros((5, 3)), np.zeros(5), 10, 3, "euclidean").nearest(np.zeros((1, 3)), 6)
@@ -104,3 +127,5 @@ def test_a_bundles_answer_is_its_heads_vote_and_nearest_rows(neighbours):
     np.testing.assert_array_equal(indices, expected[1])
     np.testing.assert_allclose(distances, expected[0])
     np.testing.assert_array_equal(labels, bundle.head.labels[indices])
+    with pytest.raises(ValueError, match="at least 1"):
+        bundle.knn(embeddings, 0)

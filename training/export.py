@@ -152,7 +152,7 @@ def _write_bundle(run: TrainedRun, data: Cifar10, folder: Path, name: str, compo
     train_embeddings = run_onnx(session, to_nhwc(train.images), "onnxruntime train")[2]
     held_embeddings = run_onnx(session, to_nhwc(held.images), "onnxruntime held-out")[2] if len(held) else None
     fit = (train_embeddings, train.labels.numpy(), len(data.classes), held_embeddings, held.labels.numpy())
-    head, choice = fit_head(*fit, components)
+    head, choice = fit_head(*fit, components=components)
     full = fit_head(*fit)[0] if components else head
     head.save(folder / KNN_FILE)
     served = NeighbourHead.load(folder / KNN_FILE, len(data.classes), choice.k, choice.metric)  # its accuracy is what the file gives

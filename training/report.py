@@ -304,7 +304,7 @@ def _markdown(metrics: dict, test, history: list[dict], command: str) -> str:
         lines.append("No temperature scaling: the run trained on every training image; train with `--holdout N` to fit one.")
     lines += ["", "![reliability](reliability.png)", "", "## KNN on embeddings", ""]
     lines += [
-        f"`KNeighborsClassifier` on the {len(test.embeddings[0])}-dimensional penultimate embeddings. k and the "
+        f"A k-nearest-neighbour vote (`bundle/knn.py`) on the {len(test.embeddings[0])}-dimensional penultimate embeddings. k and the "
         f"distance were chosen on the {metrics['selection_images']} ({knn['validation_images']:,} images; "
         f"never the test set): **k = {knn['k']}, {knn['metric']}** (validation accuracy "
         f"{knn['validation_accuracy']:.2%}), then refitted on every training embedding.",
