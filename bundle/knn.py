@@ -76,9 +76,16 @@ class NeighbourHead:
                 values[start + row] = line[out]
         return (values if self.metric == "cosine" else np.sqrt(values)), found
 
+    def search(self, embeddings: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(votes [N, classes], and the n nearest rows' distances and indices), from one search."""
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        distances, indices = self.nearest(embeddings, max(n, self.k))
+        return vote_shares(self.labels[indices[:, : self.k]], self.classes), distances[:, :n], indices[:, :n]
+
     def votes(self, embeddings: np.ndarray) -> np.ndarray:
         """[N, classes]: the share of the k nearest training rows in each class."""
-        return vote_shares(self.labels[self.nearest(embeddings, self.k)[1]], self.classes)
+        return self.search(embeddings, self.k)[0]
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         """The majority class of the k nearest; a tie goes to the lower class index."""

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from bundle.knn import NeighbourHead, vote_shares
+from bundle.knn import NeighbourHead
 from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, SCHEMA_VERSION, Manifest, Variant
 
 log = logging.getLogger(__name__)
@@ -215,13 +215,8 @@ class Bundle:
 
     def knn(self, embeddings: np.ndarray, neighbours: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(vote distribution [N, classes], and per neighbour: distance, training-set index, class index)."""
-        head = self.head
-        if neighbours < 1:
-            raise ValueError(f"neighbours must be at least 1, got {neighbours}")
-        distances, indices = head.nearest(embeddings, max(neighbours, head.k))  # one search for the vote and the answer
-        votes = vote_shares(head.labels[indices[:, : head.k]], head.classes)
-        distances, indices = distances[:, :neighbours], indices[:, :neighbours]
-        return votes, distances, indices, head.labels[indices]
+        votes, distances, indices = self.head.search(embeddings, neighbours)
+        return votes, distances, indices, self.head.labels[indices]
 
 
 def load_head(folder: Path, manifest: Manifest) -> NeighbourHead:

@@ -123,6 +123,14 @@ def test_an_incomplete_bundle_names_the_missing_file(copy):
         Bundle.load(copy)
 
 
+def test_a_knn_head_that_disagrees_with_the_manifest_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["knn"]["fit_images"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"knn.npz: 300 rows of 8 dimensions, where the manifest says 301 of 8"):
+        Bundle.load(copy)
+
+
 def test_an_unknown_schema_version_is_refused(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["schema_version"] = 99

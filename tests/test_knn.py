@@ -127,5 +127,5 @@ def test_a_bundles_answer_is_its_heads_vote_and_nearest_rows(neighbours):
     np.testing.assert_array_equal(indices, expected[1])
     np.testing.assert_allclose(distances, expected[0])
     np.testing.assert_array_equal(labels, bundle.head.labels[indices])
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="at least 1, got 0"):
         bundle.knn(embeddings, 0)
