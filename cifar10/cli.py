@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         weights=args.weights, freeze=args.freeze, limit=args.limit, holdout=args.holdout,
-        uploads=args.uploads,
+        uploads=args.uploads, whitening_eps=args.whitening_eps,
     )  # fmt: skip
     if args.resume:
         changed = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k != "epochs"]
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--uploads", metavar="MIX",
                        help="fast recipes: 'none', or shares of the upload steps, e.g. jpeg=0.25,webp=0.05,blur=0.1,noise=0.1 "
                             "(strengths stay the recipe's)")  # fmt: skip
+    train.add_argument("--whitening-eps", type=float,
+                       help="fast recipes with airbench's whitening: added to its eigenvalues, capping the gain of faint patch detail")  # fmt: skip
     train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast where the hardware has fast bf16")  # fmt: skip

@@ -131,6 +131,23 @@ def test_a_knn_head_that_disagrees_with_the_manifest_is_refused(copy):
         Bundle.load(copy)
 
 
+def test_a_knn_head_that_projects_other_embeddings_than_the_graph_gives_is_refused(copy):
+    """Rows and PCA width agree with the manifest, but the projection expects wider embeddings."""
+    import hashlib
+
+    with np.load(copy / "knn.npz") as arrays:
+        head = {name: arrays[name] for name in arrays.files}
+    width = head["components"].shape[1] + 1
+    head["components"] = np.hstack([head["components"], np.zeros((len(head["components"]), 1), head["components"].dtype)])
+    head["mean"] = np.append(head["mean"], 0).astype(head["mean"].dtype)
+    np.savez(copy / "knn.npz", **head)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["knn.npz"] = {"sha256": hashlib.sha256((copy / "knn.npz").read_bytes()).hexdigest(), "bytes": (copy / "knn.npz").stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"knn.npz: projects {width}-dimensional embeddings, the graph gives {width - 1}"):
+        Bundle.load(copy)
+
+
 def test_an_unknown_schema_version_is_refused(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["schema_version"] = 99

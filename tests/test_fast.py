@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from bundle.runtime import Bundle
+from cifar10.errors import UserError
 from tests.conftest import cpu_bf16
 from training.analysis import load_trained
 from training.export import export
 from training.fast import epoch_images, init_whitening, lr_factor
 from training.loop import load_checkpoint, normalization
 from training.models import TestTimeAugmentation, airbench
-from training.recipes import get_recipe
+from training.recipes import AIRBENCH_WHITENING_EPS, get_recipe
 from training.report import runs_table
 from training.train import train
 
@@ -24,7 +25,7 @@ CPU = torch.device("cpu")
 def test_the_first_conv_whitens_training_patches(cifar):
     images = cifar.train.images[:1000]
     model = airbench(*normalization("channel_zscore", images))
-    init_whitening(model, images)
+    init_whitening(model, images, AIRBENCH_WHITENING_EPS)
     with torch.no_grad():
         out = model.body[0](model.normalize(images)) - model.body[0].bias.view(1, -1, 1, 1)
     half = out[:, :12].permute(1, 0, 2, 3).reshape(12, -1).double()  # the other 12 are their negatives
@@ -34,6 +35,21 @@ def test_the_first_conv_whitens_training_patches(cifar):
     off_diagonal = covariance - torch.diag(covariance.diagonal())
     assert off_diagonal.abs().max() < 0.02
     assert torch.equal(out[:, 12:], -out[:, :12])
+
+
+def test_the_whitening_eps_caps_the_gain_of_faint_patch_directions(cifar):
+    images = cifar.train.images[:1000]
+    gains = {}
+    for eps in (AIRBENCH_WHITENING_EPS, 0.05):
+        model = airbench(*normalization("channel_zscore", images))
+        init_whitening(model, images, eps)
+        gains[eps] = model.body[0].weight.flatten(1).norm(dim=1)  # a unit eigenvector over √(eigenvalue + eps)
+        assert gains[eps].max() < eps**-0.5
+    assert gains[0.05].max() < gains[AIRBENCH_WHITENING_EPS].max() / 3  # the faintest directions, damped
+    with pytest.raises(UserError, match="--whitening-eps applies to recipes with airbench's whitening layer"):
+        get_recipe("cnn-fast", whitening_eps=0.05)
+    with pytest.raises(UserError, match="--whitening-eps must be positive"):
+        get_recipe("fast", whitening_eps=0.0)
 
 
 def test_the_schedule_is_a_triangle():
@@ -101,6 +117,11 @@ def test_runs_table_shows_the_held_out_upload_mean_and_tells_upload_candidates_a
     mean = f"{summary['final']['held_out_uploads']['mean']:.2%}"
     assert f"| {mean} |" in rows["| default"] and "uploads" not in rows["| default"]
     assert ", uploads " in rows["| candidate"] and "jpeg 25%" in rows["| candidate"]
+    eps = tmp_path / "eps"
+    eps.mkdir()
+    (eps / "run.json").write_text(json.dumps(dict(summary, recipe=get_recipe("fast", epochs=2, limit=2048, batch_size=256, whitening_eps=0.05))))
+    rows = {line.split(" | ")[0]: line for line in runs_table(tmp_path).splitlines() if line.startswith("| ")}
+    assert ", whitening eps 0.05" in rows["| eps"] and "whitening" not in rows["| default"]
 
 
 def test_export_puts_the_tta_inside_the_graph(fast_run, cifar, tmp_path):

@@ -37,11 +37,13 @@ from training.loop import Position, Start
 from training.models import Classifier, TestTimeAugmentation
 from training.uploads import simulate
 
-WHITENING_EPS = 5e-4  # added to the eigenvalues, so near-constant patch directions are not blown up
 
+def init_whitening(model: Classifier, images: torch.Tensor, eps: float) -> None:
+    """Set the frozen first conv to whiten 2×2 patches of (normalised) training images.
 
-def init_whitening(model: Classifier, images: torch.Tensor) -> None:
-    """Set the frozen first conv to whiten 2×2 patches of (normalised) training images."""
+    eps is added to the eigenvalues: it caps the gain of the faintest patch directions (fine
+    colour and texture detail, what JPEG and sensor noise alter most) at 1/√eps.
+    """
     conv = model.body[0]
     with torch.no_grad():
         x = model.normalize(images)
@@ -49,7 +51,7 @@ def init_whitening(model: Classifier, images: torch.Tensor) -> None:
         patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        filters = (eigenvectors / (eigenvalues + WHITENING_EPS).sqrt()).T.reshape(-1, 3, k, k).float()
+        filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.reshape(-1, 3, k, k).float()
         conv.weight.copy_(torch.cat([filters, -filters]))
         conv.bias.zero_()
 
@@ -169,7 +171,7 @@ def model_init(recipe: dict):
 
     def init(model: Classifier, train_set: Split) -> None:
         if recipe["whitening_images"]:
-            init_whitening(model, train_set.images[: recipe["whitening_images"]])
+            init_whitening(model, train_set.images[: recipe["whitening_images"]], recipe["whitening_eps"])
 
     return init
 

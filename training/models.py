@@ -148,7 +148,7 @@ def airbench(mean, std, widths: Sequence[int] = (64, 256, 256), logit_scale: flo
 
 def airbench_wide(mean, std) -> Classifier:
     """airbench95's widths (128/384/384): 2.6× the work of `airbench` per image, for a point more on
-    clean pixels in airbench's own runs; the `fast-wide` recipe's candidate (docs/training.md)."""
+    clean pixels in airbench's own runs; the `fast-wide` recipe's network (docs/training.md)."""
     return airbench(mean, std, widths=(128, 384, 384))
 
 

@@ -15,7 +15,7 @@ import torch
 from training.data import Cifar10, Split
 from training.loop import write_json
 from training.metrics import reliability, softmax
-from training.recipes import RECIPES
+from training.recipes import AIRBENCH_WHITENING_EPS, RECIPES
 from training.uploads import describe
 
 
@@ -90,6 +90,9 @@ def runs_table(runs_dir: Path) -> str:
             variant += f", holdout {recipe['holdout']}"
         if recipe["name"] in RECIPES and recipe.get("uploads", {}) != _as_json(RECIPES[recipe["name"]]["uploads"]):
             variant += f", uploads {describe(recipe['uploads'])}"  # a --uploads candidate
+        eps = recipe.get("whitening_eps", AIRBENCH_WHITENING_EPS)  # runs from before the key had airbench's
+        if recipe.get("loop") == "fast" and recipe["name"] in RECIPES and eps != RECIPES[recipe["name"]]["whitening_eps"]:
+            variant += f", whitening eps {eps:g}"  # a --whitening-eps candidate
         tta = recipe.get("tta", "none")
         tta_accuracy = final["test_tta"][tta]["accuracy"] if tta != "none" else None
         if epochs == recipe["epochs"]:
@@ -123,9 +126,11 @@ def _as_json(value):
 
 
 def _spread(values: list[float]) -> str:
-    """mean ± sample standard deviation [min, max], in percent."""
+    """mean ± sample standard deviation [min, max], in percent; one run is only its value (no spread to state)."""
+    if len(values) == 1:
+        return f"{values[0]:.2%}"
     mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{mean:.2%} ± {sd:.2%} [{min(values):.2%}, {max(values):.2%}]"
 
 
