@@ -15,7 +15,7 @@ from training.export import export
 from training.fast import epoch_images, init_whitening, lr_factor
 from training.loop import load_checkpoint, normalization
 from training.models import TestTimeAugmentation, airbench
-from training.recipes import AIRBENCH_WHITENING_EPS, get_recipe
+from training.recipes import AIRBENCH_WHITENING_EPS, get_recipe, resumed
 from training.report import runs_table
 from training.train import train
 
@@ -50,6 +50,8 @@ def test_the_whitening_eps_caps_the_gain_of_faint_patch_directions(cifar):
         get_recipe("cnn-fast", whitening_eps=0.05)
     with pytest.raises(UserError, match="--whitening-eps must be positive"):
         get_recipe("fast", whitening_eps=0.0)
+    older = {k: v for k, v in get_recipe("fast").items() if k != "whitening_eps"}  # a checkpoint from before the key
+    assert resumed(older)["whitening_eps"] == AIRBENCH_WHITENING_EPS
 
 
 def test_the_schedule_is_a_triangle():
