@@ -91,6 +91,7 @@ class Batcher:
             step = self.max_batch_size
             calls = [self.bundle.predict(pixels[i : i + step], self._session(session)) for i in range(0, len(pixels), step)]
             prediction = Prediction.concatenate(calls)
+            self._record(calls)  # before the answers, so a client that reads /metrics after its answer sees its batch
             start = 0
             for images, future in batch:
                 future.set_result(prediction[start : start + len(images)])
@@ -99,10 +100,11 @@ class Batcher:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
         finally:
             with self.lock:
                 self.computing -= 1
+
+    def _record(self, calls: list[Prediction]) -> None:
         try:
             for call in calls:
                 self.on_batch(len(call.logits))
