@@ -1,6 +1,6 @@
 """Training-step throughput of each model at its recipe's batch size, against the FLOP floor.
 
-    python bench/train_throughput.py [--models seed_cnn vgg16_3block] [--seconds 10] [--rounds 3]
+    python -m bench.train_throughput [--models seed_cnn vgg16_3block] [--seconds 10] [--rounds 3]
 
 For each model and setting it times full training steps (forward, backward, its recipe's optimizer) on random
 pixels and prints images/s, and the fraction of the machine's peak that the step reaches:
@@ -74,7 +74,7 @@ def main() -> None:
     device = pick_device(args.device)
     settings = {k: v for k, v in SETTINGS.items() if not v[0] or bf16_is_fast(device)}  # the bf16 rows where bf16 is fast
     peaks = {False: peak_flops(device, torch.float32)}
-    if any(bf16 for bf16, _ in settings.values()):
+    if any(bf16 for bf16, _, _ in settings.values()):
         peaks[True] = peak_flops(device, torch.bfloat16)
     print(f"device: {describe(device)}; torch {torch.__version__}")
     print("peak (best of matmul and 3×3 conv): " + ", ".join(f"{'bf16' if k else 'fp32'} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
