@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,26 +28,34 @@ from training.recipes import RECIPES
 MODELS = {
     "seed_cnn": "cnn-baseline", "airbench": "fast", "airbench_wide": "fast-wide", "vgg16_3block": "vgg16-3block", "vgg16_full": "vgg16-full"
 }  # fmt: skip
-SETTINGS = {  # name: (bf16 autocast, channels_last, torch.compile)
-    "eager fp32": (False, False, False),
-    "bf16 + channels_last": (True, True, False),
-    "the same, torch.compile": (True, True, True),  # inductor's default mode; the loop stays eager (docs/training.md)
+
+
+class Setting(NamedTuple):
+    bf16: bool  # autocast
+    channels_last: bool
+    compiled: bool  # torch.compile, inductor's default mode; the training loop stays eager (docs/training.md)
+
+
+SETTINGS = {
+    "eager fp32": Setting(bf16=False, channels_last=False, compiled=False),
+    "bf16 + channels_last": Setting(bf16=True, channels_last=True, compiled=False),
+    "the same, torch.compile": Setting(bf16=True, channels_last=True, compiled=True),
 }
 
 
-def step_throughput(name: str, device: torch.device, bf16: bool, channels_last: bool, compiled: bool, seconds: float) -> float:
+def step_throughput(name: str, device: torch.device, setting: Setting, seconds: float) -> float:
     recipe = dict(RECIPES[MODELS[name]], weights="none")
     model = build_model(name, [0.0] * 3, [255.0] * 3, **({"weights": "none"} if name.startswith("vgg") else {}))
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if setting.compiled else model
     optimizer = (fast.make_optimizer if recipe["loop"] == "fast" else study.make_optimizer)(model, recipe)
     batch = recipe["batch_size"]
     x = (torch.rand(batch, 3, 32, 32, device=device) * 255).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with autocast(device, bf16):
+        with autocast(device, setting.bf16):
             loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,9 +81,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device(args.device)
-    settings = {k: v for k, v in SETTINGS.items() if not v[0] or bf16_is_fast(device)}  # the bf16 rows where bf16 is fast
+    settings = {k: v for k, v in SETTINGS.items() if not v.bf16 or bf16_is_fast(device)}
     peaks = {False: peak_flops(device, torch.float32)}
-    if any(bf16 for bf16, _, _ in settings.values()):
+    if any(setting.bf16 for setting in settings.values()):
         peaks[True] = peak_flops(device, torch.bfloat16)
     print(f"device: {describe(device)}; torch {torch.__version__}")
     print("peak (best of matmul and 3×3 conv): " + ", ".join(f"{'bf16' if k else 'fp32'} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
@@ -82,19 +91,19 @@ def main() -> None:
     best: dict[tuple[str, str], float] = {}
     for _ in range(args.rounds):
         for name in args.models:
-            for setting, (bf16, channels_last, compiled) in settings.items():
-                rate = step_throughput(name, device, bf16, channels_last, compiled, args.seconds)
-                best[name, setting] = max(best.get((name, setting), 0.0), rate)
+            for label, setting in settings.items():
+                rate = step_throughput(name, device, setting, args.seconds)
+                best[name, label] = max(best.get((name, label), 0.0), rate)
 
     print(f"\n{'model':13s} {'batch':>5s} {'GFLOP/img':>9s}  {'setting':24s} {'img/s':>7s} {'speed-up':>8s} {'of peak':>7s}")
     for name in args.models:
         flops = forward_flops(build_model(name, [0.0] * 3, [255.0] * 3))
         batch = RECIPES[MODELS[name]]["batch_size"]
         eager = best[name, "eager fp32"]
-        for setting, (bf16, _, _) in settings.items():
-            rate = best[name, setting]
-            floor = rate * 3 * flops / peaks[bf16]
-            print(f"{name:13s} {batch:5d} {flops / 1e9:9.3f}  {setting:24s} {rate:7.0f} {rate / eager:7.2f}x {floor:6.0%}")
+        for label, setting in settings.items():
+            rate = best[name, label]
+            floor = rate * 3 * flops / peaks[setting.bf16]
+            print(f"{name:13s} {batch:5d} {flops / 1e9:9.3f}  {label:24s} {rate:7.0f} {rate / eager:7.2f}x {floor:6.0%}")
 
 
 if __name__ == "__main__":
