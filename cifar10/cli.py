@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
     train.add_argument("--holdout", type=int, help="keep the last N training images out of training (for evaluate's choices)")
     train.add_argument("--uploads", metavar="MIX",
-                       help="fast recipes: 'none', or shares of the upload steps, e.g. jpeg=0.25,webp=0.05,blur=0.1,noise=0.1 "
-                            "(strengths stay the recipe's)")  # fmt: skip
+                       help="fast recipes: 'none', or shares of the upload steps and ranges of their strengths, e.g. "
+                            "jpeg=0.25,webp=0.05,blur=0.1,noise=0.1,jpeg_quality=50-95 (what is left out stays the recipe's)")  # fmt: skip
     train.add_argument("--whitening-eps", type=float,
                        help="fast recipes with airbench's whitening: added to its eigenvalues, capping the gain of faint patch detail")  # fmt: skip
     train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")

@@ -60,13 +60,23 @@ def test_describe_names_each_step():
     assert describe(mix) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
 
 
-def test_uploads_override_changes_shares_and_keeps_strengths():
+def test_uploads_override_changes_shares_and_keeps_the_rest():
     mix = get_recipe("fast", uploads="jpeg=0.25, webp=0.05,blur=0")["uploads"]
     assert (mix["jpeg"], mix["webp"], mix["blur"], mix["noise"]) == (0.25, 0.05, 0.0, FAST_UPLOADS["noise"])
     assert mix["jpeg_quality"] == FAST_UPLOADS["jpeg_quality"] and mix["blur_sigma"] == FAST_UPLOADS["blur_sigma"]
     assert get_recipe("cnn-fast", uploads="none")["uploads"] == {}
     for spec in ("jpeg", "jpeg=2", "gamma=0.1", "jpeg=0.7,webp=0.5"):
         with pytest.raises(UserError, match="--uploads"):
+            get_recipe("fast", uploads=spec)
+
+
+def test_uploads_override_sets_strength_ranges_within_their_bounds():
+    mix = get_recipe("fast", uploads="jpeg=0.4,jpeg_quality=50-95,blur_sigma=0.2-0.8")["uploads"]
+    assert (mix["jpeg"], mix["jpeg_quality"], mix["blur_sigma"]) == (0.4, (50, 95), (0.2, 0.8))
+    assert mix["webp_quality"] == FAST_UPLOADS["webp_quality"] and mix["webp"] == FAST_UPLOADS["webp"]
+    # a range the step cannot apply (a blur wider than the kernel, a quality Pillow has not) or not a range
+    for spec in ("jpeg_quality=95-50", "jpeg_quality=0-95", "jpeg_quality=50", "jpeg_quality=50.5-90", "blur_sigma=0.3-2"):
+        with pytest.raises(UserError, match="STRENGTH=LOW-HIGH"):
             get_recipe("fast", uploads=spec)
     with pytest.raises(UserError, match="fast loop"):
         get_recipe("cnn-baseline", uploads="jpeg=0.3")

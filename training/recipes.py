@@ -183,30 +183,58 @@ RECIPES: dict[str, dict] = {
 
 OVERRIDABLE = ("epochs", "batch_size", "lr", "seed", "weights", "freeze", "limit", "holdout", "uploads", "whitening_eps")
 UPLOAD_STEPS = ("blur", "noise", "jpeg", "webp")
+# each step's strength, drawn per image from a range: its key and the bounds a range must lie in
+# (blur: the 5×5 kernel of training/uploads.py covers ±2σ up to σ 1; codecs: Pillow's quality scale, JPEG up to the 95 its docs advise)
+UPLOAD_STRENGTHS = {"blur_sigma": (0.0, 1.0), "noise_sigma": (0.0, 255.0), "jpeg_quality": (1, 95), "webp_quality": (1, 100)}
 
 
 def upload_shares(spec: str, uploads: dict) -> dict:
-    """`--uploads` applied to a recipe's mix: 'none', or new shares such as 'jpeg=0.25,webp=0.05'.
+    """`--uploads` applied to a recipe's mix: 'none', or new shares and strength ranges such as
+    'jpeg=0.25,webp=0.05,jpeg_quality=50-95'.
 
-    Only the shares change; each step's strengths stay the recipe's (recipes.UPLOADS), so a
-    candidate mix is one line on the command line (scripts/choose_on_holdout.sh).
+    What the spec leaves out stays the recipe's, so a candidate mix is one line on the command
+    line (scripts/choose_on_holdout.sh).
     """
     if spec.strip() == "none":
         return {}
+    usage = (
+        f"--uploads {spec!r}: write 'none' or comma-separated STEP=SHARE and STRENGTH=LOW-HIGH pairs, STEP one of "
+        f"{', '.join(UPLOAD_STEPS)} with SHARE in [0, 1], STRENGTH one of "
+        + ", ".join(f"{key} within {low:g}-{high:g}" for key, (low, high) in UPLOAD_STRENGTHS.items())
+    )
     mix = dict(uploads or {k: v for k, v in UPLOADS.items() if k not in UPLOAD_STEPS})
     for part in spec.split(","):
-        step, _, share = part.partition("=")
-        step = step.strip()
-        try:
-            value = float(share)
-        except ValueError:
-            value = -1.0
-        if step not in UPLOAD_STEPS or not 0 <= value <= 1:
-            raise UserError(f"--uploads {spec!r}: write 'none' or STEP=SHARE pairs, STEP one of {', '.join(UPLOAD_STEPS)} and SHARE in [0, 1]")
-        mix[step] = value
+        key, _, value = (text.strip() for text in part.partition("="))
+        if key in UPLOAD_STEPS:
+            mix[key] = _share(value, usage)
+        elif key in UPLOAD_STRENGTHS:
+            mix[key] = _strength(value, UPLOAD_STRENGTHS[key], integer=key.endswith("_quality"), usage=usage)
+        else:
+            raise UserError(usage)
     if mix.get("jpeg", 0) + mix.get("webp", 0) > 1:
         raise UserError(f"--uploads {spec!r}: an image is re-encoded as JPEG or as WebP, so their shares add up to at most 1")
     return mix
+
+
+def _share(text: str, usage: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(usage) from None
+    if not 0 <= value <= 1:
+        raise UserError(usage)
+    return value
+
+
+def _strength(text: str, bounds: tuple[float, float], integer: bool, usage: str) -> tuple:
+    low_text, _, high_text = text.partition("-")
+    try:
+        low, high = (int(t) if integer else float(t) for t in (low_text, high_text))
+    except ValueError:
+        raise UserError(usage) from None
+    if not bounds[0] <= low <= high <= bounds[1]:
+        raise UserError(usage)
+    return low, high
 
 
 def get_recipe(name: str, **overrides) -> dict:
