@@ -1,7 +1,7 @@
 """Where a served request's CPU time goes: py-spy samples the server while bench.http_load's
 clients keep it busy, and the samples are summed by what they were doing.
 
-    pip install py-spy
+    pip install -e ".[bench]"     # py-spy
     python -m bench.profile_http --model cnn --concurrency 64            # our service
     python -m bench.profile_http --model cnn --concurrency 32 --naive    # bench/naive_app.py
     python -m bench.profile_http --model cnn --concurrency 32 --minimal  # bench/minimal_app.py
@@ -87,7 +87,7 @@ def py_spy() -> str:
     """py-spy on PATH, or beside this Python (a virtual environment that is not activated)."""
     found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if not found:
-        sys.exit("py-spy not found: pip install py-spy")
+        sys.exit("py-spy not found: pip install -e \".[bench]\" (or pip install py-spy)")
     return found
 
 
