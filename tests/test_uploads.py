@@ -9,7 +9,7 @@ from PIL import Image
 
 from bundle.images import decode
 from cifar10.errors import UserError
-from training.recipes import FAST_UPLOADS, UPLOADS, get_recipe
+from training.recipes import FAST_UPLOADS, RECIPES, UPLOAD_STRENGTHS, UPLOADS, get_recipe
 from training.uploads import describe, gaussian_blur, round_trip, simulate
 
 
@@ -68,15 +68,19 @@ def test_uploads_override_changes_shares_and_keeps_the_rest():
     for spec in ("jpeg", "jpeg=2", "gamma=0.1", "jpeg=0.7,webp=0.5"):
         with pytest.raises(UserError, match="--uploads"):
             get_recipe("fast", uploads=spec)
+    with pytest.raises(UserError, match="fast loop"):
+        get_recipe("cnn-baseline", uploads="jpeg=0.3")
 
 
 def test_uploads_override_sets_strength_ranges_within_their_bounds():
     mix = get_recipe("fast", uploads="jpeg=0.4,jpeg_quality=50-95,blur_sigma=0.2-0.8")["uploads"]
     assert (mix["jpeg"], mix["jpeg_quality"], mix["blur_sigma"]) == (0.4, (50, 95), (0.2, 0.8))
     assert mix["webp_quality"] == FAST_UPLOADS["webp_quality"] and mix["webp"] == FAST_UPLOADS["webp"]
+    for recipe in RECIPES.values():  # the recipes' own ranges lie within the bounds too (the blur kernel is sized by them)
+        for key, (low, high) in UPLOAD_STRENGTHS.items():
+            if key in recipe.get("uploads", {}):
+                assert low <= recipe["uploads"][key][0] <= recipe["uploads"][key][1] <= high, (recipe, key)
     # a range the step cannot apply (a blur wider than the kernel, a quality Pillow has not) or not a range
     for spec in ("jpeg_quality=95-50", "jpeg_quality=0-95", "jpeg_quality=50", "jpeg_quality=50.5-90", "blur_sigma=0.3-2"):
         with pytest.raises(UserError, match="STRENGTH=LOW-HIGH"):
             get_recipe("fast", uploads=spec)
-    with pytest.raises(UserError, match="fast loop"):
-        get_recipe("cnn-baseline", uploads="jpeg=0.3")

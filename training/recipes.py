@@ -184,7 +184,7 @@ RECIPES: dict[str, dict] = {
 OVERRIDABLE = ("epochs", "batch_size", "lr", "seed", "weights", "freeze", "limit", "holdout", "uploads", "whitening_eps")
 UPLOAD_STEPS = ("blur", "noise", "jpeg", "webp")
 # each step's strength, drawn per image from a range: its key and the bounds a range must lie in
-# (blur: the 5×5 kernel of training/uploads.py covers ±2σ up to σ 1; codecs: Pillow's quality scale, JPEG up to the 95 its docs advise)
+# (blur: training/uploads.py sizes its kernel for the largest σ; codecs: Pillow's quality scale, JPEG up to the 95 its docs advise)
 UPLOAD_STRENGTHS = {"blur_sigma": (0.0, 1.0), "noise_sigma": (0.0, 255.0), "jpeg_quality": (1, 95), "webp_quality": (1, 100)}
 
 

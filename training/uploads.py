@@ -11,13 +11,16 @@ training/robustness.py.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-BLUR_RADIUS = 2  # a 5×5 kernel covers ±2σ of the largest blur recipes use (σ ≤ 1)
+from training.recipes import UPLOAD_STRENGTHS
+
+BLUR_RADIUS = math.ceil(2 * UPLOAD_STRENGTHS["blur_sigma"][1])  # the kernel covers ±2σ of the largest blur a recipe may ask for
 
 
 def simulate(images: torch.Tensor, uploads: dict, generator: torch.Generator) -> torch.Tensor:
