@@ -226,3 +226,21 @@ def test_predict_refuses_anything_but_uint8_nhwc(bundle_dir):
         bundle.predict(np.zeros((1, 3, 32, 32), np.uint8))
     with pytest.raises(ValueError, match=r"uint8 \[N, 32, 32, 3\]"):
         bundle.predict(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_gelu_is_exported_as_one_node_that_onnxruntime_runs_fused(tmp_path):
+    """One node, not a Div-Erf-Add-Mul-Mul chain of five passes over the activations (docs/performance.md)."""
+    import onnxruntime as ort
+
+    from training.export import export_onnx
+    from training.models import build_model
+
+    model = build_model("airbench", [125.0] * 3, [60.0] * 3).eval()
+    export_onnx(model, 1.0, tmp_path / "model.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert ops.count("Gelu") == 7 and "Erf" not in ops
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    logits = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], {"images": pixels})[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
