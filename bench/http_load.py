@@ -256,7 +256,7 @@ def ms(latencies: list[float], q: float) -> str:
 
 
 def saturation(url: str, blobs: list[bytes], model: str | None, seconds: float = 8.0, runs: int = 1) -> float:
-    """Single-image requests/s the server sustains: a closed loop at concurrency 32 (where the rate peaks,
+    """Single-image requests/s the server sustains: a closed loop at concurrency 32 (at or near its peak,
     docs/performance.md); with runs > 1, the median of that many runs, since this machine swings."""
     rates = []
     for _ in range(runs):

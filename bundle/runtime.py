@@ -136,7 +136,7 @@ def open_session(model_path: Path, providers: list[str] | None, threads: int | N
 
 
 # Images per onnxruntime call: activation memory grows with the batch (times the views of test-time
-# augmentation), and beyond a few hundred images the rate no longer does (docs/performance.md).
+# augmentation), while the rate is flat or falls from 8 images on (docs/performance.md).
 PREDICT_CHUNK = 256
 
 
