@@ -129,7 +129,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     size = (folder / variant.file).stat().st_size
     print(
         f"wrote {folder / variant.file} ({size / 1e6:.1f} MB), calibrated on {variant.calibration_images} training images: "
-        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION=int8, "
+        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION={args.name}:int8, "
         f"measure it under uploads with `cifar10 robustness {args.name} --precision int8`"
     )
 

@@ -61,7 +61,7 @@ class ModelSummary(BaseModel):
     recipe: str
     classes: list[str]
     embedding_dim: int
-    precision: str = Field(description="fp32, or int8 for the bundle's quantised variant (CIFAR10_PRECISION)")
+    precision: str = Field(description="fp32, or int8 for the bundle's quantised variant (CIFAR10_PRECISION, for every bundle or per bundle)")
     test_accuracy: float = Field(description="of the graph in use on the test set, measured by export or quantize")
     calibration: CalibrationSummary
     robustness: dict[str, UploadScore] = Field(description="of the graph in use, per kind of upload (`cifar10 robustness`); empty until measured")

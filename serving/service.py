@@ -77,9 +77,17 @@ def each_bundle(settings: Settings, open_one: Callable[[Path], T]) -> list[T]:
 def check_bundle(folder: Path, settings: Settings) -> None:
     """The checks of Bundle.load that need no onnxruntime session: the manifest, and the sha256 of the files a worker opens."""
     try:
-        verify(folder, settings.precision)
+        verify(folder, settings.precision_of(folder.name))
     except MissingVariant:  # served as fp32, with a warning from the worker
         verify(folder)
+
+
+def check_precisions(settings: Settings, folders: list[Path]) -> None:
+    """A bundle that CIFAR10_PRECISION names but is not served is a typo or a stale setting: say so, not serve fp32."""
+    served = [folder.name for folder in folders]
+    unknown = sorted(name for name in settings.precisions() if name is not None and name not in served)
+    if unknown:
+        raise BundleError(f"CIFAR10_PRECISION names {', '.join(unknown)}, not among the bundles served: {', '.join(served)}")
 
 
 def load_bundles(settings: Settings) -> dict[str, Bundle]:
@@ -91,7 +99,7 @@ def load_bundles(settings: Settings) -> dict[str, Bundle]:
 def load_bundle(folder: Path, providers: list[str], settings: Settings) -> Bundle:
     options = dict(providers=providers, threads=settings.threads or None, spinning=settings.thread_spinning, sessions=settings.sessions)
     try:
-        bundle = Bundle.load(folder, precision=settings.precision, **options)
+        bundle = Bundle.load(folder, precision=settings.precision_of(folder.name), **options)
     except MissingVariant as exc:
         log.warning("%s: serving its fp32 graph", exc)
         bundle = Bundle.load(folder, **options)
@@ -124,6 +132,7 @@ class CIFAR10:
         with exit status 1 and the reason, where a worker failing in __init__ would be restarted over and over."""
         # the supervisor runs where `bentoml serve` was started; workers run in the service's working dir (a bento's src/)
         settings = dataclasses.replace(SETTINGS, models_dir=Path(CIFAR10.working_dir) / SETTINGS.models_dir)
+        check_precisions(settings, bundle_folders(settings))
         each_bundle(settings, lambda folder: check_bundle(folder, settings))
 
     def __init__(self) -> None:

@@ -56,7 +56,7 @@ class Settings:
     threads: int | None = None  # onnxruntime intra-op threads of a worker's main session (the sessions split them); None: the cores shared among the workers; 0: its own choice
     thread_spinning: bool = False  # onnxruntime's threads spin-wait between calls; off, they sleep and leave the cores to HTTP and decoding
     broken_bundles: str = "fail"  # a bundle that cannot load at start: "fail" stops the server, "skip" logs it and serves the rest
-    precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32
+    precision: str = "fp32"  # int8: each bundle's int8 variant where it has one (`cifar10 quantize`), else fp32; or per bundle, "airbench:int8" (others fp32), "int8,cnn:fp32"
     max_images: int = 64  # images per request
     max_image_bytes: int = 10_000_000  # per uploaded file
     max_request_bytes: int = 100_000_000  # a whole multipart request (411 without a Content-Length)
@@ -80,12 +80,35 @@ class Settings:
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
         if self.broken_bundles not in ("fail", "skip"):
             bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
-        if self.precision not in PRECISIONS:
-            bad.append(f"CIFAR10_PRECISION={self.precision!r} (must be one of {', '.join(PRECISIONS)})")
+        try:
+            self.precisions()
+        except ValueError as exc:
+            bad.append(f"CIFAR10_PRECISION={self.precision!r} ({exc})")
         if bad:
             raise ValueError(f"settings without meaning: {'; '.join(bad)}")
         if self.threads is None:  # frozen: set once, here
             object.__setattr__(self, "threads", max(1, _cores() // self.workers))
+
+    def precisions(self) -> dict[str | None, str]:
+        """CIFAR10_PRECISION as {bundle name: precision}, with None for the bundles it does not name.
+
+        A bare precision applies to every bundle not named; "airbench:int8" serves only that bundle's
+        int8 variant, since a variant pays for some networks and not others (docs/performance.md)."""
+        parsed: dict[str | None, str] = {}
+        for part in (p.strip() for p in self.precision.split(",")):
+            name, _, precision = part.rpartition(":")
+            key = name.strip() or None
+            if precision.strip() not in PRECISIONS or (":" in part and key is None):
+                raise ValueError(f"each part must be a precision ({', '.join(PRECISIONS)}) or BUNDLE:PRECISION, got {part!r}")
+            if key in parsed:
+                raise ValueError(f"{'bundle ' + key if key else 'the precision for the other bundles'} given twice")
+            parsed[key] = precision.strip()
+        return parsed
+
+    def precision_of(self, bundle: str) -> str:
+        """The precision CIFAR10_PRECISION asks for this bundle (by its folder name)."""
+        parsed = self.precisions()
+        return parsed.get(bundle, parsed.get(None, "fp32"))
 
     @property
     def limits(self) -> Limits:

@@ -1,13 +1,16 @@
 """`cifar10 quantize` on a copy of the committed CNN bundle: the int8 variant, its checks, serving it."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
 
 import httpx
 import numpy as np
 import pytest
 
-from bench.harness import SERVE, running
+from bench.harness import SERVE, free_port, running
 from bundle.runtime import Bundle, BundleError, MissingVariant
 from cifar10.errors import UserError
 from serving.settings import Settings
@@ -88,14 +91,32 @@ def test_a_bundle_without_the_variant_says_how_to_make_one(models):
         Bundle.load(models / "airbench", precision="int8")
 
 
-def test_an_unknown_precision_setting_is_refused(monkeypatch):
-    monkeypatch.setenv("CIFAR10_PRECISION", "int4")
-    with pytest.raises(ValueError, match=r"CIFAR10_PRECISION='int4' \(must be one of fp32, int8\)"):
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        ("int4", "each part must be a precision (fp32, int8) or BUNDLE:PRECISION, got 'int4'"),
+        ("cnn:int4", "each part must be a precision (fp32, int8) or BUNDLE:PRECISION, got 'cnn:int4'"),
+        (":int8", "each part must be a precision (fp32, int8) or BUNDLE:PRECISION, got ':int8'"),
+        ("int8,cnn:fp32,cnn:int8", "bundle cnn given twice"),
+        ("int8,fp32", "the precision for the other bundles given twice"),
+    ],
+)
+def test_a_precision_setting_without_meaning_is_refused(monkeypatch, given, reason):
+    monkeypatch.setenv("CIFAR10_PRECISION", given)
+    with pytest.raises(ValueError, match=re.escape(f"CIFAR10_PRECISION={given!r} ({reason})")):
         Settings.from_env()
 
 
-def test_the_service_serves_int8_where_a_bundle_has_it(models, tmp_path, shared_data):
-    env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_DEFAULT_MODEL="cnn", CIFAR10_PRECISION="int8")
+def test_the_precision_is_chosen_per_bundle():
+    assert Settings(precision="airbench:int8").precision_of("airbench") == "int8"
+    assert Settings(precision="airbench:int8").precision_of("cnn") == "fp32"  # a bundle not named: fp32
+    assert Settings(precision="int8, cnn:fp32").precision_of("other") == "int8"  # a bare precision: the bundles not named
+    assert Settings(precision="int8, cnn:fp32").precision_of("cnn") == "fp32"
+
+
+@pytest.mark.parametrize("setting", ["int8", "cnn:int8"])
+def test_the_service_serves_int8_where_a_bundle_has_it_or_where_asked(models, tmp_path, shared_data, setting):
+    env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_DEFAULT_MODEL="cnn", CIFAR10_PRECISION=setting)
     log = tmp_path / "serve.log"
     with running(SERVE, log, env=env) as server:
         url = server.url
@@ -104,6 +125,14 @@ def test_the_service_serves_int8_where_a_bundle_has_it(models, tmp_path, shared_
         answer = httpx.post(f"{url}/classify", files=[("images", ("0.png", encode(pixels), "image/png"))], timeout=30)
     assert listed["cnn"]["precision"] == "int8"
     assert listed["cnn"]["test_accuracy"] == Bundle.load(models / "cnn", precision="int8").test_accuracy
-    assert listed["airbench"]["precision"] == "fp32"  # no variant: its fp32 graph, with a warning
+    assert listed["airbench"]["precision"] == "fp32"  # no variant (int8 for all: with a warning), or not asked
     assert answer.status_code == 200 and answer.json()[0]["label"]
-    assert "has no int8 variant" in log.read_text()
+    assert ("has no int8 variant" in log.read_text()) == (setting == "int8")
+
+
+def test_a_precision_for_a_bundle_not_served_stops_the_start(models, tmp_path):
+    env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_PRECISION="cnnn:int8")
+    command = [part.format(port=free_port()) for part in SERVE]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "CIFAR10_PRECISION names cnnn, not among the bundles served: airbench, cnn" in result.stdout + result.stderr
