@@ -5,6 +5,7 @@ normalisation inside), decodes with Pillow, and answers the same multipart `/cla
 as our service, so the same client load runs against both:
 
     BENCH_BUNDLE=models/cnn python -m bench.minimal_app --port 8000 --workers 2
+    BENCH_GRAPH=model.int8.onnx ...       # the bundle's int8 variant instead of model.onnx
 
 Its uvicorn workers share one listening socket with Nagle's algorithm off (bench/nodelay.py).
 Each worker's session gets BENCH_THREADS onnxruntime threads, by default the cores shared
@@ -35,7 +36,8 @@ from bench.nodelay import main
 def load_session(bundle: Path, workers: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get("BENCH_THREADS") or max(1, len(os.sched_getaffinity(0)) // workers))
-    return ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = bundle / os.environ.get("BENCH_GRAPH", "model.onnx")
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def classes(bundle: Path) -> list[str]:

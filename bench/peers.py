@@ -1,7 +1,7 @@
 """Our service against the servers a user would otherwise run, single-image requests, all in one run.
 
     pip install -e ".[bench]"      # LitServe, for its row
-    python -m bench.peers --data-dir ../shared/data/cifar-10-batches-py [--models airbench cnn] [--rounds 3]
+    python -m bench.peers --data-dir ../shared/data/cifar-10-batches-py [--models airbench cnn] [--rounds 3] [--int8]
 
 For each bundle, each server starts in turn and bench.http_load's closed-loop clients post one
 CIFAR-10 test PNG per request to its /classify (the same multipart form for all) at each
@@ -11,6 +11,8 @@ the servers, since this machine's speed swings between minutes. The servers:
 - ours: `bentoml serve` with its defaults, and with the settings `--advised` names for a bundle;
 - minimal: bench/minimal_app.py, Starlette + onnxruntime in 2 uvicorn workers, one `session.run`
   per request;
+- with --int8, ours serving the bundle's int8 variant (CIFAR10_PRECISION=BUNDLE:int8) and the
+  minimal app on the same graph, so that what int8 buys is compared like for like;
 - LitServe: bench/litserve_app.py, LitServe + onnxruntime, 2 workers, batches of up to 32.
 
 Printed: each measurement as it comes, then per bundle a table of median requests/s (p50 / p99 ms)
@@ -31,6 +33,7 @@ import numpy as np
 
 from bench.harness import REPO, SERVE, running
 from bench.http_load import MINIMAL, forms, load, machine, test_pngs
+from bundle.manifest import INT8_FILE
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,17 @@ class Peer:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def peers(bundle: str, advised: dict[str, str]) -> list[Peer]:
+def peers(bundle: str, advised: dict[str, str], int8: bool = False) -> list[Peer]:
     folder = {"BENCH_BUNDLE": str(REPO / "models" / bundle)}
+    minimal = [p.replace("{workers}", "2") for p in MINIMAL]
     found = [Peer("ours, defaults", SERVE)]
     if advised:
         found.append(Peer(f"ours, {' '.join(f'{k}={v}' for k, v in advised.items())}", SERVE, advised))
-    found.append(Peer("minimal Starlette + onnxruntime", [p.replace("{workers}", "2") for p in MINIMAL], folder))
+    if int8:
+        found.append(Peer(f"ours, CIFAR10_PRECISION={bundle}:int8", SERVE, {"CIFAR10_PRECISION": f"{bundle}:int8"}))
+    found.append(Peer("minimal Starlette + onnxruntime", minimal, folder))
+    if int8:
+        found.append(Peer("minimal, int8 graph", minimal, {**folder, "BENCH_GRAPH": INT8_FILE}))
     try:
         import litserve  # noqa: F401  # a bench-only extra
     except ImportError:
@@ -107,6 +115,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["airbench", "cnn"])
     parser.add_argument("--advised", nargs="*", default=[], metavar="BUNDLE:KEY=VALUE",
                         help="settings for a second row of ours, for a bundle (cnn:CIFAR10_WORKERS=2, say)")  # fmt: skip
+    parser.add_argument("--int8", action="store_true", help="add ours and the minimal app on each bundle's int8 variant")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
@@ -121,7 +130,7 @@ def main() -> None:
     (REPO / "logs").mkdir(exist_ok=True)
     print(f"machine: {machine()}; {args.rounds} rounds of {args.seconds:g} s per measurement")
     for bundle in args.models:
-        run_bundle(bundle, peers(bundle, advised.get(bundle, {})), blobs, args)
+        run_bundle(bundle, peers(bundle, advised.get(bundle, {}), args.int8), blobs, args)
 
 
 if __name__ == "__main__":
