@@ -60,7 +60,7 @@ PY
 CHOSEN=${CANDIDATES[$best]}
 echo "  chosen: $CHOSEN"
 
-echo "== $RECIPE $CHOSEN: seeds 0..$((SEEDS - 1)) on the whole training set"
+echo "== $RECIPE $CHOSEN: seeds 0..$((SEEDS - 1)), training on all but the recipe's calibration images"
 for s in $(seq 0 $((SEEDS - 1))); do
   echo "$CIFAR10 train $RECIPE $CHOSEN --seed $s --runs-dir $RUNS/seeds $* > $RUNS/seed-$s.log 2>&1"
 done | run_all
