@@ -32,6 +32,10 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# Formats whose extra frames are not animation: a camera's MPO JPEG carries a preview or a second
+# view after its picture. The first frame is the photograph.
+STILL_MULTI_FRAME = ("MPO",)
+
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """uint8 [32, 32, 3] RGB pixels of an encoded image."""
@@ -77,12 +81,13 @@ def _check_header(image: Image.Image, limits: Limits) -> None:
         raise ImageError(f"image too large: {width}×{height} is over {limits.max_pixels:,} pixels")
     if min(width, height) < limits.min_side:
         raise ImageError(f"image too small: {width}×{height}; each side must be at least {limits.min_side} pixels")
-    if getattr(image, "n_frames", 1) > 1 and not limits.allow_animated:  # TypeError from a crafted TIFF's n_frames, …
+    frames = getattr(image, "n_frames", 1)  # TypeError from a crafted TIFF's n_frames, …
+    if frames > 1 and image.format not in STILL_MULTI_FRAME and not limits.allow_animated:
         raise ImageError("animated images are not accepted; send a single frame")
 
 
 def _to_pixels(image: Image.Image) -> np.ndarray:
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):
         image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
@@ -96,10 +101,11 @@ def _to_pixels(image: Image.Image) -> np.ndarray:
 
 def _rgb(image: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit scaled to 8, transparency composited over white, CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image)  # integers: a float copy of a large 16-bit image would cost gigabytes
-        image = Image.fromarray(np.clip(pixels // 257 if pixels.max() > 255 else pixels, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        sixteen_bit = image.mode != "I" or pixels.max() > 255  # mode I (32-bit) says nothing of its range
+        image = Image.fromarray(np.clip(pixels // 257 if sixteen_bit else pixels, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # P, L or RGB with a transparent colour
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

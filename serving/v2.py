@@ -38,6 +38,7 @@ OUTPUTS = ("logits", "probabilities", "embedding")
 HEADER_LENGTH = "inference-header-content-length"
 INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 IMAGE_VALUES = 32 * 32 * 3
+JSON_BYTES_PER_VALUE = 8  # "255, " flat as json.dumps writes it is 5 (tritonclient: "255,"); nested, "[255, 255, 255], " a pixel
 
 
 class ProtocolError(Exception):
@@ -107,8 +108,8 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     bundle, service = _bundle(request), _service()
     settings = service.settings
-    # the largest valid request: max_images tensors as JSON text ("255," per value) and a header
-    body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * 4))
+    # the largest valid request: a header and max_images tensors as JSON text, nested as json.dumps writes it
+    body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * JSON_BYTES_PER_VALUE))
     parse = lambda: _parse(body, request.headers.get(HEADER_LENGTH), settings.max_images)  # noqa: E731
     header, pixels, wanted = parse() if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse)
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
@@ -192,7 +193,7 @@ def _images(header: dict[str, Any], tensors: bytes, max_images: int) -> np.ndarr
 def _wanted_outputs(header: dict[str, Any]) -> dict[str, bool]:
     """{output name: as binary} for the outputs asked for (all when none are)."""
     parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
-    binary_all = bool(parameters.get("binary_data_output", False))
+    binary_all = _flag(parameters, "binary_data_output", False)
     asked = header.get("outputs")
     if asked is None:
         return {name: binary_all for name in OUTPUTS}
@@ -200,7 +201,15 @@ def _wanted_outputs(header: dict[str, Any]) -> dict[str, bool]:
         isinstance(o, dict) and o.get("name") in OUTPUTS and isinstance(o.get("parameters", {}), dict) for o in asked
     ):
         raise ProtocolError(f'"outputs" must list outputs among {", ".join(OUTPUTS)}, each with an optional "parameters" object')
-    return {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_all)) for o in asked}
+    return {o["name"]: _flag(o.get("parameters") or {}, "binary_data", binary_all) for o in asked}
+
+
+def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean parameter, refused unless JSON true or false (the string "false" is not false)."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f'parameter "{name}" must be true or false, got {json.dumps(value)}')
+    return value
 
 
 def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, bool], values: dict[str, np.ndarray]) -> Response:

@@ -138,3 +138,24 @@ def test_fuzz_mutated_images_decode_or_raise_image_error(fmt, data):
     except ImageError:
         return
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+
+
+def test_a_camera_mpo_jpeg_is_its_first_frame():
+    """Phones and cameras write a second picture after the photograph (MPO); that is no animation."""
+    photo, preview = Image.new("RGB", (40, 40), (200, 40, 90)), Image.new("RGB", (40, 40), (0, 0, 0))
+    out = io.BytesIO()
+    photo.save(out, format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(io.BytesIO(out.getvalue())).format == "MPO"
+    pixels = decode(out.getvalue())
+    assert np.abs(pixels.astype(int) - (200, 40, 90)).max() < 8
+
+
+@pytest.mark.parametrize("mode, colour", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_is_composited_over_white(mode, colour):
+    black = Image.new(mode, (32, 32), colour)
+    assert (decode(encode(black, "PNG", transparency=colour)) == 255).all()
+
+
+def test_a_dark_sixteen_bit_image_stays_dark():
+    grey = np.full((32, 32), 200, np.uint16)  # 200 of 65,535: nearly black, not 200 of 255
+    assert (decode(encode(Image.fromarray(grey), "PNG")) == 0).all()

@@ -67,6 +67,15 @@ def test_tritonclients_answers_equal_the_bundles(client, bundle, images, binary)
     assert (result.as_numpy("probabilities").argmax(1) == offline.probabilities.argmax(1)).all()
 
 
+def test_the_largest_json_request_pythons_json_writes_is_accepted(server):
+    """64 white images as JSON text from json.dumps ("255, " a value, as `requests.post(json=...)`
+    sends it): the limit on a JSON request's bytes must leave room for every valid one."""
+    body = json.dumps(tensor([64, 32, 32, 3], data=[255] * (64 * 3072)) | {"outputs": [{"name": "probabilities"}]})
+    answer = httpx.post(f"{server}/v2/models/cnn/infer", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert np.asarray(answer.json()["outputs"][0]["data"]).size == 64 * 10
+
+
 def test_outputs_can_be_chosen_and_default_to_all(client, images):
     tensor = tritonclient.InferInput("images", [2, 32, 32, 3], "UINT8")
     tensor.set_data_from_numpy(images[:2])
@@ -109,6 +118,8 @@ ONE = bytes(3072)
         ({"inputs": "images"}, b"", None, 400, "list of"),
         (tensor([1, 32, 32, 3], data=[1] * 3072) | {"outputs": [{"name": "logits", "parameters": []}]}, b"", None, 400, "outputs"),
         (tensor([20, 32, 32, 3], parameters={"binary_data_size": 20 * 3072}), bytes(20 * 3072) * 20, None, 413, "CIFAR10_MAX_REQUEST_BYTES"),
+        (tensor([1, 32, 32, 3], data=[1] * 3072) | {"parameters": {"binary_data_output": "false"}}, b"", None, 400, "true or false"),
+        (tensor([1, 32, 32, 3], data=[1] * 3072) | {"outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, b"", None, 400, "true or false"),
     ],
 )
 def test_bad_tensors_are_4xx_with_the_protocols_error(server, header, binary, header_length, status, message):
