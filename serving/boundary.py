@@ -111,18 +111,27 @@ def multipart_forms_as_declared() -> None:
     """
     from _bentoml_impl.serde import MultipartSerde
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     async def parse_request(self, request, cls):
         try:
             form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
         except HTTPException as exc:
             raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
+        except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the 500s and their tracebacks
+            raise BadInput("the client disconnected before its form was read") from None
+        fields: dict[str, list] = {}
+        for name, value in form.multi_items():
+            fields.setdefault(name, []).append(value)
+        for name, value in request.query_params.multi_items():  # `?k=3` works with a form as with a raw body
+            if name in form:
+                raise BadInput(f"{name!r} is given in both the query string and the form; give it once")
+            fields.setdefault(name, []).append(value)
         declared = ", ".join(cls.model_fields)
         data: dict[str, typing.Any] = {}
-        for name in dict.fromkeys(form.keys()):
-            values = form.getlist(name)
+        for name, values in fields.items():
             if name not in cls.model_fields:
-                raise BadInput(f"unknown form field {name!r}; this endpoint takes {declared}")
+                raise BadInput(f"unknown field {name!r}; this endpoint takes {declared}")
             if name in cls.multipart_fields:
                 if not all(isinstance(v, UploadFile) for v in values):
                     raise BadInput(f"{name!r} must be uploaded files (multipart) or the raw body; this service does not fetch URLs")

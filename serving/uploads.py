@@ -8,8 +8,9 @@ The `Bodies` middleware sees every request to an endpoint before BentoML reads i
   upload) with 411, so nothing unbounded is ever spooled;
 - a raw body (`curl --data-binary @cat.png -H 'Content-Type: image/png' 'URL/topk?k=3'`) is read up to
   the per-image limit and rewritten into the multipart form the endpoints take (the body as the one
-  file of `images`, the query string as form fields): BentoML 1.4 parses a body by its Content-Type
-  into parameters, and an image body has no parameter to go to. Both forms then share every check.
+  file of `images`; the query string's fields join every form, boundary.py): BentoML 1.4 parses a
+  body by its Content-Type into parameters, and an image body has no parameter to go to. Both forms
+  then share every check.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import parse_qsl
 
 from pydantic import WrapValidator
 from starlette.datastructures import UploadFile
@@ -72,7 +72,7 @@ class Bodies:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await self._too_large(len(body), send)
-        form, boundary = _multipart(bytes(body), content_type, parse_qsl(scope["query_string"].decode("latin-1")))
+        form, boundary = _multipart(bytes(body), content_type)
         replaced = {b"content-type", b"content-length"}
         scope = dict(
             scope,
@@ -94,18 +94,13 @@ class Bodies:
         await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}")
 
 
-def _multipart(image: bytes, content_type: str, fields: list[tuple[str, str]]) -> tuple[bytes, bytes]:
+def _multipart(image: bytes, content_type: str) -> tuple[bytes, bytes]:
     boundary = secrets.token_hex(16).encode()
-    parts = [
-        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value.encode() + b"\r\n"
-        for name, value in fields
-        if name != "images" and name.isidentifier()
-    ]
-    parts.append(
+    part = (
         b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; filename="body"\r\n'
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + image + b"\r\n"
     )
-    return b"".join(parts) + b"--" + boundary + b"--\r\n", boundary
+    return part + b"--" + boundary + b"--\r\n", boundary
 
 
 def _upload(value, handler):

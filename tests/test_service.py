@@ -214,6 +214,17 @@ def test_one_image_as_the_raw_body_answers_like_an_upload(server, test_images, o
     assert octets.json()[0]["index"] == int(offline.predict(decode(blob)[None]).logits.argmax())
 
 
+def test_the_query_string_gives_fields_to_a_form_too(server, test_images):
+    blob = encode(test_images[5])
+    in_form = httpx.post(f"{server}/topk", files=upload([blob]), data={"k": "2"}, timeout=60).json()
+    in_query = httpx.post(f"{server}/topk?k=2", files=upload([blob]), timeout=60)
+    assert in_query.status_code == 200 and in_query.json() == in_form, in_query.text
+    both = httpx.post(f"{server}/topk?k=3", files=upload([blob]), data={"k": "2"}, timeout=60)
+    assert both.status_code == 400 and "both the query string and the form" in both.json()["error"]
+    unknown = httpx.post(f"{server}/topk?colour=red", content=blob, headers={"Content-Type": "image/png"}, timeout=60)
+    assert unknown.status_code == 400 and "unknown field 'colour'" in unknown.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("body", "query", "status", "message"),
     [
@@ -284,8 +295,8 @@ def test_a_url_in_place_of_a_file_is_refused_not_fetched(server):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"files": [("images", ("a.png", b"png", "image/png")), ("other", ("b.png", b"\x89PNG\xff", "image/png"))]}, "unknown form field 'other'"),
-        ({"files": [("image", ("a.png", b"\x89PNG\xff", "image/png"))]}, "unknown form field 'image'"),
+        ({"files": [("images", ("a.png", b"png", "image/png")), ("other", ("b.png", b"\x89PNG\xff", "image/png"))]}, "unknown field 'other'"),
+        ({"files": [("image", ("a.png", b"\x89PNG\xff", "image/png"))]}, "unknown field 'image'"),
         ({"files": [("images", ("a.png", b"png", "image/png")), ("model", ("m", b"\xff\xfe", "text/plain"))]}, "'model' takes a value, not a file"),
         ({"files": [("images", ("a.png", b"png", "image/png"))], "data": {"model": ["cnn", "airbench"]}}, "'model' is given 2 times"),
     ],
