@@ -76,18 +76,19 @@ def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
 
 
 def _label(value, index: dict[str, int], classes: Sequence[str]) -> int | None:
+    """A class name, or an index as a number or as text (a CSV's "3"), read as the Spark engine reads it."""
     if value is None:
         return None
-    if isinstance(value, str) and value in index:
-        return index[value]
-    if isinstance(value, (int, np.integer)) and 0 <= value < len(classes):
+    if isinstance(value, str) and value.strip() in index:
+        return index[value.strip()]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(classes):
         return int(value)
     raise InputError(f"label {value!r} is neither a class name ({', '.join(classes)}) nor an index 0..{len(classes) - 1}")
 
 
 def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns, start: int) -> Iterator[Record]:
     names = table.column_names
-    index = {name: i for i, name in enumerate(classes)}
+    index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
     if columns.image in names:
         sources = table.column(columns.image).to_pylist()
     elif columns.path in names:
@@ -107,14 +108,24 @@ def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns
 
 
 def _csv(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list[Record]]:
+    import pyarrow as pa
     from pyarrow import csv
 
+    # ids, paths and labels as text, as Spark reads a CSV: types inferred from the first block would
+    # turn an id "001" into 1, and fail at an "x7" further down
+    text = csv.ConvertOptions(column_types=dict.fromkeys((columns.id, columns.path, columns.label), pa.string()), strings_can_be_null=True, null_values=[""])
     try:
-        reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 20))
+        reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 20), convert_options=text)
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends
         raise InputError(f"{path}: not a readable CSV ({exc})") from exc
     start = 0
-    for batch in reader:
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as exc:  # a malformed row further down: ArrowInvalid
+            raise InputError(f"{path}: unreadable after row {start} ({exc})") from exc
         records = list(_table_records(batch, path, classes, columns, start))
         start += len(records)
         yield from _chunked(iter(records), chunk)

@@ -92,6 +92,18 @@ def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path)
     assert [r["id"] for r in a] == [str(p.absolute()) for p in files]  # as Spark's engine names them
 
 
+def test_a_csvs_ids_and_labels_are_read_as_text_past_its_first_block(tmp_path):
+    """pyarrow infers a CSV's types from its first megabyte: ids like "001" would become 1, and an id
+    "x7" beyond that block would stop the run. Spark reads them as text; so does the local engine."""
+    ids = [f"{i:06d}" for i in range(60_000)] + ["x7"]
+    labels = [str(i % 10) for i in range(60_000)] + [""]
+    csv.write_csv(pa.table({"id": ids, "path": [f"{i}.png" for i in ids], "label": labels}), tmp_path / "rows.csv")
+    assert (tmp_path / "rows.csv").stat().st_size > 1 << 20
+    records = [r for chunk in read_inputs(tmp_path / "rows.csv", [str(c) for c in "abcdefghij"]) for r in chunk]
+    assert [r.id for r in records] == ids
+    assert [r.label for r in records[:12]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and records[-1].label is None
+
+
 def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shared_data, bundle, tmp_path, capsys):
     output = tmp_path / "test.csv"
     code = main(["score", str(shared_data / "test_batch"), "--model", "cnn", "--output", str(output), "--topk", "2", "--models-dir", str(REPO / "models")])
