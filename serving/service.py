@@ -82,12 +82,16 @@ def check_bundle(folder: Path, settings: Settings) -> None:
         verify(folder)
 
 
-def check_precisions(settings: Settings, folders: list[Path]) -> None:
-    """A bundle that CIFAR10_PRECISION names but is not served is a typo or a stale setting: say so, not serve fp32."""
+def check_names(settings: Settings, folders: list[Path]) -> None:
+    """A bundle that a setting names but is not served is a typo or a stale setting: say so, not serve
+    fp32 or another default. (Only the stock CIFAR10_DEFAULT_MODEL gives way to the first bundle
+    served, so that CIFAR10_MODELS=cnn needs no second setting.)"""
     served = [folder.name for folder in folders]
     unknown = sorted(name for name in settings.precisions() if name is not None and name not in served)
     if unknown:
         raise BundleError(f"CIFAR10_PRECISION names {', '.join(unknown)}, not among the bundles served: {', '.join(served)}")
+    if settings.default_model not in served and settings.default_model != Settings.default_model:
+        raise BundleError(f"CIFAR10_DEFAULT_MODEL names {settings.default_model}, not among the bundles served: {', '.join(served)}")
 
 
 def load_bundles(settings: Settings) -> dict[str, Bundle]:
@@ -132,7 +136,7 @@ class CIFAR10:
         with exit status 1 and the reason, where a worker failing in __init__ would be restarted over and over."""
         # the supervisor runs where `bentoml serve` was started; workers run in the service's working dir (a bento's src/)
         settings = dataclasses.replace(SETTINGS, models_dir=Path(CIFAR10.working_dir) / SETTINGS.models_dir)
-        check_precisions(settings, bundle_folders(settings))
+        check_names(settings, bundle_folders(settings))
         each_bundle(settings, lambda folder: check_bundle(folder, settings))
 
     def __init__(self) -> None:
@@ -254,6 +258,8 @@ class CIFAR10:
         """The KNN head's vote on each image's embedding, and its nearest training images."""
         bundle = self._bundle(model)
         classes = bundle.manifest.classes
+        if neighbours > len(bundle.head.points):  # a head fitted on fewer training rows than CIFAR10_MAX_NEIGHBOURS
+            raise BadInput(f"neighbours must lie in 1..{len(bundle.head.points)}, the training rows of {bundle.manifest.name}'s KNN head; got {neighbours}")
         embeddings = (await self._predict(bundle, images)).embeddings
         votes, distances, indices, labels = await asyncio.to_thread(bundle.knn, embeddings, neighbours)  # a search over the training set
         return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -50,7 +51,7 @@ PARSERS = {"Path": Path, "tuple[str, ...]": _names, "str": str, "int": int, "int
 class Settings:
     models_dir: Path = Path("models")
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
-    default_model: str = "airbench"  # used when a request names none; falls back to the first loaded
+    default_model: str = "airbench"  # used when a request names none; this one, not served, gives way to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     sessions: int = 2  # onnxruntime sessions per bundle and worker that run batches side by side under load, splitting the threads (Triton's instance count); 1: one batch at a time; none beyond the threads, none on a GPU
     threads: int | None = None  # onnxruntime intra-op threads of a worker's main session (the sessions split them); None: the cores shared among the workers; 0: its own choice
@@ -117,8 +118,13 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Each field from CIFAR10_<FIELD NAME>, else its default above."""
+        """Each field from CIFAR10_<FIELD NAME>, else its default above; a variable a letter or two
+        away from a setting's name is a typo the service would otherwise silently ignore."""
         values, bad = {}, []
+        known = [env_name(f.name) for f in fields(cls)]
+        for name in sorted(environ):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.9) if name.startswith("CIFAR10_") and name not in known else []
+            bad += [f"{name} is no setting (did you mean {close[0]}?)"] if close else []
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
             if raw is None:

@@ -130,9 +130,11 @@ def test_the_service_serves_int8_where_a_bundle_has_it_or_where_asked(models, tm
     assert ("has no int8 variant" in log.read_text()) == (setting == "int8")
 
 
-def test_a_precision_for_a_bundle_not_served_stops_the_start(models, tmp_path):
-    env = dict(CIFAR10_MODELS_DIR=str(models), CIFAR10_PRECISION="cnnn:int8")
+@pytest.mark.parametrize("setting", ["CIFAR10_PRECISION=cnnn:int8", "CIFAR10_DEFAULT_MODEL=cnnn"])
+def test_a_bundle_named_by_a_setting_but_not_served_stops_the_start(models, tmp_path, setting):
+    name, value = setting.split("=")
+    env = dict(CIFAR10_MODELS_DIR=str(models), **{name: value})
     command = [part.format(port=free_port()) for part in SERVE]
     result = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "CIFAR10_PRECISION names cnnn, not among the bundles served: airbench, cnn" in result.stdout + result.stderr
+    assert f"{name} names cnnn, not among the bundles served: airbench, cnn" in result.stdout + result.stderr

@@ -18,6 +18,7 @@ from tests.conftest import REPO
 
 MAX_IMAGE_BYTES = 200_000  # small, so that the 413 tests need no huge upload
 MAX_REQUEST_BYTES = 1_000_000
+MAX_NEIGHBOURS = 100_000
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def server(server_log):
         CIFAR10_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
         CIFAR10_DEFAULT_MODEL="cnn",  # the cheap committed bundle; the default one is checked by name below
         CIFAR10_MAX_LATENCY_MS="20",  # so that concurrent requests reliably meet in one batch
+        CIFAR10_MAX_NEIGHBOURS=str(MAX_NEIGHBOURS),  # above the KNN head's training rows
     )  # fmt: skip
     with running(SERVE, server_log, env=env) as served:
         yield served.url
@@ -324,10 +326,17 @@ def test_k_out_of_range_is_a_400(server, test_images, k, message):
     assert answer.status_code == 400 and message in answer.json()["error"]
 
 
-@pytest.mark.parametrize(("neighbours", "bound"), [("0", "greater than or equal to 1"), ("51", "less than or equal to 50")])
-def test_neighbours_out_of_range_is_a_400(server, test_images, neighbours, bound):
+@pytest.mark.parametrize(
+    ("neighbours", "error"),
+    [
+        ("0", "neighbours: Input should be greater than or equal to 1"),
+        (str(MAX_NEIGHBOURS + 1), f"neighbours: Input should be less than or equal to {MAX_NEIGHBOURS}"),
+        ("60000", "neighbours must lie in 1..48000, the training rows of cnn's KNN head; got 60000"),
+    ],
+)
+def test_neighbours_out_of_range_is_a_400(server, test_images, neighbours, error):
     answer = httpx.post(f"{server}/knn", files=upload([encode(test_images[0])]), data={"neighbours": neighbours}, timeout=60)
-    assert answer.status_code == 400 and answer.json()["error"] == f"neighbours: Input should be {bound}"
+    assert answer.status_code == 400 and answer.json()["error"] == error
 
 
 def test_a_missing_or_empty_models_folder_fails_loudly(tmp_path):

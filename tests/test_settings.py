@@ -50,8 +50,15 @@ def test_every_setting_is_read_from_its_variable_and_parsed_by_type():
         ({"CIFAR10_TIMEOUT_S": "soon"}, "CIFAR10_TIMEOUT_S='soon' (must be a number)"),
         ({"CIFAR10_MAX_PIXELS": "0"}, "CIFAR10_MAX_PIXELS=0 (must be > 0)"),
         ({"CIFAR10_THREAD_SPINNING": "maybe"}, "CIFAR10_THREAD_SPINNING='maybe' (must be 0 or 1)"),
+        ({"CIFAR10_MAX_CONCURENCY": "8"}, "CIFAR10_MAX_CONCURENCY is no setting (did you mean CIFAR10_MAX_CONCURRENCY?)"),
+        ({"CIFAR10_WORKER": "2"}, "CIFAR10_WORKER is no setting (did you mean CIFAR10_WORKERS?)"),
     ],
 )
 def test_a_setting_without_meaning_is_named(given, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Settings.from_env(given)
+
+
+def test_other_cifar10_variables_are_left_alone():
+    """The test suite's and the CLI's own variables are not a setting's typo."""
+    assert Settings.from_env({"CIFAR10_DATA_DIR": "/data", "CIFAR10_TEST_DATA": "/data", "CIFAR10_DEBUG": "1"}) == Settings()
