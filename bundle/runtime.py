@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,23 @@ def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -
     if set(shapes) != set(expected) or any(shapes[k][1] != v for k, v in expected.items()):
         wanted = ", ".join(f"{k} [N, {v}]" for k, v in expected.items())
         raise BundleError(f"{path}: outputs {shapes} differ from the manifest's {wanted}")
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU set, capped by a container's CPU quota.
+
+    `docker run --cpus 2` leaves every host core in the CPU set and sets a cgroup v2 quota
+    instead ("200000 100000" in cpu.max): without the cap, onnxruntime (and a decoding pool)
+    would start a thread per host core and the quota would throttle them.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a format we do not know: the CPU set
+        pass
+    return cores
 
 
 def default_providers() -> list[str]:

@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--topk", type=int, default=0, metavar="K", help="also the K most probable classes")
     score.add_argument("--embeddings", action="store_true", help="also the embedding vector")
     score.add_argument("--knn", action="store_true", help="also the KNN head's label and nearest training images")
-    score.add_argument("--batch-size", type=int, default=1024, help="images per onnxruntime call (local: decoded together, written as one part) (default: 1024)")
-    score.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads (default: the cores)")
+    score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together and written as one part (local), per call of predict_batch_udf (spark); onnxruntime runs them in calls of at most 256 (default: 1024)")
+    score.add_argument("--workers", type=int, help="decoding threads (default: the cores this process may use, a container's CPU quota included)")
     score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
     score.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32, or int8 for the bundle's quantised variant (`cifar10 quantize`)")  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bundle.runtime import Bundle, BundleError
+from bundle.runtime import Bundle, BundleError, available_cores
 from cifar10.errors import Interrupted, UserError
 from scoring.inputs import Columns, InputError, read_inputs
 from scoring.local import Options, ScoringError, score
@@ -20,7 +20,7 @@ def score_command(args: argparse.Namespace) -> None:
         found = sorted(p.name for p in Path(args.models_dir).glob("*/manifest.json")) if Path(args.models_dir).is_dir() else []
         raise UserError(f"no bundle {args.model!r} in {args.models_dir}; found: {', '.join(found) or 'none'}")
     output, source = Path(args.output), Path(args.input)
-    if args.topk < 0 or args.batch_size < 1 or args.workers < 1 or args.threads < 0:
+    if args.topk < 0 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
         raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
     try:
         # onnxruntime's threads sleep between calls: they share the cores with the decoding pool
@@ -37,7 +37,7 @@ def score_command(args: argparse.Namespace) -> None:
         else:
             chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
             with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:
-                summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
+                summary = score(chunks, bundle, output, options, workers=args.workers or available_cores(), progress=bar.update)
     except (BundleError, InputError, ScoringError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
     cifar10 score INPUT --model NAME --output OUT.parquet|OUT.csv [--topk K] [--embeddings] [--knn]
 
-The next chunk is decoded while the current one is inferred, in one large onnxruntime call.
+The next chunk is decoded while the current one is inferred (by Bundle.predict, in calls of at most
+256 images, so in bounded memory).
 Each finished chunk is written as its own file under OUT.parts/ (atomically), so an
 interrupted run keeps what it did and a re-run with the same output skips those rows; OUT
 itself appears, by a rename, only once every input is scored. Inputs that fail to decode get a
@@ -227,7 +228,7 @@ def score(
     bundle: Bundle,
     output: Path,
     options: Options,
-    workers: int = os.cpu_count() or 1,
+    workers: int = 1,
     limits: Limits = DEFAULT_LIMITS,
     progress=None,
 ) -> Summary:

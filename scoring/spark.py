@@ -57,7 +57,7 @@ def with_predictions(
     bundle's calibrated probability of that label); `topk_labels` and `topk_probabilities` with
     `topk`; `embedding`; `knn_label`, `knn_neighbours`, `knn_distances` with `knn`; and `error`,
     null or why the row's image could not be read or decoded. A bad image never fails the job: its
-    row gets `error` and nulls. `batch_size` images go to onnxruntime at once.
+    row gets `error` and nulls. `batch_size` images per call of the predictor, which onnxruntime takes in calls of at most 256.
     """
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F

@@ -11,23 +11,7 @@ from pathlib import Path
 
 from bundle.images import DEFAULT_LIMITS, Limits
 from bundle.manifest import PRECISIONS
-
-
-def _cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may use: its CPU set, capped by a container's CPU quota.
-
-    `docker run --cpus 2` leaves every host core in the CPU set and sets a cgroup v2 quota
-    instead ("200000 100000" in cpu.max): without the cap, onnxruntime would start a thread
-    per host core and the quota would throttle them.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 here, or a format we do not know: the CPU set
-        pass
-    return cores
+from bundle.runtime import available_cores
 
 
 def _flag(value: str) -> bool | str:
@@ -88,7 +72,7 @@ class Settings:
         if bad:
             raise ValueError(f"settings without meaning: {'; '.join(bad)}")
         if self.threads is None:  # frozen: set once, here
-            object.__setattr__(self, "threads", max(1, _cores() // self.workers))
+            object.__setattr__(self, "threads", max(1, available_cores() // self.workers))
 
     def precisions(self) -> dict[str | None, str]:
         """CIFAR10_PRECISION as {bundle name: precision}, with None for the bundles it does not name.

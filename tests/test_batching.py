@@ -165,20 +165,21 @@ def test_settings_refuse_values_without_meaning(monkeypatch, name, value):
 
 @pytest.mark.parametrize(("cpu_max", "expected"), [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("odd", None)])
 def test_threads_default_to_the_containers_cpu_quota(tmp_path, cpu_max, expected):
-    from serving.settings import _cores
+    from bundle.runtime import available_cores
 
     path = tmp_path / "cpu.max"
     path.write_text(cpu_max)
     cpu_set = len(os.sched_getaffinity(0))
-    assert _cores(path) == min(cpu_set, expected or cpu_set)
-    assert _cores(tmp_path / "absent") == cpu_set
+    assert available_cores(path) == min(cpu_set, expected or cpu_set)
+    assert available_cores(tmp_path / "absent") == cpu_set
 
 
 def test_threads_default_to_the_cores_shared_among_the_workers():
-    from serving.settings import Settings, _cores
+    from bundle.runtime import available_cores
+    from serving.settings import Settings
 
-    assert Settings().threads == _cores()
-    assert Settings(workers=2).threads == max(1, _cores() // 2)
+    assert Settings().threads == available_cores()
+    assert Settings(workers=2).threads == max(1, available_cores() // 2)
     assert Settings(workers=2, threads=0).threads == 0  # 0: onnxruntime's own choice, kept
 
 
