@@ -150,11 +150,12 @@ class Admission:
 class ServiceTime:
     """A request's time in service: from its body's last byte to its answer's start, so that a slow
     upload or a slow reader does not count as the worker's. None for answers that say nothing about
-    the worker's speed: refusals of bad requests (4xx) and faults (500); a 504 counts."""
+    the worker's speed: refusals of bad requests (4xx) and faults (500); a 504 counts, unless the
+    body never came whole (a client trickling its upload is slow, not the worker)."""
 
     def __init__(self, receive, send):
         self._receive, self._send = receive, send
-        self.received = time.monotonic()  # until the body's last part comes
+        self.received: float | None = None  # when the body's last part came
         self.seconds: float | None = None
 
     async def receive(self):
@@ -164,6 +165,7 @@ class ServiceTime:
         return message
 
     async def send(self, message):
-        if message["type"] == "http.response.start" and (message["status"] < 400 or message["status"] == 504):
+        status = message.get("status", 0)
+        if message["type"] == "http.response.start" and self.received is not None and (status < 400 or status == 504):
             self.seconds = time.monotonic() - self.received
         await self._send(message)

@@ -23,6 +23,7 @@ class App:
     async def __call__(self, scope, receive, send):
         name = scope["query_string"].decode()
         self.started.append(name)
+        await receive()  # its body, as every endpoint reads it before answering
         await self.finish.setdefault(name, asyncio.Event()).wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -38,8 +39,11 @@ async def call(admission: Admission, name: str) -> tuple[int, dict]:
     async def send(message):
         sent.append(message)
 
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
     scope = {"type": "http", "path": "/classify", "query_string": name.encode()}
-    await admission(scope, None, send)
+    await admission(scope, receive, send)
     body = json.loads(sent[1]["body"]) if sent[1]["body"] else {}
     return sent[0]["status"], body
 
@@ -235,6 +239,22 @@ def test_time_in_service_runs_from_the_last_body_part_to_the_answer_and_skips_re
     assert 0.05 <= asyncio.run(scenario(200)) < 0.2
     assert asyncio.run(scenario(504)) >= 0.05  # a timeout says the worker is slow
     assert asyncio.run(scenario(400)) is None and asyncio.run(scenario(500)) is None
+
+
+def test_a_timeout_while_the_body_still_trickles_in_does_not_count_as_time_in_service():
+    async def scenario():
+        async def receive():
+            return {"type": "http.request", "body": b"a", "more_body": True}  # and more, some day
+
+        async def send(message):
+            pass
+
+        timed = ServiceTime(receive, send)
+        await timed.receive()
+        await timed.send({"type": "http.response.start", "status": 504, "headers": []})
+        return timed.seconds
+
+    assert asyncio.run(scenario()) is None
 
 
 def test_a_lowered_limit_holds_freed_places_back_and_a_raised_one_hands_them_out_at_once():
