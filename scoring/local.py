@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,33 +166,34 @@ class Parts:
         pq.write_table(pa.table(columns, schema=schema(self.options)), tmp)
         os.replace(tmp, final)  # a part is whole or absent
 
-    def merge_into(self, output: Path):
-        """Write every part into `output` (Parquet or CSV by its suffix) through a rename; return the table."""
-        import pyarrow as pa
+    def merge_into(self, output: Path, each: Callable[[object], None]) -> None:
+        """Write every part into `output` (Parquet or CSV by its suffix) through a rename, one part in
+        memory at a time; `each` is called with every part's table."""
         import pyarrow.parquet as pq
+        from pyarrow import csv
 
-        files = self.files()
-        table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema(self.options).empty_table()
         tmp = output.with_name(f".{output.name}.tmp")
-        if output.suffix.lower() == ".csv":
-            _write_csv(table, tmp)
-        else:
-            pq.write_table(table, tmp)
+        as_csv = output.suffix.lower() == ".csv"
+        columns = schema(self.options)
+        writer = csv.CSVWriter(tmp, _csv_ready(columns.empty_table()).schema) if as_csv else pq.ParquetWriter(tmp, columns)
+        with writer:
+            for part in self.files():
+                table = pq.read_table(part)
+                writer.write_table(_csv_ready(table) if as_csv else table)
+                each(table)
         os.replace(tmp, output)
         shutil.rmtree(self.folder)
-        return table
 
 
-def _write_csv(table, path: Path) -> None:
-    """CSV has no lists: list columns are written as JSON text."""
+def _csv_ready(table):
+    """CSV has no lists: list columns become JSON text."""
     import pyarrow as pa
-    from pyarrow import csv
 
     for name in table.column_names:
         if pa.types.is_list(table.schema.field(name).type):
             values = [json.dumps(v) if v is not None else None for v in table.column(name).to_pylist()]
             table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
-    csv.write_csv(table, path)
+    return table
 
 
 def check_output(output: Path, options: Options) -> None:
@@ -250,13 +251,19 @@ def score(
             if progress:
                 progress(len(chunk))
     summary.seconds = time.perf_counter() - started
-    table = parts.merge_into(output)
-    errors, truth, label = (table.column(c).to_pylist() for c in ("error", "true_label", "label"))
-    summary.rows, summary.failed = table.num_rows, sum(e is not None for e in errors)
-    summary.failures = [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), errors) if e][:10]
-    known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
-    summary.labelled = len(known)
-    summary.accuracy = sum(t == p for t, p in known) / len(known) if known else None
+    correct = 0
+
+    def count(table) -> None:
+        nonlocal correct
+        errors, truth, label = (table.column(c).to_pylist() for c in ("error", "true_label", "label"))
+        summary.rows, summary.failed = summary.rows + table.num_rows, summary.failed + sum(e is not None for e in errors)
+        summary.failures += [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), errors) if e][: 10 - len(summary.failures)]
+        known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
+        summary.labelled += len(known)
+        correct += sum(t == p for t, p in known)
+
+    parts.merge_into(output, count)
+    summary.accuracy = correct / summary.labelled if summary.labelled else None
     return summary
 
 
