@@ -12,6 +12,7 @@ row with `error` set and never stop the run.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -151,10 +152,11 @@ class Parts:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def done_ids(self) -> set[str]:
+    def done_ids(self) -> collections.Counter[str]:
+        """How many rows of each id the parts hold: an input may repeat an id, and each row counts."""
         import pyarrow.parquet as pq
 
-        return {i for f in self.files() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
+        return collections.Counter(i for f in self.files() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
 
     def write(self, columns: dict[str, list]) -> None:
         import pyarrow as pa
@@ -267,9 +269,15 @@ def score(
     return summary
 
 
-def _skipping(chunks: Iterator[list[Record]], done: set[str], summary: Summary) -> Iterator[list[Record]]:
+def _skipping(chunks: Iterator[list[Record]], done: collections.Counter[str], summary: Summary) -> Iterator[list[Record]]:
+    """The records still to score: the parts hold the first done[id] rows of each id, as inputs come in order."""
     for chunk in chunks:
-        todo = [r for r in chunk if r.id not in done]
+        todo = []
+        for record in chunk:
+            if done[record.id] > 0:
+                done[record.id] -= 1
+            else:
+                todo.append(record)
         summary.skipped += len(chunk) - len(todo)
         if todo:
             yield todo

@@ -78,6 +78,27 @@ def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder
     assert again.new == 0
 
 
+def test_a_resumed_run_keeps_every_row_of_an_id_given_more_than_once(folder, bundle, tmp_path, monkeypatch):
+    files = sorted(folder.rglob("*.png"))[:30]
+    pq.write_table(pa.table({"id": ["same"] * 30, "image": [f.read_bytes() for f in files]}), tmp_path / "rows.parquet")
+    real, calls = scoring.local.score_chunk, []
+
+    def interrupted_on_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(scoring.local, "score_chunk", interrupted_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "rows.parquet", bundle, tmp_path / "out.parquet", batch=10)
+    monkeypatch.setattr(scoring.local, "score_chunk", real)
+    resumed = run(tmp_path / "rows.parquet", bundle, tmp_path / "out.parquet", batch=10)
+    assert resumed.skipped == 10 and resumed.new == 20 and resumed.rows == 30
+    straight = run(tmp_path / "rows.parquet", bundle, tmp_path / "straight.parquet", batch=10)
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == pq.read_table(tmp_path / "straight.parquet").to_pylist()
+
+
 def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path):
     files = sorted(p for p in folder.rglob("*.png") if p.parent.name in bundle.manifest.classes)[:50]
     paths = pa.table({"path": [str(p.relative_to(folder)) for p in files], "label": [p.parent.name for p in files]})
