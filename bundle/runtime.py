@@ -103,7 +103,7 @@ def check_graph(path: Path, session: ort.InferenceSession, manifest: Manifest) -
     shapes = {o.name: o.shape for o in outputs}
     classes = len(manifest.classes)
     expected = {"logits": classes, "probabilities": classes, "embedding": manifest.embedding_dim}
-    if set(shapes) != set(expected) or any(shapes[k][1] != v for k, v in expected.items()):
+    if set(shapes) != set(expected) or any(len(shapes[k]) != 2 or shapes[k][1] != v for k, v in expected.items()):
         wanted = ", ".join(f"{k} [N, {v}]" for k, v in expected.items())
         raise BundleError(f"{path}: outputs {shapes} differ from the manifest's {wanted}")
 

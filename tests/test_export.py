@@ -148,6 +148,27 @@ def test_a_knn_head_that_projects_other_embeddings_than_the_graph_gives_is_refus
         Bundle.load(copy)
 
 
+def test_a_graph_whose_outputs_are_not_one_row_per_image_is_refused(copy):
+    """A graph with the right names but rank-1 outputs: a BundleError, not an IndexError that the
+    service's CIFAR10_BROKEN_BUNDLES=skip would not catch."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    pixels = helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 32, 32, 3])
+    nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT)]
+    nodes += [helper.make_node("ReduceMean", ["x"], [name], axes=[1, 2, 3], keepdims=0) for name in ("logits", "probabilities", "embedding")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]) for name in ("logits", "probabilities", "embedding")]
+    model = helper.make_model(helper.make_graph(nodes, "flat", [pixels], outputs), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, copy / "model.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256((copy / "model.onnx").read_bytes()).hexdigest(), "bytes": (copy / "model.onnx").stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model.onnx: outputs .* differ from the manifest's logits \[N, 10\]"):
+        Bundle.load(copy)
+
+
 def test_an_unknown_schema_version_is_refused(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["schema_version"] = 99
