@@ -44,7 +44,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
 
 def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """The image with only its header read, and checked against the limits: cheap whatever its size,
-    so a caller can see how many pixels decoding will cost before it pays (`image.size`)."""
+    so a caller can see how many pixels decoding will cost before it pays (`image.size`: for a large
+    JPEG, the reduced scale it will be decoded at)."""
     if not data:
         raise ImageError("empty body: send the bytes of a PNG, JPEG, BMP, GIF, WebP or TIFF image")
     try:  # reads the header only; Pillow's own bomb check (MAX_IMAGE_PIXELS) stays as a backstop
@@ -57,6 +58,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
     try:
         _check_header(image, limits)
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     except ImageError:
         image.close()
         raise
@@ -87,8 +90,6 @@ def _check_header(image: Image.Image, limits: Limits) -> None:
 
 
 def _to_pixels(image: Image.Image) -> np.ndarray:
-    if image.format in ("JPEG", "MPO"):
-        image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
     rgb = _rgb(image)

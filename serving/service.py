@@ -174,9 +174,15 @@ class CIFAR10:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         small = sum(upload.size or 0 for upload in images) <= INLINE_BYTES
         opened = self._open(images) if small else await asyncio.to_thread(self._open, images)
+        pixels_in_all = sum(image.width * image.height for image in opened)
+        if pixels_in_all > self.settings.max_request_pixels:
+            for image in opened:
+                image.close()
+            message = f"the images decode to {pixels_in_all:,} pixels in all, over the limit of {self.settings.max_request_pixels:,} (CIFAR10_MAX_REQUEST_PIXELS): send fewer or smaller images per request"
+            raise BentoMLException(message, error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         abandoned = threading.Event()
         try:
-            if small and sum(image.width * image.height for image in opened) <= INLINE_PIXELS:
+            if small and pixels_in_all <= INLINE_PIXELS:
                 pixels = self._decode(opened, abandoned)
             else:
                 pixels = await asyncio.to_thread(self._decode, opened, abandoned)

@@ -55,9 +55,10 @@ class Settings:
     max_queue_wait_s: float = 0.5  # how long a request waits for a place before its 429; 0: refused at once
     timeout_s: float = 60.0  # a request not answered by then gets 504
     max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height, checked from the header before decoding
+    max_request_pixels: int = 200_000_000  # the pixels a request's images decode to in all (a large JPEG counts at its reduced scale)
 
     def __post_init__(self) -> None:
-        positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "timeout_s")
+        positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "max_request_pixels", "timeout_s")
         bad = [f"{env_name(name)}={getattr(self, name)} (must be > 0)" for name in positive if getattr(self, name) <= 0]
         bad += [f"{env_name(name)}={value} (must be >= 0)" for name in ("threads", "max_latency_ms", "max_queue", "max_queue_wait_s", "target_latency_s") if (value := getattr(self, name)) is not None and value < 0]
         bad += [f"{env_name(f.name)}={getattr(self, f.name)} (must be a finite number)" for f in fields(self) if f.type == "float" and not math.isfinite(getattr(self, f.name))]

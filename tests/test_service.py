@@ -244,6 +244,13 @@ def test_bad_raw_bodies_are_4xx(server, body, query, status, message):
     assert message in answer.json()["error"]
 
 
+def test_a_request_of_more_pixels_in_all_than_the_limit_is_a_413_before_any_decoding(server):
+    """Six 40-megapixel PNGs of one colour: 0.8 MB of request, 240 million pixels to decode."""
+    large = encode(np.full((6320, 6320, 3), (200, 40, 40), np.uint8))
+    answer = httpx.post(f"{server}/classify", files=upload([large] * 6), timeout=60)
+    assert answer.status_code == 413 and "CIFAR10_MAX_REQUEST_PIXELS" in answer.json()["error"], answer.text
+
+
 def test_a_small_file_of_many_pixels_is_decoded_off_the_event_loop_like_any_other(server, test_images, offline):
     """Few bytes, many pixels: decoded in a thread (the loop decodes only what is small in both), with the
     answer it gets offline; an image beside it that fails to decode is refused by its index."""
