@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     from training.loop import write_json
     from training.report import dataset_facts, format_facts, sample_grid
 
+    if args.per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {args.per_class}")
     data = load_cifar10(args.data_dir, download=args.download)
     facts = dataset_facts(data)
     print(format_facts(facts))
@@ -66,7 +69,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError(f"{args.resume} is a {recipe['name']} run, not {args.recipe}")
         if recipe["loop"] == "fast" and args.epochs not in (None, recipe["epochs"]):
             raise UserError("a fast run's schedule spans its whole length; --resume it as it was, without --epochs")
-        recipe["epochs"] = args.epochs or recipe["epochs"]
+        if args.epochs is not None and args.epochs <= len(resume["position"]["history"]):
+            raise UserError(f"--epochs {args.epochs}: the run has finished {len(resume['position']['history'])} epochs already; give more")
+        recipe["epochs"] = args.epochs if args.epochs is not None else recipe["epochs"]
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
     elif args.recipe:
         resume = None
@@ -202,8 +207,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
     from training.export import export
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        raise UserError(f"--name {args.name!r}: a bundle's name is a folder name of letters, digits, '.', '_' and '-'")
+    if args.knn_components < 0:
+        raise UserError(f"--knn-components must be 0 (the whole embedding) or more, got {args.knn_components}")
     data = load_cifar10(args.data_dir, download=args.download)
-    run = load_trained(Path(args.run), data)
+    run = load_trained(Path(args.run), data, finished=True)
+    if args.knn_components > run.model.embedding_dim:
+        raise UserError(f"--knn-components {args.knn_components}: the embedding has {run.model.embedding_dim} dimensions")
     out = Path(args.models_dir) / args.name
     tta = args.tta or run.checkpoint["recipe"].get("tta", "none")
     manifest = export(run, data, out, args.name, components=args.knn_components or None, tta=tta)

@@ -39,6 +39,11 @@ def test_data_prints_the_facts_and_writes_the_grid(tiny_cifar, tmp_path, capsys)
         (["data", "--data-dir", "/nonexistent/cifar"], "--download"),
         (["train", "cnn-baseline", "--device", "tpu"], "unknown device"),
         (["quantize", "nope", "--models-dir", "models"], "models/nope/manifest.json: missing"),
+        (["train", "fast", "--weights", "imagenet"], "--weights and --freeze apply to the VGG recipes"),
+        (["train", "cnn-baseline", "--limit", "-5"], "--limit must be at least 1, got -5"),
+        (["data", "--per-class", "0"], "--per-class must be at least 1"),
+        (["export", "runs/x", "--name", "my model"], "a bundle's name is a folder name"),
+        (["export", "runs/x", "--name", "m", "--knn-components", "-1"], "--knn-components must be 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(capsys, argv, message):

@@ -93,6 +93,18 @@ def test_a_run_without_a_finished_epoch_is_refused(tiny_run, cifar, tmp_path):
         load_trained(path, cifar)
 
 
+def test_a_run_stopped_before_its_last_epoch_is_not_exported(tiny_run, cifar, tmp_path, capsys):
+    path = _tamper(tiny_run, tmp_path, lambda c: c["position"].update(epoch=1, step=3))
+    assert load_trained(path, cifar).history  # evaluating it is fine
+    with pytest.raises(UserError, match=r"stopped during epoch 2 of 2; finish it first: cifar10 train --resume"):
+        load_trained(path, cifar, finished=True)
+
+
+def test_resuming_with_no_more_epochs_than_finished_is_refused(tiny_run, capsys):
+    assert main(["train", "--resume", str(tiny_run), "--epochs", "2"]) == 1
+    assert "the run has finished 2 epochs already; give more" in capsys.readouterr().err
+
+
 def test_classes_that_differ_from_the_data_are_named(tiny_run, tmp_path):
     folder = write_tiny_cifar(tmp_path / "cifar-10-batches-py")
     with open(folder / "batches.meta", "wb") as f:

@@ -71,8 +71,11 @@ class TrainedRun:
     history: list[dict]
 
 
-def load_trained(path: Path, data: Cifar10) -> TrainedRun:
-    """A run folder or checkpoint, checked against the data; every mismatch is a UserError."""
+def load_trained(path: Path, data: Cifar10, finished: bool = False) -> TrainedRun:
+    """A run folder or checkpoint, checked against the data; every mismatch is a UserError.
+
+    finished: refuse a run stopped before its last epoch ended (its weights are mid-schedule), as a
+    bundle must not be made of one."""
     checkpoint = load_checkpoint(path)
     recipe = checkpoint["recipe"]
     if list(checkpoint["classes"]) != list(data.classes):
@@ -86,6 +89,9 @@ def load_trained(path: Path, data: Cifar10) -> TrainedRun:
     history = checkpoint["position"]["history"]
     if not history:
         raise UserError(f"{path} has no finished epoch, so there is nothing to evaluate; resume it first")
+    position, epochs = checkpoint["position"], recipe["epochs"]
+    if finished and (position["epoch"] < epochs or position["step"] != 0):
+        raise UserError(f"{path} stopped during epoch {position['epoch'] + 1} of {epochs}; finish it first: cifar10 train --resume {path}")
     run_dir = path if path.is_dir() else path.parent
     return TrainedRun(run_dir.name, model, checkpoint, history)
 

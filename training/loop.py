@@ -281,4 +281,7 @@ def write_summary(
 
 
 def write_json(path: Path, content) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    """Whole or not at all: an interrupted write leaves the previous file, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)

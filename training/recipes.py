@@ -254,6 +254,11 @@ def get_recipe(name: str, **overrides) -> dict:
             raise UserError(f"--whitening-eps applies to recipes with airbench's whitening layer (fast, fast-wide), not {name}")
         if overrides["whitening_eps"] <= 0:
             raise UserError(f"--whitening-eps must be positive, got {overrides['whitening_eps']:g}")
+    vgg = recipe["model"].startswith("vgg")
+    if not vgg and (overrides.get("weights") is not None or overrides.get("freeze")):
+        raise UserError(f"--weights and --freeze apply to the VGG recipes (they load pretrained convolutions), not {name}")
+    if overrides.get("limit") is not None and overrides["limit"] < 1:
+        raise UserError(f"--limit must be at least 1, got {overrides['limit']}")
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     if recipe["limit"] is not None and overrides.get("holdout") is None:  # a quick run keeps the same share out
         recipe["holdout"] = min(recipe["holdout"], recipe["limit"] * recipe["holdout"] // 50_000)

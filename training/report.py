@@ -54,7 +54,7 @@ def format_facts(facts: dict) -> str:
 
 def sample_grid(split: Split, classes, per_class: int, path: Path) -> Path:
     """One row per class, the first `per_class` images of each, named on the left."""
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.8 + 1.2, len(classes) * 0.8))
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.8 + 1.2, len(classes) * 0.8), squeeze=False)
     for row, name in enumerate(classes):
         picks = (split.labels == row).nonzero().flatten()[:per_class]
         for col in range(per_class):

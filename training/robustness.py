@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from bundle.images import decode
 from bundle.manifest import ConditionScore
 from bundle.runtime import Bundle
+from cifar10.errors import UserError
 from training.metrics import calibration_bins, softmax
 
 NOISE_SIGMA = 10.0  # Gaussian sensor noise, in 0..255 levels (CIFAR-10-C severity 1: 0.04 of the range)
@@ -126,8 +127,12 @@ def http_classifier(url: str, model: str, batch: int = 64, timeout: float = 120)
         with httpx.Client(base_url=url, timeout=timeout) as client:
             for start in range(0, len(data), batch):
                 files = [("images", (f"{start + i}", d)) for i, d in enumerate(data[start : start + batch])]
-                response = client.post("/classify", files=files, data={"model": model})
-                response.raise_for_status()
+                try:
+                    response = client.post("/classify", files=files, data={"model": model})
+                except httpx.HTTPError as exc:
+                    raise UserError(f"{url}/classify: {exc or type(exc).__name__}; is `bentoml serve` running there?") from exc
+                if response.status_code != 200:
+                    raise UserError(f"{url}/classify answered {response.status_code}: {response.text[:300]}")
                 answers += response.json()
         return Answers(np.array([a["index"] for a in answers]), np.array([a["probability"] for a in answers]))
 
