@@ -64,8 +64,9 @@ def quantize(folder: Path, data: Cifar10, calibration_images: int = CALIBRATION_
             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
         )  # fmt: skip
         session = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
-        logits = run_onnx(session, to_nhwc(data.test.images), "int8 test")[0]
-        accuracy = float((logits.argmax(1) == data.test.labels.numpy()).mean())
+        test = data.splits(manifest.recipe.get("limit"), manifest.recipe.get("holdout", 0))[2]  # the fp32 figure's test images
+        logits = run_onnx(session, to_nhwc(test.images), "int8 test")[0]
+        accuracy = float((logits.argmax(1) == test.labels.numpy()).mean())
         entry = Variant(file=INT8_FILE, precision="int8", test_accuracy=accuracy, calibration_images=calibration_images)
         updated = manifest.model_copy(
             update=dict(
