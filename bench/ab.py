@@ -9,9 +9,10 @@ A variant is a name followed by what sets it apart: KEY=VALUE service settings (
 variables), @PATH to serve another source tree (a `git worktree` of another commit), no:MODULE
 to serve as if that optional package were not installed. Each round starts every variant's
 `bentoml serve` in turn and runs bench.http_load's closed-loop clients on it; this machine's
-speed swings between minutes, so only rounds that alternate compare. Printed: each
-measurement, then the median and best of each variant, and the medians' ratio to the first;
-last, each variant's serving processes' memory after its loads.
+speed swings between minutes, so only rounds that alternate compare (in reversed order every
+other round, so that no variant always goes first). Printed: each measurement, then the median
+and best of each variant, and the median of its rounds' ratios to the first variant's; last,
+each variant's serving processes' memory after its loads.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
     (REPO / "logs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as stubs:
         for round_ in range(1, args.rounds + 1):
-            for variant in variants:
+            for variant in variants if round_ % 2 else variants[::-1]:  # no variant always first
                 with running(
                     SERVE, REPO / "logs" / "ab_server.log", env=variant.environment(Path(stubs)), cwd=variant.tree
                 ) as server:
@@ -91,19 +92,19 @@ def main() -> None:
                         result = asyncio.run(load(server.url, forms(server.url, blobs, per_request, args.model), per_request, concurrency, args.seconds))
                         rate = len(result.latencies) / result.seconds * per_request
                         rates.setdefault((variant.name, per_request, concurrency), []).append(rate)
-                        p50, p99 = (np.percentile(result.latencies, q) * 1000 for q in (50, 99))
+                        p50, p99 = (np.percentile(result.latencies, q) * 1000 if result.latencies else float("nan") for q in (50, 99))
                         print(f"round {round_} | {variant.name} | {per_request} img × c={concurrency} | {rate:,.0f} img/s | "
                               f"p50 {p50:.1f} ms | p99 {p99:.1f} ms | errors {result.errors}", flush=True)  # fmt: skip
                     memory.setdefault(variant.name, []).append(server.rss / 2**20)
-    print("\n| variant | images/request | concurrency | median img/s | best img/s | median / first variant's |")
+    print("\n| variant | images/request | concurrency | median img/s | best img/s | against the first variant (median of the rounds' ratios) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for per_request, concurrency in loads:
-        first = statistics.median(rates[(variants[0].name, per_request, concurrency)])
+        first = rates[(variants[0].name, per_request, concurrency)]
         for variant in variants:
             measured = rates[(variant.name, per_request, concurrency)]
-            median = statistics.median(measured)
+            ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(measured, first))
             print(
-                f"| {variant.name} | {per_request} | {concurrency} | {median:,.0f} | {max(measured):,.0f} | {median / first:.2f}× |"
+                f"| {variant.name} | {per_request} | {concurrency} | {statistics.median(measured):,.0f} | {max(measured):,.0f} | {ratio:.2f}× |"
             )
     print("\n| variant | memory after the loads (median) |\n| --- | ---: |")
     for variant in variants:

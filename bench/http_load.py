@@ -27,6 +27,7 @@ import pickle
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -292,7 +293,21 @@ def run_all(url: str, blobs: list[bytes], sizes: list[int], concurrencies: list[
 
 
 def machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """What a figure was measured on and with: CPU, the code's commit (dirty: uncommitted changes), the stack's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return f"{package} {version(package)}"
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    stack = ", ".join(filter(None, map(installed, ("onnxruntime", "bentoml", "litserve"))))
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, {stack}; commit {commit or 'unknown'}; {time.strftime('%Y-%m-%d')}"
 
 
 def in_process(bundle: Path, blobs: list[bytes], seconds: float = 3.0) -> dict[int, float]:

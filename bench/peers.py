@@ -42,6 +42,11 @@ class Peer:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def graph(self) -> str:
+        """Which of the bundle's graphs it serves: a ratio across graphs is the graph's as much as the server's."""
+        return "int8" if "int8" in self.env.get("CIFAR10_PRECISION", "") or self.env.get("BENCH_GRAPH") == INT8_FILE else "fp32"
+
 
 def peers(bundle: str, advised: dict[str, str], int8: bool = False) -> list[Peer]:
     folder = {"BENCH_BUNDLE": str(REPO / "models" / bundle)}
@@ -80,7 +85,7 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
     measured: dict[tuple[str, int], Measured] = {}
     memory: dict[str, list[float]] = {}
     for round_ in range(1, args.rounds + 1):
-        for peer in servers:
+        for peer in servers if round_ % 2 else servers[::-1]:  # no server always first: drift within a round evens out
             log = REPO / "logs" / f"peers_{bundle}_{servers.index(peer)}.log"
             with running(peer.command, log, env=peer.env) as server:
                 for concurrency in args.concurrency:
@@ -93,20 +98,22 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
                     print(f"{bundle} | round {round_} | {peer.name} | c={concurrency} | {m.rates[-1]:,.1f} req/s | "
                           f"p50 {m.p50[-1]:.1f} ms | p99 {m.p99[-1]:.1f} ms | errors {result.errors}", flush=True)  # fmt: skip
                 memory.setdefault(peer.name, []).append(server.rss / 2**20)
-    print(f"\n`{bundle}`, single-image requests: median requests/s (p50 / p99 ms) of {args.rounds} alternating rounds")
+    print(f"\n`{bundle}`, single-image requests: median requests/s (p50 / p99 ms) of {args.rounds} rounds, in alternating order")
     print("| server | " + " | ".join(f"concurrency {c}" for c in args.concurrency) + " | memory | errors |")
     print("| --- |" + " ---: |" * (len(args.concurrency) + 2))
     for peer in servers:
         cells = [measured[(peer.name, c)].cell() for c in args.concurrency]
         errors = sum(measured[(peer.name, c)].errors for c in args.concurrency)
         print(f"| {peer.name} | {' | '.join(cells)} | {statistics.median(memory[peer.name]):,.0f} MiB | {errors} |")
+    print("ratios: the median over rounds of each round's ratio")
     for ours in (p for p in servers if p.name.startswith("ours")):
         for other in (p for p in servers if not p.name.startswith("ours")):
             ratios = [
-                statistics.median(measured[(ours.name, c)].rates) / max(statistics.median(measured[(other.name, c)].rates), 1e-9)
+                statistics.median(a / max(b, 1e-9) for a, b in zip(measured[(ours.name, c)].rates, measured[(other.name, c)].rates))
                 for c in args.concurrency
             ]
-            print(f"| {ours.name} / {other.name} | {' | '.join(f'{r:.2f}×' for r in ratios)} | | |")
+            graphs = "" if ours.graph == other.graph else f" ({ours.graph} graph against {other.graph})"
+            print(f"| {ours.name} / {other.name}{graphs} | {' | '.join(f'{r:.2f}×' for r in ratios)} | | |")
 
 
 def main() -> None:

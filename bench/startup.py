@@ -28,7 +28,8 @@ def one_run(env: dict[str, str], blobs: list[bytes], requests: int) -> tuple[flo
         idle = server.rss
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for i in range(requests):
-                client.post("/classify", files=[("images", ("x.png", blobs[i % len(blobs)], "image/png"))])
+                answer = client.post("/classify", files=[("images", ("x.png", blobs[i % len(blobs)], "image/png"))])
+                answer.raise_for_status()  # memory after 500 answers, not after 500 refusals
         return ready, idle, server.rss
 
 
