@@ -13,7 +13,9 @@ the servers, since this machine's speed swings between minutes. The servers:
   per request;
 - with --int8, ours serving the bundle's int8 variant (CIFAR10_PRECISION=BUNDLE:int8) and the
   minimal app on the same graph, so that what int8 buys is compared like for like;
-- LitServe: bench/litserve_app.py, LitServe + onnxruntime, 2 workers, batches of up to 32.
+- LitServe: bench/litserve_app.py, LitServe + onnxruntime, 2 workers, batches of up to 32; with
+  --litserve-variants, more LitServe rows with its tuning options (`fast-queue`, `api-servers=1`,
+  comma-separated in one variant), to check that the row above is LitServe at its best here.
 
 Printed: each measurement as it comes, then per bundle a table of median requests/s (p50 / p99 ms)
 at each concurrency, the servers' memory, and ours against each peer.
@@ -48,7 +50,7 @@ class Peer:
         return "int8" if "int8" in self.env.get("CIFAR10_PRECISION", "") or self.env.get("BENCH_GRAPH") == INT8_FILE else "fp32"
 
 
-def peers(bundle: str, advised: dict[str, str], int8: bool = False) -> list[Peer]:
+def peers(bundle: str, advised: dict[str, str], int8: bool = False, litserve_variants: tuple[str, ...] = ()) -> list[Peer]:
     folder = {"BENCH_BUNDLE": str(REPO / "models" / bundle)}
     minimal = [p.replace("{workers}", "2") for p in MINIMAL]
     found = [Peer("ours, defaults", SERVE)]
@@ -66,6 +68,9 @@ def peers(bundle: str, advised: dict[str, str], int8: bool = False) -> list[Peer
     else:
         command = [sys.executable, "-m", "bench.litserve_app", "--port", "{port}", "--workers", "2", "--batch", "32"]
         found.append(Peer("LitServe + onnxruntime", command, folder))
+        for variant in litserve_variants:  # "fast-queue,api-servers=1" → --fast-queue --api-servers 1
+            options = [part for option in variant.split(",") for part in ["--" + option.partition("=")[0], option.partition("=")[2]] if part != ""]
+            found.append(Peer(f"LitServe + onnxruntime, {variant}", command + options, folder))
     return found
 
 
@@ -123,6 +128,8 @@ def main() -> None:
     parser.add_argument("--advised", nargs="*", default=[], metavar="BUNDLE:KEY=VALUE",
                         help="settings for a second row of ours, for a bundle (cnn:CIFAR10_WORKERS=2, say)")  # fmt: skip
     parser.add_argument("--int8", action="store_true", help="add ours and the minimal app on each bundle's int8 variant")
+    parser.add_argument("--litserve-variants", nargs="*", default=[], metavar="OPTIONS",
+                        help="more LitServe rows, each with bench.litserve_app options without their dashes: fast-queue, api-servers=1, or both comma-separated")  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
@@ -137,7 +144,7 @@ def main() -> None:
     (REPO / "logs").mkdir(exist_ok=True)
     print(f"machine: {machine()}; {args.rounds} rounds of {args.seconds:g} s per measurement")
     for bundle in args.models:
-        run_bundle(bundle, peers(bundle, advised.get(bundle, {}), args.int8), blobs, args)
+        run_bundle(bundle, peers(bundle, advised.get(bundle, {}), args.int8, tuple(args.litserve_variants)), blobs, args)
 
 
 if __name__ == "__main__":
