@@ -51,6 +51,13 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
+def tree_pss(pid: int) -> int:
+    """The same tree's proportional set size: pages shared between its processes (libraries, a
+    forked parent's) counted once in all, where RSS counts them once per process."""
+    root = psutil.Process(pid)
+    return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)])
+
+
 @dataclass(frozen=True)
 class Server:
     url: str
@@ -59,6 +66,10 @@ class Server:
     @property
     def rss(self) -> int:
         return tree_rss(self.process.pid)
+
+    @property
+    def pss(self) -> int:
+        return tree_pss(self.process.pid)
 
 
 @contextmanager

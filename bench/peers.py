@@ -18,7 +18,9 @@ the servers, since this machine's speed swings between minutes. The servers:
   comma-separated in one variant), to check that the row above is LitServe at its best here.
 
 Printed: each measurement as it comes, then per bundle a table of median requests/s (p50 / p99 ms)
-at each concurrency, the servers' memory, and ours against each peer.
+at each concurrency, the servers' memory after the loads (RSS summed over their processes, and
+PSS, which counts what they share once: fairer to servers of several processes), and ours
+against each peer.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class Measured:
 
 def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argparse.Namespace) -> None:
     measured: dict[tuple[str, int], Measured] = {}
-    memory: dict[str, list[float]] = {}
+    memory: dict[str, list[float]] = {}  # resident, summed over the server's processes
+    shared: dict[str, list[float]] = {}  # proportional: what several processes share counted once
     for round_ in range(1, args.rounds + 1):
         for peer in servers if round_ % 2 else servers[::-1]:  # no server always first: drift within a round evens out
             log = REPO / "logs" / f"peers_{bundle}_{servers.index(peer)}.log"
@@ -103,13 +106,14 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
                     print(f"{bundle} | round {round_} | {peer.name} | c={concurrency} | {m.rates[-1]:,.1f} req/s | "
                           f"p50 {m.p50[-1]:.1f} ms | p99 {m.p99[-1]:.1f} ms | errors {result.errors}", flush=True)  # fmt: skip
                 memory.setdefault(peer.name, []).append(server.rss / 2**20)
+                shared.setdefault(peer.name, []).append(server.pss / 2**20)
     print(f"\n`{bundle}`, single-image requests: median requests/s (p50 / p99 ms) of {args.rounds} rounds, in alternating order")
-    print("| server | " + " | ".join(f"concurrency {c}" for c in args.concurrency) + " | memory | errors |")
+    print("| server | " + " | ".join(f"concurrency {c}" for c in args.concurrency) + " | memory (RSS / PSS) | errors |")
     print("| --- |" + " ---: |" * (len(args.concurrency) + 2))
     for peer in servers:
         cells = [measured[(peer.name, c)].cell() for c in args.concurrency]
         errors = sum(measured[(peer.name, c)].errors for c in args.concurrency)
-        print(f"| {peer.name} | {' | '.join(cells)} | {statistics.median(memory[peer.name]):,.0f} MiB | {errors} |")
+        print(f"| {peer.name} | {' | '.join(cells)} | {statistics.median(memory[peer.name]):,.0f} / {statistics.median(shared[peer.name]):,.0f} MiB | {errors} |")
     print("ratios: the median over rounds of each round's ratio")
     for ours in (p for p in servers if p.name.startswith("ours")):
         for other in (p for p in servers if not p.name.startswith("ours")):
