@@ -7,6 +7,8 @@ queue past the clients' deadlines. The short wait is what keeps a retry storm (c
 at once on every 429) from spending the cores on refusals: each waiting request holds only its
 connection, not a body or a thread.
 
+`Abandonment` stops the work of a request whose client has gone.
+
 `LatencyLimit` sets how many run at once. A fixed number suits one model on one machine only:
 64 requests are a fraction of a second of work for the study CNN and several seconds for the
 default bundle on a slow CPU, and every admitted request waits for the work of those ahead of it.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import statistics
 import time
@@ -28,8 +31,11 @@ from collections.abc import Callable
 
 from serving.errors import send_error
 
+log = logging.getLogger("bentoml.cifar10.admission")  # BentoML's server shows its own logger tree only
+
 MIN_CONCURRENCY = 2  # never fewer at once: one request decoding while another computes
 WINDOW = 8  # requests (at least) whose median time in service moves the limit once
+WATCHED_BYTES = 64 * 1024  # requests at least this large stop when their client leaves (Abandonment)
 
 
 class LatencyLimit:
@@ -145,6 +151,62 @@ class Admission:
         while self.waiting and self.in_flight < self.limit.value:
             self.in_flight += 1
             self.waiting.popleft().set_result(None)
+
+
+class Abandonment:
+    """A request whose client has gone stops where it is: decoding (at its next image), waiting for
+    its batch (dropped from it), or waiting for a place. uvicorn only notes a disconnect, and nothing
+    above it listens, so without this the work would be done for nobody, and under a storm of
+    clients that time out and resend, done again and again.
+
+    Once the body is in, a watcher waits for the client's next message, which on HTTP/1.1 can only be
+    `http.disconnect`, and cancels the request's task; it stops as the answer starts. The watcher
+    costs a task per request, a twentieth of a single CIFAR-10 image's whole request path
+    (docs/operations.md), so only requests of WATCHED_BYTES or more get one: those are the ones
+    whose work is worth stopping."""
+
+    def __init__(self, app, watches: Callable[[str], bool]):
+        self.app = app
+        self.watches = watches
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.watches(scope["path"]) or _length(scope) < WATCHED_BYTES:
+            return await self.app(scope, receive, send)
+        task, gone, watcher = asyncio.current_task(), False, None
+
+        async def watch():
+            nonlocal gone
+            if (await receive())["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+
+        async def receiving():
+            nonlocal watcher
+            message = await receive()
+            if watcher is None and message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.create_task(watch())
+            return message
+
+        async def sending(message):
+            if watcher is not None:
+                watcher.cancel()  # answering: the work is done
+            await send(message)
+
+        try:
+            await self.app(scope, receiving, sending)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the cancellation was ours, for a client that is gone: nothing to answer
+            log.info("%s %s: the client left before its answer; its work stopped", scope["method"], scope["path"])
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+def _length(scope) -> int:
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    return int(declared) if declared.isdigit() else 0
 
 
 class ServiceTime:

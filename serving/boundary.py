@@ -16,6 +16,7 @@ The HTTP stack, outermost first, as BentoML builds it with these mends applied:
     BentoML's access log, its timeout (504)
     serving.errors.ErrorAnswers          (one JSON error shape; the corrected /docs.json)
     serving.uploads.Bodies               (405/415/411/413 from the request line and headers; a raw image → a form)
+    serving.admission.Abandonment        (a request whose client has left stops: decoding, batching)
     BentoML's endpoint: parse the form (multipart_forms_as_declared), validate, call the API method
 """
 

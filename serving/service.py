@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from bundle.images import ImageError, open_image, to_pixels
 from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
 from serving import boundary, v2
-from serving.admission import Admission
+from serving.admission import Abandonment, Admission
 from serving.batching import Batcher
 from serving.errors import ErrorAnswers
 from serving.schemas import (
@@ -307,3 +307,4 @@ CIFAR10.add_asgi_middleware(
     Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),
     max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,
 )  # fmt: skip
+CIFAR10.add_asgi_middleware(Abandonment, watches=lambda path: path in ROUTES or v2.is_infer(path))  # innermost: sees the body Bodies passes on
