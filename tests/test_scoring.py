@@ -95,7 +95,7 @@ def test_a_resumed_run_keeps_every_row_of_an_id_given_more_than_once(folder, bun
     monkeypatch.setattr(scoring.local, "score_chunk", real)
     resumed = run(tmp_path / "rows.parquet", bundle, tmp_path / "out.parquet", batch=10)
     assert resumed.skipped == 10 and resumed.new == 20 and resumed.rows == 30
-    straight = run(tmp_path / "rows.parquet", bundle, tmp_path / "straight.parquet", batch=10)
+    run(tmp_path / "rows.parquet", bundle, tmp_path / "straight.parquet", batch=10)
     assert pq.read_table(tmp_path / "out.parquet").to_pylist() == pq.read_table(tmp_path / "straight.parquet").to_pylist()
 
 
