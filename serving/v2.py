@@ -237,6 +237,11 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A fault of ours, in the protocol's error shape too; Starlette re-raises it for the server's log."""
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}) at {request.url.path}; the server's log has the details"}, status_code=500)
+
+
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
 app = Starlette(
@@ -248,5 +253,5 @@ app = Starlette(
         *[Route(prefix + "/ready", model_ready) for prefix in (MODEL, VERSION)],
         *[Route(prefix + "/infer", infer, methods=["POST"]) for prefix in (MODEL, VERSION)],
     ],
-    exception_handlers={HTTPException: http_error, ProtocolError: protocol_error},
+    exception_handlers={HTTPException: http_error, ProtocolError: protocol_error, Exception: server_error},
 )

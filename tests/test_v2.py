@@ -139,3 +139,14 @@ def test_wrong_routes_and_methods_answer_in_the_protocols_shape(server):
     answer = httpx.post(f"{server}/v2/models/resnet/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072))
     assert answer.status_code == 404 and "unknown model" in answer.json()["error"]
     assert httpx.post(f"{server}/v2/models/cnn/versions/another/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072)).status_code == 404
+
+
+def test_a_fault_behind_the_protocols_routes_is_a_500_in_its_error_shape():
+    """Outside a running service the routes cannot find it: a fault of ours, answered as JSON, not Starlette's plain text."""
+    from starlette.testclient import TestClient
+
+    from serving import v2
+
+    answer = TestClient(v2.app, raise_server_exceptions=False).get("/v2/models/cnn")
+    assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"].startswith("internal error (")

@@ -303,7 +303,9 @@ def _markdown(metrics: dict, test, history: list[dict], command: str) -> str:
     if scaled:
         lines.append(
             f"Temperature scaling fitted on the {metrics['selection_images']}: T = {metrics['temperature']:.3f}, "
-            f"test ECE {test_m['ece_scaled']:.4f} after (accuracy unchanged)."
+            f"test ECE {test_m['ece_scaled']:.4f} after (accuracy unchanged). This is the network's own calibration, on "
+            "lossless images without test-time augmentation; a bundle's temperature is fitted by `cifar10 export` on the views "
+            "its graph averages and on every upload condition, and `cifar10 robustness` reports the ECE it serves."
         )
     else:
         lines.append("No temperature scaling: the run trained on every training image; train with `--holdout N` to fit one.")
