@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bundle.runtime import Bundle, BundleError, available_cores
+from bundle.runtime import Bundle, BundleError
 from cifar10.errors import Interrupted, UserError
 from scoring.inputs import Columns, InputError, read_inputs
 from scoring.local import Options, ScoringError, score
@@ -37,7 +37,7 @@ def score_command(args: argparse.Namespace) -> None:
         else:
             chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
             with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:
-                summary = score(chunks, bundle, output, options, workers=args.workers or available_cores(), progress=bar.update)
+                summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
     except (BundleError, InputError, ScoringError) as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:

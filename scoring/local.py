@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode
-from bundle.runtime import Bundle
+from bundle.runtime import Bundle, available_cores
 from scoring.inputs import Record
 
 OPTIONS_FILE = "options.json"
@@ -231,12 +231,13 @@ def score(
     bundle: Bundle,
     output: Path,
     options: Options,
-    workers: int = 1,
+    workers: int | None = None,
     limits: Limits = DEFAULT_LIMITS,
     progress=None,
 ) -> Summary:
     """Score every record into `output`; resumable, and never a half-written `output`.
 
+    workers: decoding threads; None: the cores this process may use (a container's CPU quota included).
     progress: called with the number of rows each finished chunk adds (e.g. a progress bar's update).
     """
     check_output(output, options)
@@ -246,7 +247,7 @@ def score(
     parts = Parts(output, options)
     done = parts.done_ids()
     started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers or available_cores()) as pool:
         for chunk, decoded in _prefetch(_skipping(chunks, done, summary), pool, limits):
             parts.write(score_chunk(bundle, chunk, decoded, options))
             summary.new += len(chunk)
