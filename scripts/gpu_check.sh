@@ -26,6 +26,14 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$REPORT"
 exec > >(tee "$REPORT/gpu_check.log") 2>&1
+TEE=$!
+SERVER=""
+finish() {  # the server's whole process group, then tee's last lines: a killed tee loses the end of the log
+  [ -n "$SERVER" ] && kill -- -"$SERVER" 2> /dev/null
+  exec >&- 2>&-
+  wait "$TEE" 2> /dev/null || true
+}
+trap finish EXIT
 FAILED=()
 step() { echo; echo "== $*"; }
 fail() { echo "gpu_check: FAILED at: $*" >&2; exit 1; }
@@ -58,11 +66,11 @@ if [ "${TRAIN:-0}" = 1 ]; then
 fi
 
 step "each bundle on CUDAExecutionProvider against the CPU"
-check "the bundles on CUDA against the CPU" 180 "$PY" scripts/check_cuda.py --data-dir "$DATA" --models-dir "$MODELS" --report "$REPORT/parity.json"
+check "the bundles on CUDA against the CPU" 120 "$PY" scripts/check_cuda.py --data-dir "$DATA" --models-dir "$MODELS" --report "$REPORT/parity.json"
 
 step "each bundle in process on the GPU: onnxruntime's CUDA provider against PyTorch eager, by batch size"
 for bundle in "$MODELS"/*/manifest.json; do
-  check "bench.model_throughput $(dirname "$bundle")" 180 "$PY" -m bench.model_throughput --bundle "$(dirname "$bundle")" --device cuda --seconds 0.5 --rounds 1
+  check "bench.model_throughput $(dirname "$bundle")" 90 "$PY" -m bench.model_throughput --bundle "$(dirname "$bundle")" --device cuda --seconds 0.5 --rounds 1
 done
 
 if ! "$PY" -c "import bentoml" 2> /dev/null; then
@@ -72,14 +80,15 @@ else
   step "serve with CUDAExecutionProvider"
   export CIFAR10_MODELS_DIR="$MODELS" BENTOML_HOME="$(mktemp -d)"
   export CIFAR10_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider CIFAR10_MAX_BATCH_SIZE=256  # as bentofile.gpu.yaml
-  SERVE_LOG=$(mktemp)  # one access-log line per request: too long to bring back whole
-  "$PY" -m bentoml serve serving.service:CIFAR10 --port 3300 > "$SERVE_LOG" 2>&1 &
+  # in its own process group, its log straight into the report without the access log's line per
+  # request (too long to bring back whole), so that a run cut short still brings it back
+  setsid bash -c '"$0" -m bentoml serve serving.service:CIFAR10 --port 3300 2>&1 | grep --line-buffered -v "(scheme=http" > "$1"' \
+    "$PY" "$REPORT/serve.log" &
   SERVER=$!
-  trap 'kill $SERVER 2>/dev/null || true; grep -v "(scheme=http" "$SERVE_LOG" > "$REPORT/serve.log" || true' EXIT
   if "$PY" - "$SERVER" "$REPORT/models.json" <<'PY'; then
 import json, os, sys, time
 import httpx
-server, end = int(sys.argv[1]), time.monotonic() + 120
+server, end = int(sys.argv[1]), time.monotonic() + 90
 while time.monotonic() < end:
     os.kill(server, 0)  # raises once the server has died
     try:
@@ -89,19 +98,19 @@ while time.monotonic() < end:
         pass
     time.sleep(1)
 else:
-    sys.exit("the service was not ready within 120 s")
+    sys.exit("the service was not ready within 90 s")
 models = httpx.post("http://127.0.0.1:3300/models", json={}, timeout=30).raise_for_status().json()
 open(sys.argv[2], "w").write(json.dumps(models, indent=2))
 print("\n".join(f"{m['name']}: {m['provider']}" for m in models))
 sys.exit(0 if all(m["provider"] == "CUDAExecutionProvider" for m in models) else "a served model runs on the CPU")
 PY
-    check "the served answers against the bundles offline" 120 \
+    check "the served answers against the bundles offline" 60 \
       "$PY" scripts/check_served.py http://127.0.0.1:3300 --data-dir "$DATA" --models-dir "$MODELS" --tolerance 1e-2
     step "HTTP load against the GPU-served default bundle"
-    check "bench.http_load" 120 "$PY" -m bench.http_load --url http://127.0.0.1:3300 --data-dir "$DATA" --concurrency 1 32 64 --images 1 64 --seconds 3
+    check "bench.http_load" 60 "$PY" -m bench.http_load --url http://127.0.0.1:3300 --data-dir "$DATA" --concurrency 1 32 64 --images 1 64 --seconds 3
   else
     FAILED+=("serving with CUDA")
-    tail -30 "$SERVE_LOG"
+    tail -30 "$REPORT/serve.log"
   fi
 fi
 

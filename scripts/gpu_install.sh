@@ -45,6 +45,10 @@ print("gpu_install: the device's own packages the wheels need:", "WARNING\n  " +
 PY
 [ "${1:-}" = --status ] && exit 0
 [ ${#missing[@]} = 0 ] || die "parts missing: ${missing[*]}"
+if [ -n "${OUT:-}" ]; then  # the install's own lines come back as a file: the reply keeps only the output's tail
+  exec 3>&1 4>&2 > >(tee "$OUT/install.log") 2>&1
+  TEE=$!
+fi
 
 T=$(mktemp -d) && trap 'rm -rf "$T"' EXIT
 while read -r kind name _; do if [ "$kind" = part ]; then cat "$D/$name"; fi; done < "$M" | tar -x -C "$T" || die "reassembling the parts"
@@ -70,8 +74,13 @@ import ctypes, sys
 import onnxruntime as ort
 print("gpu_install: onnxruntime", ort.__version__, "from", ort.__file__, ort.get_available_providers())
 assert ort.__file__.startswith(sys.argv[1]), "the device's CPU onnxruntime comes first"
-import bentoml, pydantic
-print("gpu_install: bentoml", bentoml.__version__, "pydantic", pydantic.VERSION)
+import pydantic  # the bundles' manifests need it: without it nothing below runs
+print("gpu_install: pydantic", pydantic.VERSION)
+try:  # only the served half needs BentoML; gpu_check.sh runs the in-process half without it
+    import bentoml
+    print("gpu_install: bentoml", bentoml.__version__)
+except Exception as exc:
+    print(f"gpu_install: WARNING: bentoml does not import ({type(exc).__name__}: {exc}): the served half will be skipped")
 ort.preload_dlls()
 for library in ("libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9"):
     try:
@@ -81,6 +90,7 @@ for library in ("libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9"):
 PY
 echo "gpu_install: installed ${#WHEELS[@]} wheel(s) into $SITE; in this same command, use them with"
 echo "  export PYTHONPATH=$PYTHONPATH PATH=$SITE/bin:\$PATH LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+if [ -n "${OUT:-}" ]; then exec 1>&3 2>&4 3>&- 4>&-; wait "$TEE" 2> /dev/null || true; fi  # the command's output is its own
 [ "${1:-}" = -- ] || exit 0
 shift
 exec "$@"
