@@ -7,8 +7,10 @@
 # Settings: DATA=../shared/data/cifar-10-batches-py (CIFAR-10, for the test images gpu_check.sh uses there);
 # MARGIN_MIB=2 (room left free in each call); KINDS=/work/.library/device/KINDS.md (the device's package
 # list, "Python packages already there", and the versions its 'pip list' row gives); CARRY_TOO="typing-extensions
-# certifi" (device packages to carry anyway: the device's versions are unknown, and pydantic 2.14 wants
-# typing-extensions>=4.16, bentoml 1.4.40 certifi>=2026.10.19; both are backward compatible; CARRY_TOO= carries none).
+# certifi h11 httpcore anyio click rich attrs jinja2" (device packages to carry anyway: their versions there are
+# unknown, and a too-old one would only show as a warning on the device, where nothing can be fetched: pydantic 2.14
+# wants typing-extensions>=4.16, bentoml 1.4.40 certifi>=2026.10.19, httpcore h11>=0.16; all pure Python, under
+# 1 MB together, and backward compatible; CARRY_TOO= carries none).
 #
 # It downloads cp312 manylinux/py3 wheels into .whl/wheels/ (ignored through .git/info/exclude):
 #   a: onnxruntime-gpu;
@@ -28,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=$((1024 * 1024)); BUDGET=$((64 * MIB)); MARGIN_MIB=${MARGIN_MIB:-2}
 DATA=${DATA:-../shared/data/cifar-10-batches-py}
-export KINDS=${KINDS:-/work/.library/device/KINDS.md} CARRY_TOO=${CARRY_TOO-typing-extensions certifi} W=.whl
+export KINDS=${KINDS:-/work/.library/device/KINDS.md} CARRY_TOO=${CARRY_TOO-typing-extensions certifi h11 httpcore anyio click rich attrs jinja2} W=.whl
 EXCLUDE=$(git rev-parse --git-path info/exclude)
 grep -qxF "/$W/" "$EXCLUDE" 2>/dev/null || echo "/$W/" >> "$EXCLUDE"
 git check-ignore -q "$W/x" || { echo "gpu_wheels: $W/ is not ignored by git" >&2; exit 1; }
