@@ -51,21 +51,26 @@ def test_a_folder_scores_like_the_bundle_and_records_failures(folder, bundle, te
     assert not (tmp_path / "out.parquet.parts").exists()
 
 
-def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder, bundle, tmp_path, monkeypatch):
+def interrupt(monkeypatch, on_chunk: int) -> None:
+    """Ctrl-C while the `on_chunk`th chunk is scored, until monkeypatch.undo()."""
     real, calls = scoring.local.score_chunk, []
 
-    def interrupted_on_third(*args):
+    def score_chunk(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == on_chunk:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(scoring.local, "score_chunk", interrupted_on_third)
+    monkeypatch.setattr(scoring.local, "score_chunk", score_chunk)
+
+
+def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder, bundle, tmp_path, monkeypatch):
+    interrupt(monkeypatch, on_chunk=3)
     with pytest.raises(KeyboardInterrupt):
         run(folder, bundle, tmp_path / "out.parquet", batch=100)
     assert not (tmp_path / "out.parquet").exists()
     assert len(list((tmp_path / "out.parquet.parts").glob("part-*.parquet"))) == 2
-    monkeypatch.setattr(scoring.local, "score_chunk", real)
+    monkeypatch.undo()
     with pytest.raises(ScoringError, match="other options"):
         run(folder, bundle, tmp_path / "out.parquet", options(topk=2), batch=100)
     resumed = run(folder, bundle, tmp_path / "out.parquet", batch=100)
@@ -81,18 +86,10 @@ def test_an_interrupted_run_leaves_no_output_and_resumes_where_it_stopped(folder
 def test_a_resumed_run_keeps_every_row_of_an_id_given_more_than_once(folder, bundle, tmp_path, monkeypatch):
     files = sorted(folder.rglob("*.png"))[:30]
     pq.write_table(pa.table({"id": ["same"] * 30, "image": [f.read_bytes() for f in files]}), tmp_path / "rows.parquet")
-    real, calls = scoring.local.score_chunk, []
-
-    def interrupted_on_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(scoring.local, "score_chunk", interrupted_on_second)
+    interrupt(monkeypatch, on_chunk=2)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "rows.parquet", bundle, tmp_path / "out.parquet", batch=10)
-    monkeypatch.setattr(scoring.local, "score_chunk", real)
+    monkeypatch.undo()
     resumed = run(tmp_path / "rows.parquet", bundle, tmp_path / "out.parquet", batch=10)
     assert resumed.skipped == 10 and resumed.new == 20 and resumed.rows == 30
     run(tmp_path / "rows.parquet", bundle, tmp_path / "straight.parquet", batch=10)
