@@ -28,9 +28,10 @@ from bench.harness import REPO, SERVE, running
 from bench.http_load import http_request, load, machine, test_pngs
 from bundle.images import decode
 from bundle.runtime import Bundle
+from serving.settings import Settings
 
 PER_REQUEST = 64
-IN_PROCESS_CALLS = (PER_REQUEST, 8)  # images per Bundle.predict call: the request's, and the service's calls
+IN_PROCESS_CALLS = (PER_REQUEST, Settings.max_batch_size)  # images per Bundle.predict call: the request's, and the service's calls
 
 
 def v2_request(url: str, model: str, pixels: np.ndarray) -> bytes:

@@ -59,10 +59,21 @@ class Summary:
     labelled: int = 0
     output: str = ""
     failures: list[str] = field(default_factory=list)  # the first few, for the report
+    correct: int = 0  # of the labelled rows
 
     @property
     def images_per_second(self) -> float:
         return self.new / self.seconds if self.seconds else 0.0
+
+    def add(self, table) -> None:
+        """Count a finished part of the output (a pyarrow table)."""
+        errors, truth, label = (table.column(c).to_pylist() for c in ("error", "true_label", "label"))
+        self.rows, self.failed = self.rows + table.num_rows, self.failed + sum(e is not None for e in errors)
+        self.failures += [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), errors) if e][: 10 - len(self.failures)]
+        known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
+        self.labelled += len(known)
+        self.correct += sum(t == p for t, p in known)
+        self.accuracy = self.correct / self.labelled if self.labelled else None
 
 
 def schema(options: Options):
@@ -99,7 +110,7 @@ def score_chunk(bundle: Bundle, records: list[Record], decoded: list[np.ndarray 
 
 
 def predict_columns(bundle: Bundle, decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:
-    """The prediction columns (every column but id and true_label): one onnxruntime call for every image that decoded.
+    """The prediction columns (every column but id and true_label): Bundle.predict on every image that decoded (calls of at most 256).
 
     `decoded` holds each input's pixels, or the reason it has none, which becomes its `error`.
     """
@@ -254,19 +265,7 @@ def score(
             if progress:
                 progress(len(chunk))
     summary.seconds = time.perf_counter() - started
-    correct = 0
-
-    def count(table) -> None:
-        nonlocal correct
-        errors, truth, label = (table.column(c).to_pylist() for c in ("error", "true_label", "label"))
-        summary.rows, summary.failed = summary.rows + table.num_rows, summary.failed + sum(e is not None for e in errors)
-        summary.failures += [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), errors) if e][: 10 - len(summary.failures)]
-        known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
-        summary.labelled += len(known)
-        correct += sum(t == p for t, p in known)
-
-    parts.merge_into(output, count)
-    summary.accuracy = correct / summary.labelled if summary.labelled else None
+    parts.merge_into(output, summary.add)
     return summary
 
 

@@ -200,6 +200,6 @@ def summarize(spark, output: str, seconds: float) -> Summary:
     labelled = counts["labelled"] or 0
     return Summary(
         rows=counts["rows"], failed=counts["failed"] or 0, new=counts["rows"], seconds=seconds,
-        accuracy=(counts["correct"] or 0) / labelled if labelled else None, labelled=labelled,
+        accuracy=(counts["correct"] or 0) / labelled if labelled else None, labelled=labelled, correct=counts["correct"] or 0,
         output=output, failures=failures,
     )  # fmt: skip

@@ -126,7 +126,7 @@ def multipart_forms_as_declared() -> None:
             fields.setdefault(name, []).append(value)
         for name, value in request.query_params.multi_items():  # `?k=3` works with a form as with a raw body
             if name in form:
-                raise BadInput(f"{name!r} is given in both the query string and the form; give it once")
+                raise BadInput(f"{name!r} is given in both the query string and the request body; give it once")
             fields.setdefault(name, []).append(value)
         declared = ", ".join(cls.model_fields)
         data: dict[str, typing.Any] = {}
@@ -139,7 +139,7 @@ def multipart_forms_as_declared() -> None:
                 data[name] = values if typing.get_origin(cls.model_fields[name].annotation) is list else values[0]
                 continue
             if len(values) > 1:
-                raise BadInput(f"form field {name!r} is given {len(values)} times; give it once")
+                raise BadInput(f"{name!r} is given {len(values)} times; give it once")
             if isinstance(values[0], UploadFile):
                 raise BadInput(f"form field {name!r} takes a value, not a file; the images go in 'images'")
             try:

@@ -34,6 +34,11 @@ def classify(url: str, images: int = 1, model: str = "cnn", timeout: float = 60)
     return httpx.post(f"{url}/classify", files=files, data={"model": model}, timeout=timeout)
 
 
+def predictions(url: str) -> list[str]:
+    """The predictions counters, as /metrics has them now."""
+    return [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("cifar10_predictions_total{")]
+
+
 def timed(call):
     started = time.perf_counter()
     answer = call()
@@ -100,6 +105,30 @@ def test_requests_slower_than_the_latency_target_lower_the_concurrency_limit(tmp
             connection.close()
         assert refused.status_code == 429 and "2 admitted at once now" in refused.json()["error"], refused.text
         assert "CIFAR10_TARGET_LATENCY_S" in refused.json()["error"]
+
+
+def test_a_request_whose_client_leaves_is_not_computed_and_gives_its_place_back(tmp_path):
+    """40 four-megapixel PNGs (seconds of decoding), sent whole; the client hangs up at once. With one
+    place in all, the next request is served only if the abandoned one gave its place back."""
+    from PIL import Image
+
+    env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MODELS": "cnn", "CIFAR10_MAX_CONCURRENCY": "1", "CIFAR10_MAX_QUEUE_WAIT_S": "0.2"}
+    log = tmp_path / "serve.log"
+    large = encode(Image.new("RGB", (2000, 2000), (200, 40, 40)), "PNG")
+    request = httpx.Request("POST", "http://x/classify", files=[("images", (f"{i}.png", large, "image/png")) for i in range(40)])
+    body = request.read()
+    head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    with running(SERVE, log, env=env) as server:
+        counted = predictions(server.url)
+        with socket.create_connection(address(server.url)) as client:
+            client.sendall(head.encode() + body)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while "the client left before its answer" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "POST /classify: the client left before its answer; its work stopped" in log.read_text()
+        assert predictions(server.url) == counted  # none of its 40 images reached the model
+        assert classify(server.url).status_code == 200  # its place was given back, not held until CIFAR10_TIMEOUT_S
 
 
 def test_a_request_past_the_timeout_gets_504_with_the_json_error(tmp_path):

@@ -12,7 +12,7 @@ import scoring.local
 from bundle.images import decode
 from bundle.runtime import Bundle
 from cifar10.cli import main
-from scoring.inputs import read_inputs
+from scoring.inputs import InputError, read_inputs
 from scoring.local import Options, ScoringError, score
 from tests.conftest import CORRUPT, REPO
 
@@ -120,6 +120,13 @@ def test_a_csvs_ids_and_labels_are_read_as_text_past_its_first_block(tmp_path):
     records = [r for chunk in read_inputs(tmp_path / "rows.csv", [str(c) for c in "abcdefghij"]) for r in chunk]
     assert [r.id for r in records] == ids
     assert [r.label for r in records[:12]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and records[-1].label is None
+
+
+def test_a_malformed_csv_row_past_the_first_block_is_an_input_error_naming_where(tmp_path):
+    rows = "".join(f"{i:06d},{i}.png\n" for i in range(200_000))  # 3.6 MB: blocks of 1 MB
+    (tmp_path / "rows.csv").write_text("id,path\n" + rows + "x,y.png,an extra field\n")
+    with pytest.raises(InputError, match=r"rows.csv: unreadable after row \d+"):
+        [r for chunk in read_inputs(tmp_path / "rows.csv", [str(c) for c in "abcdefghij"]) for r in chunk]
 
 
 def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shared_data, bundle, tmp_path, capsys):

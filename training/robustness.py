@@ -130,7 +130,7 @@ def http_classifier(url: str, model: str, batch: int = 64, timeout: float = 120)
                 try:
                     response = client.post("/classify", files=files, data={"model": model})
                 except httpx.HTTPError as exc:
-                    raise UserError(f"{url}/classify: {exc or type(exc).__name__}; is `bentoml serve` running there?") from exc
+                    raise UserError(f"{url}/classify: {str(exc) or type(exc).__name__}; is `bentoml serve` running there?") from exc
                 if response.status_code != 200:
                     raise UserError(f"{url}/classify answered {response.status_code}: {response.text[:300]}")
                 answers += response.json()
