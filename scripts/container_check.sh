@@ -80,9 +80,18 @@ echo "built $IMAGE in ${build_seconds}s: $size, runs as user '$user'"
 step "serve inside the image, check every endpoint against the bundles offline"
 port=$("$PYTHON" -c "from bench.harness import free_port; print(free_port())")
 container=$(buildah from "$IMAGE")
-# the server in its own process group, so that cleanup ends bentoml serve and its workers inside the
-# chroot too, not only `buildah run`
-cleanup() { [ -n "${server:-}" ] && kill -- -"$server" 2> /dev/null; sleep 1; buildah rm "$container" > /dev/null 2>&1 || true; }
+# the server in its own process group, so that cleanup ends bentoml serve inside the chroot too, not only
+# `buildah run`: first the supervisor, which stops its workers (each in a process group of its own), then
+# the group, then any worker left without its supervisor
+cleanup() {
+  if [ -n "${server:-}" ]; then
+    pkill -TERM -g "$server" -f "bentoml serve" 2> /dev/null || true
+    sleep 2
+    kill -- -"$server" 2> /dev/null || true
+    pkill -f "_bentoml_impl.worker.service /home/bentoml/bento" 2> /dev/null || true
+  fi
+  buildah rm "$container" > /dev/null 2>&1 || true
+}
 trap cleanup EXIT
 setsid buildah run --isolation chroot "$container" -- /home/bentoml/bento/env/docker/entrypoint.sh \
   bentoml serve /home/bentoml/bento --host 127.0.0.1 --port "$port" > "$WORK/serve.log" 2>&1 &
