@@ -55,8 +55,7 @@ class Summary:
     new: int = 0  # inputs this run read (the rest were done by an earlier, interrupted run)
     skipped: int = 0
     seconds: float = 0.0
-    accuracy: float | None = None  # over the rows whose true label is known
-    labelled: int = 0
+    labelled: int = 0  # rows whose true label is known
     output: str = ""
     failures: list[str] = field(default_factory=list)  # the first few, for the report
     correct: int = 0  # of the labelled rows
@@ -64,6 +63,10 @@ class Summary:
     @property
     def images_per_second(self) -> float:
         return self.new / self.seconds if self.seconds else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
 
     def add(self, table) -> None:
         """Count a finished part of the output (a pyarrow table)."""
@@ -73,7 +76,6 @@ class Summary:
         known = [(t, p) for t, p in zip(truth, label) if t is not None and p is not None]
         self.labelled += len(known)
         self.correct += sum(t == p for t, p in known)
-        self.accuracy = self.correct / self.labelled if self.labelled else None
 
 
 def schema(options: Options):

@@ -197,9 +197,8 @@ def summarize(spark, output: str, seconds: float) -> Summary:
         F.sum((F.col("true_label") == F.col("label")).cast("int")).alias("correct"),
     ).first()
     failures = [f"{r['id']}: {r['error']}" for r in written.where(F.col("error").isNotNull()).select("id", "error").limit(10).collect()]
-    labelled = counts["labelled"] or 0
     return Summary(
         rows=counts["rows"], failed=counts["failed"] or 0, new=counts["rows"], seconds=seconds,
-        accuracy=(counts["correct"] or 0) / labelled if labelled else None, labelled=labelled, correct=counts["correct"] or 0,
+        labelled=counts["labelled"] or 0, correct=counts["correct"] or 0,
         output=output, failures=failures,
     )  # fmt: skip

@@ -119,7 +119,7 @@ def multipart_forms_as_declared() -> None:
             form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
         except HTTPException as exc:
             raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
-        except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the 500s and their tracebacks
+        except ClientDisconnect:  # nobody reads the answer, but it is the client's doing: a 400, not a 500
             raise BadInput("the client disconnected before its form was read") from None
         fields: dict[str, list] = {}
         for name, value in form.multi_items():

@@ -131,6 +131,21 @@ def test_a_request_whose_client_leaves_is_not_computed_and_gives_its_place_back(
         assert classify(server.url).status_code == 200  # its place was given back, not held until CIFAR10_TIMEOUT_S
 
 
+def test_a_small_request_whose_client_leaves_mid_body_is_a_400_not_a_fault(tmp_path):
+    """Below the size Abandonment watches, the form parser meets the disconnect itself."""
+    log = tmp_path / "serve.log"
+    with running(SERVE, log, env={"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_MODELS": "cnn"}) as server:
+        head = "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n"
+        with socket.create_connection(address(server.url)) as client:
+            client.sendall(head.encode() + b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n\x89PNG')
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while "status=400" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "path=/classify" in log.read_text() and "status=400" in log.read_text()
+        assert "status=500" not in log.read_text() and classify(server.url).status_code == 200
+
+
 def test_a_request_past_the_timeout_gets_504_with_the_json_error(tmp_path):
     env = {"CIFAR10_MODELS_DIR": str(REPO / "models"), "CIFAR10_TIMEOUT_S": "0.1"}
     with running(SERVE, tmp_path / "serve.log", env=env) as server:
