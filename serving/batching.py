@@ -81,25 +81,29 @@ class Batcher:
     def _serve(self, batch: list[tuple[np.ndarray, Future]], session: int) -> None:
         """Compute one batch and hand each request its rows; whatever fails, each request learns of it
         and the executor lives on, so no request waits for an answer that will never come."""
+        try:
+            calls = self._compute(np.concatenate([images for images, _ in batch]), session)
+            prediction = Prediction.concatenate(calls)
+        except Exception as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        self._record(calls)  # before the answers, so a client that reads /metrics after its answer sees its batch
+        start = 0
+        for images, future in batch:
+            future.set_result(prediction[start : start + len(images)])
+            start += len(images)
+
+    def _compute(self, pixels: np.ndarray, session: int) -> list[Prediction]:
+        """Calls of at most max_batch_size images, a larger request's too (onnxruntime's arena keeps the largest
+        call's memory), each choosing its session as it starts: a long batch that began alone moves off the
+        session with every thread once another starts, rather than oversubscribing the cores to its end.
+        The batch stops counting as computing before any request hears of it."""
         with self.lock:
             self.computing += 1
         try:
-            pixels = np.concatenate([images for images, _ in batch])
-            # calls of at most max_batch_size images, a larger request's too (onnxruntime's arena keeps the largest
-            # call's memory), each choosing its session as it starts: a long batch that began alone moves off the
-            # session with every thread once another starts, rather than oversubscribing the cores to its end
             step = self.max_batch_size
-            calls = [self.bundle.predict(pixels[i : i + step], self._session(session)) for i in range(0, len(pixels), step)]
-            prediction = Prediction.concatenate(calls)
-            self._record(calls)  # before the answers, so a client that reads /metrics after its answer sees its batch
-            start = 0
-            for images, future in batch:
-                future.set_result(prediction[start : start + len(images)])
-                start += len(images)
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            return [self.bundle.predict(pixels[i : i + step], self._session(session)) for i in range(0, len(pixels), step)]
         finally:
             with self.lock:
                 self.computing -= 1
