@@ -349,7 +349,7 @@ def main() -> None:
     target.add_argument("--url", help="a running service")
     target.add_argument("--serve", action="store_true", help="start `bentoml serve` in the repository root for the run")
     parser.add_argument("--naive", action="store_true", help="with --serve: also load the naive baseline, and compare")
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the naive baseline (default: 2)")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the naive baseline (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per setting")

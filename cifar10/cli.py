@@ -267,15 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="print the dataset's facts and write a grid of samples per class")
     add_data_options(data)
-    data.add_argument("--out", default="runs/data", help="folder for facts.json and samples.png (default: runs/data)")
-    data.add_argument("--per-class", type=int, default=10, help="samples per class in the grid (default: 10)")
+    data.add_argument("--out", default="runs/data", help="folder for facts.json and samples.png (default: %(default)s)")
+    data.add_argument("--per-class", type=int, default=10, help="samples per class in the grid (default: %(default)s)")
     data.set_defaults(func=cmd_data)
 
     recipes = sub.add_parser("recipes", help="list the training recipes")
     recipes.set_defaults(func=cmd_recipes)
 
     runs = sub.add_parser("runs", help="a markdown table of the finished runs and their results")
-    runs.add_argument("--runs-dir", default="runs", help="where run folders are (default: runs)")
+    runs.add_argument("--runs-dir", default="runs", help="where run folders are (default: %(default)s)")
     runs.set_defaults(func=cmd_runs)
 
     evaluate = sub.add_parser("evaluate", help="analyse a trained run: metrics, plots, KNN, a Markdown report")
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run as an ONNX bundle with a KNN head and a manifest")
     export.add_argument("run", help="a run folder (or its checkpoint.pt)")
     export.add_argument("--name", required=True, help="bundle name: the folder under --models-dir")
-    export.add_argument("--models-dir", default="models", help="where bundles go (default: models)")
+    export.add_argument("--models-dir", default="models", help="where bundles go (default: %(default)s)")
     export.add_argument("--knn-components", type=int, default=KNN_COMPONENTS,
                         help=f"PCA dimensions of the KNN head, 0 for the whole embedding (default: {KNN_COMPONENTS})")  # fmt: skip
     export.add_argument("--tta", choices=TTA_LEVELS,
@@ -298,14 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", help="add an int8 variant to a bundle, calibrated on training images")
     quantize.add_argument("name", help="bundle name: the folder under --models-dir")
-    quantize.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
-    quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: 512)")
+    quantize.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
+    quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: %(default)s)")
     add_data_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
     robustness = sub.add_parser("robustness", help="a bundle's accuracy and calibration on the test set sent as PNG, JPEG, WebP, noisy, blurred")
     robustness.add_argument("name", help="bundle name: the folder under --models-dir")
-    robustness.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
+    robustness.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     robustness.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all",
                             help="the graph to measure (default: all, the fp32 one and every variant)")  # fmt: skip
     robustness.add_argument("--url", help="measure a running service instead (e.g. http://localhost:3000), whatever precision it serves; nothing is recorded")
@@ -324,22 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
     score.add_argument("--model", required=True, help="bundle name under --models-dir")
     score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")
-    score.add_argument("--models-dir", default="models", help="where bundles are (default: models)")
+    score.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     score.add_argument("--engine", choices=["local", "spark"], default="local",
                        help="local: this machine; spark: PySpark (pip install 'cifar10-serve[spark]')")  # fmt: skip
-    score.add_argument("--master", default="local[*]", help="Spark master URL for --engine spark (default: local[*])")
+    score.add_argument("--master", default="local[*]", help="Spark master URL for --engine spark (default: %(default)s)")
     score.add_argument("--topk", type=int, default=0, metavar="K", help="also the K most probable classes")
     score.add_argument("--embeddings", action="store_true", help="also the embedding vector")
     score.add_argument("--knn", action="store_true", help="also the KNN head's label and nearest training images")
-    score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together and written as one part (local), per call of predict_batch_udf (spark); onnxruntime runs them in calls of at most 256 (default: 1024)")
+    score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together and written as one part (local), per call of predict_batch_udf (spark); onnxruntime takes them in smaller calls, so memory stays bounded (default: %(default)s)")
     score.add_argument("--workers", type=int, help="decoding threads (default: the cores this process may use, a container's CPU quota included)")
     score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
     score.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32, or int8 for the bundle's quantised variant (`cifar10 quantize`)")  # fmt: skip
-    score.add_argument("--path-column", default="path", help="table column of image paths (default: path)")
-    score.add_argument("--image-column", default="image", help="table column of image bytes (default: image)")
-    score.add_argument("--id-column", default="id", help="table column of row ids (default: id, else the path or row number)")
-    score.add_argument("--label-column", default="label", help="table column of true labels, if any (default: label)")
+    score.add_argument("--path-column", default="path", help="table column of image paths (default: %(default)s)")
+    score.add_argument("--image-column", default="image", help="table column of image bytes (default: %(default)s)")
+    score.add_argument("--id-column", default="id", help="table column of row ids (default: %(default)s, else the path or row number)")
+    score.add_argument("--label-column", default="label", help="table column of true labels, if any (default: %(default)s)")
     score.set_defaults(func=cmd_score)
 
     train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast where the hardware has fast bf16")  # fmt: skip
-    train.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    train.add_argument("--runs-dir", default="runs", help="where run folders go (default: %(default)s)")
     train.add_argument("--resume", metavar="RUN", help="continue a run folder (or its checkpoint.pt)")
     train.set_defaults(func=cmd_train)
     return parser

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import typing
 
 import bentoml
@@ -49,6 +50,7 @@ READ = (
     "bentoml._internal.server.http.instruments:RunnerTrafficMetricsMiddleware",
     "bentoml._internal.container:BentoMLContainer.tracing.exporter_type",
     "opentelemetry.instrumentation.asgi:OpenTelemetryMiddleware",
+    "bentoml._internal.server.http_app:logger",
 )
 
 
@@ -97,6 +99,7 @@ def apply() -> None:
     shed_load_early()
     trace_only_for_an_exporter()
     cache_response_media_types()
+    refusals_without_tracebacks()
     _applied = True
 
 
@@ -225,3 +228,40 @@ def cache_response_media_types() -> None:
     from _bentoml_sdk.io_models import IOMixin
 
     IOMixin.mime_type = classmethod(functools.cache(IOMixin.mime_type.__func__))
+
+
+class Refusal(logging.Filter):
+    """A client's mistake is one line of the log at INFO, not an ERROR with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        refused = isinstance(exc, ValidationError) or (isinstance(exc, BentoMLException) and exc.error_code < 500)
+        if refused:
+            # BentoML's message is "Exception on PATH [METHOD]"; a filter that raised would make the refusal a 500
+            path, method = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
+            if isinstance(exc, ValidationError):  # as the answer names them: "neighbours: Input should be ..."
+                status, reason = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            else:
+                status, reason = int(exc.error_code), " ".join(str(exc).split())
+            record.msg, record.args = "%s %s refused (%d): %s", (method, path, status, reason)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def refusals_without_tracebacks() -> None:
+    """A refused request logs one line, not a traceback.
+
+    BentoML logs every exception its endpoints raise with `logger.error(..., exc_info=True)`, a 400
+    for an image that is not one as loudly as a fault of the server: the log of a service that
+    refuses bad uploads fills with tracebacks that say nothing about the server. Refusals (request
+    validation, BentoML's 4xx exceptions) become one INFO line naming the request and the reason;
+    faults (5xx, anything else) keep their traceback.
+    Test: tests/test_service.py::test_a_refusal_is_one_line_of_the_log_and_a_fault_keeps_its_traceback.
+    """
+    logger = resolve("bentoml._internal.server.http_app:logger")
+    if not any(isinstance(f, Refusal) for f in logger.filters):
+        logger.addFilter(Refusal())

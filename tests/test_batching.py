@@ -47,11 +47,12 @@ def test_a_request_larger_than_the_batch_bound_runs_as_several_calls(bundle):
 
 def test_a_request_abandoned_while_queued_leaves_the_batcher_serving(bundle):
     sizes = []
-    batcher = Batcher(bundle, max_batch_size=256, max_latency_ms=300, on_batch=sizes.append)
+    # the batcher waits up to 5 s for company, until the batch holds 3 images: the abandoned 2 and the next 1
+    batcher = Batcher(bundle, max_batch_size=3, max_latency_ms=5000, on_batch=sizes.append)
 
     async def abandon_one_then_ask_again():
         abandoned = asyncio.create_task(batcher.predict(images(2, seed=0)))
-        await asyncio.sleep(0.05)  # queued; the batcher waits up to 300 ms for company
+        await asyncio.sleep(0.05)  # queued
         abandoned.cancel()
         return await asyncio.wait_for(batcher.predict(images(1, seed=1)), timeout=10)
 
@@ -142,13 +143,13 @@ def test_a_long_batch_that_began_alone_leaves_the_session_with_every_thread_once
     batcher = Batcher(split, max_batch_size=1, max_latency_ms=0)
 
     async def long_then_short():
-        long = asyncio.create_task(batcher.predict(images(6, seed=20)))
+        long = asyncio.create_task(batcher.predict(images(20, seed=20)))  # 20 calls of at least 50 ms
         await asyncio.sleep(0.08)  # the long batch's second call is running
         await batcher.predict(images(1, seed=21))
         return await long
 
     answer = asyncio.run(long_then_short())
-    np.testing.assert_allclose(answer.probabilities, bundle.predict(images(6, seed=20)).probabilities, atol=1e-5)
+    np.testing.assert_allclose(answer.probabilities, bundle.predict(images(20, seed=20)).probabilities, atol=1e-5)
     assert calls[0][0] == 0  # alone: every thread
     assert any(c[0] != 0 for c in calls)  # then beside the short batch: its own session
     assert not [a for a in calls if a[0] == 0 for b in calls if b is not a and b[1] < a[1] < b[2]]  # session 0 never starts beside another call

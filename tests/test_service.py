@@ -1,7 +1,10 @@
 """A real `bentoml serve` process on a free port, exercised over HTTP with real CIFAR-10 test images."""
 
 import io
+import logging
 import pickle
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,11 +12,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from bentoml.exceptions import BentoMLException
 from PIL import Image
 
 from bench.harness import SERVE, running
 from bundle.images import decode
 from bundle.runtime import Bundle
+from serving.boundary import Refusal
 from tests.conftest import REPO
 
 MAX_IMAGE_BYTES = 200_000  # small, so that the 413 tests need no huge upload
@@ -44,12 +49,16 @@ def test_the_log_names_the_provider_really_in_use(server, server_log):
     assert "bundle cnn (fp32): provider in use CPUExecutionProvider" in log and "bundle airbench (fp32): provider in use" in log
 
 
-def classify_lines(log: Path, seconds: float = 10) -> list[str]:
-    """The access-log lines of /classify requests; BentoML writes each just after its answer, so wait for one."""
+def lines_with(log: Path, text: str, seconds: float = 10) -> list[str]:
+    """The log's lines holding `text`; BentoML writes a request's lines just after its answer, so wait for one."""
     deadline = time.monotonic() + seconds
-    while not (lines := [line for line in log.read_text().splitlines() if "path=/classify" in line]) and time.monotonic() < deadline:
+    while not (lines := [line for line in log.read_text().splitlines() if text in line]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return lines
+
+
+def classify_lines(log: Path) -> list[str]:
+    return lines_with(log, "path=/classify")
 
 
 def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, test_images, tmp_path):
@@ -66,6 +75,22 @@ def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, t
         assert httpx.post(f"{traced.url}/classify", files=one, timeout=30).status_code == 200
     traced_lines = classify_lines(tmp_path / "traced.log")
     assert traced_lines and all("trace=" in line for line in traced_lines)
+
+
+def test_a_refusal_is_one_line_of_the_log_and_a_fault_keeps_its_traceback(server, server_log, test_images):
+    assert httpx.post(f"{server}/embed", files=upload([b"hello"]), timeout=30).status_code == 400
+    refused = lines_with(server_log, "POST /embed refused (400)")
+    assert refused and "[INFO]" in refused[0] and "image 0: not an image" in refused[0]
+    assert httpx.post(f"{server}/topk", files=upload([encode(test_images[0])]), data={"k": "0"}, timeout=30).status_code == 400
+    assert lines_with(server_log, "POST /topk refused (400): k: Input should be greater than or equal to 1")  # request validation
+    assert "Exception on /embed" not in server_log.read_text() and "Exception on /topk" not in server_log.read_text()  # BentoML's ERROR lines
+
+    for fault in (BentoMLException("the disk is full"), RuntimeError("a bug")):  # a BentoMLException is a 500 by default
+        try:
+            raise fault
+        except Exception:
+            record = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]", ("/embed", "POST"), sys.exc_info())
+        assert Refusal().filter(record) and record.levelno == logging.ERROR and record.exc_info[1] is fault
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +224,15 @@ def test_concurrent_single_requests_match_one_list_request_and_share_batches(ser
     blobs = [encode(p) for p in test_images[:12]]
     together = httpx.post(f"{server}/classify", files=upload(blobs), timeout=60).json()
     calls, counted = batches(server)
-    with ThreadPoolExecutor(6) as pool:
-        alone = list(pool.map(lambda b: httpx.post(f"{server}/classify", files=upload([b]), timeout=60).json()[0], blobs))
-    assert alone == together
+    start = threading.Barrier(len(blobs))  # all at once, on connections opened beforehand, so they meet in the batcher
+
+    def alone(blob: bytes) -> dict:
+        start.wait()
+        return client.post(f"{server}/classify", files=upload([blob])).json()[0]
+
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=len(blobs))) as client, ThreadPoolExecutor(len(blobs)) as pool:
+        list(pool.map(lambda _: client.get(f"{server}/livez"), blobs))
+        assert list(pool.map(alone, blobs)) == together
     calls_after, counted_after = batches(server)
     assert counted_after - counted == 12 and calls_after - calls < 12
 

@@ -30,6 +30,20 @@ pytest.importorskip("pyspark")
 MODELS = REPO / "models"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def driver_jvm_stopped_after():
+    """PySpark keeps its driver's JVM for the life of the Python process, spark.stop() or not; the
+    tests after these get its memory and its background CPU back. It exits when its stdin closes."""
+    yield
+    from pyspark import SparkContext
+
+    if SparkContext._gateway is not None:
+        SparkContext._gateway.shutdown()
+        SparkContext._gateway.proc.stdin.close()
+        SparkContext._gateway.proc.wait(timeout=60)
+        SparkContext._gateway = SparkContext._jvm = None  # a later session starts a new one
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with pytest.MonkeyPatch.context() as env, StandaloneCluster(workers=2, cores=1, memory="1g") as running:

@@ -127,11 +127,13 @@ def run_epochs(
             loop.begin_epoch(pos)
             model.train()
             bar = epoch_bar(loop.steps, pos.step, pos.epoch, recipe["epochs"], progress)
-            while pos.step < loop.steps:
+            while True:  # Ctrl-C is honoured before each step and after the last
                 if sigint["stop"]:
                     pos.seconds += time.perf_counter() - tick
                     bar.close()
                     save_and_stop(run_dir, checkpoint())
+                if pos.step == loop.steps:
+                    break
                 loss_sum, correct, seen = loop.step(pos)
                 pos.step += 1
                 pos.loss_sum += loss_sum
@@ -151,6 +153,8 @@ def run_epochs(
             save_checkpoint(run_dir, checkpoint())
             write_json(run_dir / "history.json", pos.history)
             log_epoch(row, recipe["epochs"])
+        if sigint["stop"]:  # asked during the last epoch's evaluation: the resumed run starts at the final evaluations
+            save_and_stop(run_dir, checkpoint())
     return pos.history
 
 
