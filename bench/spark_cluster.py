@@ -79,7 +79,7 @@ class StandaloneCluster:
     def alive_workers(self) -> int:
         """What the master says: workers registered and ALIVE."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=2) as reply:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=10) as reply:
                 state = json.load(reply)
         except OSError:
             return -1

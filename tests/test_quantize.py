@@ -120,7 +120,7 @@ def test_the_service_serves_int8_where_a_bundle_has_it_or_where_asked(models, tm
     log = tmp_path / "serve.log"
     with running(SERVE, log, env=env) as server:
         url = server.url
-        listed = {m["name"]: m for m in httpx.post(f"{url}/models", json={}).json()}
+        listed = {m["name"]: m for m in httpx.post(f"{url}/models", json={}, timeout=30).json()}
         pixels = np.zeros((32, 32, 3), np.uint8)
         answer = httpx.post(f"{url}/classify", files=[("images", ("0.png", encode(pixels), "image/png"))], timeout=30)
     assert listed["cnn"]["precision"] == "int8"

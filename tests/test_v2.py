@@ -134,11 +134,11 @@ def test_a_header_nested_past_pythons_recursion_limit_is_a_400(server):
 
 
 def test_wrong_routes_and_methods_answer_in_the_protocols_shape(server):
-    assert httpx.get(f"{server}/v2/models/cnn/infer").status_code == 405
-    assert "error" in httpx.get(f"{server}/v2/models/cnn/infer").json()
-    answer = httpx.post(f"{server}/v2/models/resnet/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072))
+    assert httpx.get(f"{server}/v2/models/cnn/infer", timeout=30).status_code == 405
+    assert "error" in httpx.get(f"{server}/v2/models/cnn/infer", timeout=30).json()
+    answer = httpx.post(f"{server}/v2/models/resnet/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072), timeout=30)
     assert answer.status_code == 404 and "unknown model" in answer.json()["error"]
-    assert httpx.post(f"{server}/v2/models/cnn/versions/another/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072)).status_code == 404
+    assert httpx.post(f"{server}/v2/models/cnn/versions/another/infer", json=tensor([1, 32, 32, 3], data=[0] * 3072), timeout=30).status_code == 404
 
 
 def test_a_fault_behind_the_protocols_routes_is_a_500_in_its_error_shape():
