@@ -16,6 +16,7 @@ SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 KNN_FILE = "knn.npz"
+DEFAULT_BUNDLE = "airbench"  # what the service answers with and `cifar10 score` uses when no model is named
 INT8_FILE = "model.int8.onnx"
 Precision = Literal["fp32", "int8"]  # fp32: MODEL_FILE; int8: the variant `cifar10 quantize` adds
 PRECISIONS: tuple[str, ...] = Precision.__args__

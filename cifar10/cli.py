@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from bundle.manifest import PRECISIONS, TTA_LEVELS
+from bundle.manifest import DEFAULT_BUNDLE, PRECISIONS, TTA_LEVELS
 from cifar10.errors import UserError
 from training.knn import KNN_COMPONENTS
 
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
     score.add_argument("input", help="a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file; "
                        "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
-    score.add_argument("--model", required=True, help="bundle name under --models-dir")
+    score.add_argument("--model", default=DEFAULT_BUNDLE, help="bundle name under --models-dir (default: %(default)s, as the service)")
     score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")
     score.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     score.add_argument("--engine", choices=["local", "spark"], default="local",

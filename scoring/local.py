@@ -6,8 +6,9 @@ The next chunk is decoded while the current one is inferred (by Bundle.predict, 
 256 images, so in bounded memory).
 Each finished chunk is written as its own file under OUT.parts/ (atomically), so an
 interrupted run keeps what it did and a re-run with the same output skips those rows; OUT
-itself appears, by a rename, only once every input is scored. Inputs that fail to decode get a
-row with `error` set and never stop the run.
+itself appears, by a rename, only once every input is scored, with OUT.options.json beside it (what
+was scored, with which bundle and options: a re-run asking for anything else is refused). Inputs
+that fail to decode get a row with `error` set and never stop the run.
 """
 
 from __future__ import annotations
@@ -152,12 +153,7 @@ class Parts:
         self.folder.mkdir(parents=True, exist_ok=True)
         stored = self.folder / OPTIONS_FILE
         if stored.exists():
-            earlier = json.loads(stored.read_text())
-            if earlier != asdict(options):
-                raise ScoringError(
-                    f"{self.folder} holds an interrupted run with other options ({earlier}); "
-                    f"re-run it as it was, or remove {self.folder} to start over"
-                )
+            check_same(json.loads(stored.read_text()), options, f"{self.folder} holds an interrupted run", f"re-run it as it was, or remove {self.folder} to start over")
         else:
             stored.write_text(json.dumps(asdict(options)))
         self.written = len(self.files())  # parts of an interrupted run keep their numbers
@@ -196,6 +192,7 @@ class Parts:
                 table = pq.read_table(part)
                 writer.write_table(_csv_ready(table) if as_csv else table)
                 each(table)
+        os.replace(self.folder / OPTIONS_FILE, options_record(output))  # first: an OUT is never without its record
         os.replace(tmp, output)
         shutil.rmtree(self.folder)
 
@@ -211,20 +208,31 @@ def _csv_ready(table):
     return table
 
 
-def check_output(output: Path, options: Options) -> None:
-    """An existing OUT is a finished run: fine to keep if it has our columns, an error otherwise."""
+def check_output(output: Path, options: Options) -> bool:
+    """True if `output` is a finished run of these very options (nothing to do); an error if it holds
+    anything else, so that a re-run never passes off one run's rows as another's."""
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise ScoringError(f"--output must end in .parquet or .csv, got {output}")
     if not output.exists():
-        return
-    if output.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
+        return False
+    record = options_record(output)
+    if not record.is_file():
+        raise ScoringError(f"{output} exists without {record.name}, which says how it was made; choose another --output or remove it")
+    check_same(json.loads(record.read_text()), options, f"{output} holds a finished run", "choose another --output or remove it")
+    return True
 
-        found = pq.read_schema(output).names
-    else:
-        found = output.open().readline().strip().replace('"', "").split(",")
-    if list(found) != schema(options).names:
-        raise ScoringError(f"{output} exists with other columns ({', '.join(found)}); choose another --output or remove it")
+
+def options_record(output: Path) -> Path:
+    """The options of the run that wrote a finished OUT, beside it: what it scored, with which bundle."""
+    return output.with_name(output.name + ".options.json")
+
+
+def check_same(earlier: dict, options: Options, what: str, remedy: str) -> None:
+    """Refuse a run whose options differ from an earlier one's, naming each difference."""
+    asked = asdict(options)
+    if earlier != asked:
+        changed = "; ".join(f"{k}: {earlier.get(k)!r} then, {asked.get(k)!r} now" for k in sorted(set(earlier) | set(asked)) if earlier.get(k) != asked.get(k))
+        raise ScoringError(f"{what} with other options ({changed}); {remedy}")
 
 
 def _prefetch(chunks: Iterator[list[Record]], pool: ThreadPoolExecutor, limits: Limits) -> Iterator[tuple[list[Record], list]]:
@@ -253,9 +261,8 @@ def score(
     workers: decoding threads; None: the cores this process may use (a container's CPU quota included).
     progress: called with the number of rows each finished chunk adds (e.g. a progress bar's update).
     """
-    check_output(output, options)
     summary = Summary(output=str(output))
-    if output.exists():  # finished before: nothing to do
+    if check_output(output, options):  # finished before: nothing to do
         return summary
     parts = Parts(output, options)
     done = parts.done_ids()

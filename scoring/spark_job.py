@@ -6,8 +6,8 @@ Executors read the inputs, so the driver never touches an image: folders and glo
 `binaryFile` source, tables through Spark's Parquet and CSV readers, at any Hadoop file system URI
 (`hdfs://`, `s3a://`, `file:/`); the paths in a table of paths are opened as local files. Spark writes the output, a Parquet folder of part files,
 through its commit protocol: `_SUCCESS` appears only when every row is in. A re-run finds the
-folder complete (nothing to do) or left by a failed run (written again from scratch: the output
-never holds a row twice).
+folder complete (nothing to do; refused if its schema records other options) or left by a failed
+run (written again from scratch: the output never holds a row twice).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict
 
 from bundle.runtime import read_manifest
 from scoring.inputs import IMAGE_SUFFIXES, Columns, InputError
-from scoring.local import Options, ScoringError, Summary, schema
+from scoring.local import Options, ScoringError, Summary, check_same, schema
 from scoring.spark import with_predictions
 
 GLOB = re.compile(r"[*?\[{]")
@@ -27,6 +28,7 @@ SPARK_OUTPUT = re.compile(r"\.?part-.*|_temporary|_started_.*|_committed_.*|\._S
 # Spark packs small files into a partition up to 128 MB, counting each at this many bytes: about
 # 256 images a task, so tasks are short enough to spread evenly and cheap to redo after a failure
 OPEN_COST = "512k"
+OPTIONS_KEY = "cifar10_score_options"  # the run's Options, in the id column's metadata of the output's schema
 
 
 def score_spark(
@@ -34,6 +36,7 @@ def score_spark(
 ) -> Summary:  # fmt: skip
     """Score `source` (a folder, glob, .parquet or .csv, local path or URI) into the Parquet folder `output`."""
     from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
 
     if output.lower().endswith(".csv"):
         raise ScoringError("the spark engine writes Parquet (a folder of part files); give --output a .parquet name")
@@ -48,9 +51,11 @@ def score_spark(
     try:
         state = output_state(spark, output)
         if state == "complete":
-            found = spark.read.parquet(output).columns
-            if found != schema(options).names:
-                raise ScoringError(f"{output} holds a finished run with other columns ({', '.join(found)}); choose another --output or remove it")
+            found = spark.read.parquet(output).schema
+            earlier = found["id"].metadata.get(OPTIONS_KEY) if "id" in found.names else None
+            if earlier is None:
+                raise ScoringError(f"{output} holds a Parquet folder this command did not write (no options in its schema); choose another --output or remove it")
+            check_same(earlier, options, f"{output} holds a finished run", "choose another --output or remove it")
             return Summary(output=output)
         if state == "failed":
             print(f"{output} has no _SUCCESS marker: the output of a failed run; writing it again from scratch", file=sys.stderr)
@@ -63,7 +68,9 @@ def score_spark(
             )  # fmt: skip
         except ValueError as exc:  # e.g. a CSV column of image bytes, which CSV cannot hold
             raise InputError(f"{source}: {exc}") from None
-        scored.select(*schema(options).names).write.mode("overwrite").parquet(output)
+        # the options travel in the output's own schema, as the id column's metadata
+        described = F.col("id").alias("id", metadata={OPTIONS_KEY: asdict(options)})
+        scored.select(described, *schema(options).names[1:]).write.mode("overwrite").parquet(output)
         return summarize(spark, output, time.perf_counter() - started)
     finally:
         if ours:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bundle.images import DEFAULT_LIMITS, Limits
-from bundle.manifest import PRECISIONS
+from bundle.manifest import DEFAULT_BUNDLE, PRECISIONS
 from bundle.runtime import available_cores
 
 
@@ -35,7 +35,7 @@ PARSERS = {"Path": Path, "tuple[str, ...]": _names, "str": str, "int": int, "int
 class Settings:
     models_dir: Path = Path("models")
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
-    default_model: str = "airbench"  # used when a request names none; this one, not served, gives way to the first loaded
+    default_model: str = DEFAULT_BUNDLE  # used when a request names none; this one, not served, gives way to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU
     sessions: int = 2  # onnxruntime sessions per bundle and worker that run batches side by side under load, splitting the threads (Triton's instance count); 1: one batch at a time; none beyond the threads, none on a GPU
     threads: int | None = None  # onnxruntime intra-op threads of a worker's main session (the sessions split them); None: the cores shared among the workers; 0: its own choice

@@ -144,7 +144,7 @@ def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shar
 @pytest.mark.parametrize(
     ("source", "args", "message"),
     [
-        (None, ["--model", "resnet"], "no bundle 'resnet' in"),
+        (None, ["--model", "resnet"], "found: airbench, cnn"),  # the bundles' names
         (None, ["--model", "cnn", "--topk", "11"], "--topk must lie in 0..10"),
         (None, ["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
         ("missing", ["--model", "cnn"], "input not found"),
@@ -162,9 +162,20 @@ def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_pat
     assert message in capsys.readouterr().err
 
 
-def test_an_existing_output_of_another_shape_is_refused(folder, bundle, tmp_path):
+def test_a_finished_output_is_kept_only_for_the_same_options(folder, bundle, tmp_path):
+    """A re-run that asks for another model, precision or input never reports the earlier run's rows as its own."""
+    for output in (tmp_path / "done.csv", tmp_path / "done.parquet"):
+        first = run(folder, bundle, output)
+        assert first.rows == 303 and json.loads((tmp_path / f"{output.name}.options.json").read_text())["model"] == "cnn"
+        again = run(folder, bundle, output)
+        assert again.rows == 0 and again.new == 0  # nothing to do
+        for other in (options(model="airbench"), options(precision="int8"), options(input="elsewhere"), options(topk=2)):
+            with pytest.raises(ScoringError, match="holds a finished run with other options"):
+                run(folder, bundle, output, other)
+    with pytest.raises(ScoringError, match="model: 'cnn' then, 'airbench' now"):
+        run(folder, bundle, tmp_path / "done.csv", options(model="airbench"))
     pq.write_table(pa.table({"something": [1]}), tmp_path / "taken.parquet")
-    with pytest.raises(ScoringError, match="exists with other columns"):
+    with pytest.raises(ScoringError, match="exists without taken.parquet.options.json"):
         run(folder, bundle, tmp_path / "taken.parquet")
     with pytest.raises(ValueError, match="no column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")

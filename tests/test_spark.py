@@ -104,8 +104,10 @@ def test_the_cli_scores_a_folder_on_the_cluster_like_the_local_engine(cluster, f
 
     assert main(spark_cli(folder, output, cluster, "--topk", "2")) == 0  # finished: nothing to do
     assert "already complete" in capsys.readouterr().out
-    assert main(spark_cli(folder, output, cluster)) == 1  # other columns
-    assert "holds a finished run with other columns" in capsys.readouterr().err
+    assert main(spark_cli(folder, output, cluster)) == 1  # other options
+    assert "holds a finished run with other options (topk: 2 then, 0 now)" in capsys.readouterr().err
+    assert main(spark_cli(folder, output, cluster, "--topk", "2", "--precision", "int8")) == 1  # same columns, another graph
+    assert "precision: 'fp32' then, 'int8' now" in capsys.readouterr().err
 
 
 def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, cluster, folder, tmp_path, capsys):
