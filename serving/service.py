@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import bentoml
 import numpy as np
@@ -51,12 +51,14 @@ T = TypeVar("T")
 def bundle_folders(settings: Settings) -> list[Path]:
     if not settings.models_dir.is_dir():
         raise BundleError(f"models folder {settings.models_dir} not found; set CIFAR10_MODELS_DIR or run from the repository root")
-    folders = [settings.models_dir / n for n in settings.models] or sorted(
-        p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file()
-    )
-    if not folders:
+    found = sorted(p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file())
+    if not found:
         raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
-    return folders
+    # a name that is no folder there is a typo, not a broken bundle: CIFAR10_BROKEN_BUNDLES=skip does not pass it over
+    unknown = [name for name in settings.models if not (settings.models_dir / name).is_dir()]
+    if unknown:
+        raise BundleError(f"CIFAR10_MODELS names {', '.join(unknown)}, not a bundle in {settings.models_dir}; found: {', '.join(p.name for p in found)}")
+    return [settings.models_dir / n for n in settings.models] or found
 
 
 def each_bundle(settings: Settings, open_one: Callable[[Path], T]) -> list[T]:
@@ -121,7 +123,15 @@ def concurrency_gauge():
     return Gauge("cifar10_concurrency_limit", "Requests admitted at once, summed over the live workers", multiprocess_mode="livesum")
 
 
-SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
+def cannot_start(reason: Exception) -> NoReturn:
+    """End `bentoml serve` with the reason alone (exit status 1): what to fix is a setting or a bundle, not code."""
+    raise SystemExit(f"cifar10 cannot start: {reason}")
+
+
+try:
+    SETTINGS = Settings.from_env()  # read once at import: BentoML's decorators below need some of them
+except ValueError as exc:
+    cannot_start(exc)
 ROUTES = ("/classify", "/topk", "/embed", "/knn")
 # at least one image per request; the upper bound (CIFAR10_MAX_IMAGES) is checked in the endpoint
 Images = Annotated[list[Upload], Field(min_length=1)]
@@ -136,8 +146,11 @@ class CIFAR10:
         with exit status 1 and the reason, where a worker failing in __init__ would be restarted over and over."""
         # the supervisor runs where `bentoml serve` was started; workers run in the service's working dir (a bento's src/)
         settings = dataclasses.replace(SETTINGS, models_dir=Path(CIFAR10.working_dir) / SETTINGS.models_dir)
-        check_names(settings, bundle_folders(settings))
-        each_bundle(settings, lambda folder: check_bundle(folder, settings))
+        try:
+            check_names(settings, bundle_folders(settings))
+            each_bundle(settings, lambda folder: check_bundle(folder, settings))
+        except BundleError as exc:
+            cannot_start(exc)
 
     def __init__(self) -> None:
         # imported here: BentoML sets up multiprocess metrics in the worker before __init__ runs

@@ -253,6 +253,22 @@ def test_a_broken_bundle_at_start_ends_the_server_with_the_reason(one_broken, tm
     assert "cnn/knn.npz: sha256" in result.stderr + result.stdout and "CIFAR10_BROKEN_BUNDLES=skip" in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"CIFAR10_MODELS": "cnn,resnet"}, "CIFAR10_MODELS names resnet, not a bundle in"),  # a typo is no broken bundle: not skipped
+        ({"CIFAR10_MAX_IMAGES": "abc", "CIFAR10_BROKEN_BUNDLES": "skip"}, "CIFAR10_MAX_IMAGES='abc' (must be an integer)"),
+    ],
+)
+def test_a_setting_that_cannot_be_served_ends_the_start_with_one_line(setting, reason):
+    command = [part.format(port=free_port()) for part in SERVE]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, **setting), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert reason in result.stderr and "Traceback" not in result.stderr + result.stdout
+    if "CIFAR10_MODELS" in setting:
+        assert result.stderr.strip().endswith("found: airbench, cnn")
+
+
 def test_when_every_bundle_is_broken_skipping_leaves_nothing_and_says_so(one_broken):
     from bundle.runtime import BundleError
     from serving.service import check_bundle, each_bundle
