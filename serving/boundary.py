@@ -117,6 +117,8 @@ def multipart_forms_as_declared() -> None:
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
 
+    from serving.uploads import unknown_field
+
     async def parse_request(self, request, cls):
         try:
             form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
@@ -135,7 +137,7 @@ def multipart_forms_as_declared() -> None:
         data: dict[str, typing.Any] = {}
         for name, values in fields.items():
             if name not in cls.model_fields:
-                raise BadInput(f"unknown field {name!r}; this endpoint takes {declared}")
+                raise BadInput(unknown_field(name, declared, request.headers.get("content-type", "")))
             if name in cls.multipart_fields:
                 if not all(isinstance(v, UploadFile) for v in values):
                     raise BadInput(f"{name!r} must be uploaded files (multipart) or the raw body; this service does not fetch URLs")

@@ -100,7 +100,7 @@ class ErrorAnswers:
             if message["type"] == "http.response.start":
                 headers = dict(message["headers"])
                 is_json = headers.get(b"content-type", b"").startswith(b"application/json")
-                if is_json and (document or message["status"] >= 400):
+                if (is_json and (document or message["status"] >= 400)) or message["status"] == 404:
                     start.update(message)  # held back until the body is complete
                     return None
                 return await send(message)
@@ -109,9 +109,13 @@ class ErrorAnswers:
             body.extend(message.get("body", b""))
             if message.get("more_body", False):
                 return None
-            content = json.loads(body)
+            if start["status"] == 404 and not dict(start["headers"]).get(b"content-type", b"").startswith(b"application/json"):
+                content = {"error": f"no route {scope['path']}; the endpoints are {', '.join('POST ' + r for r in self.routes + self.bodyless)} and the /v2 inference protocol's (see /docs)"}
+            else:
+                content = json.loads(body)
             fixed = json.dumps(document_errors(content, self.routes, self.bodyless) if document else one_error(content)).encode()
-            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"] + [(b"content-length", str(len(fixed)).encode())]
+            headers = [(k, v) for k, v in start["headers"] if k not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(fixed)).encode())]
             await send(dict(start, headers=headers))
             await send({"type": "http.response.body", "body": fixed})
 

@@ -43,7 +43,7 @@ from serving.schemas import (
     UploadScore,
 )
 from serving.settings import Settings
-from serving.uploads import INLINE_BYTES, INLINE_PIXELS, Bodies, Upload, upload_bytes
+from serving.uploads import INLINE_BYTES, INLINE_PIXELS, RAW_BODY_NAME, Bodies, Upload, upload_bytes
 
 log = logging.getLogger("bentoml.cifar10")  # BentoML's server shows its own logger tree only
 T = TypeVar("T")
@@ -123,6 +123,12 @@ def concurrency_gauge():
     return Gauge("cifar10_concurrency_limit", "Requests admitted at once, summed over the live workers", multiprocess_mode="livesum")
 
 
+def image_name(index: int, upload: UploadFile) -> str:
+    """How an error names an image: its place in the request, and the file name the client gave it."""
+    given = upload.filename if upload.filename and upload.filename != RAW_BODY_NAME else None
+    return f"image {index}" + (f" ({given[:60]!r})" if given else "")
+
+
 def cannot_start(reason: Exception) -> NoReturn:
     """End `bentoml serve` with the reason alone (exit status 1): what to fix is a setting or a bundle, not code."""
     raise SystemExit(f"cifar10 cannot start: {reason}")
@@ -186,7 +192,8 @@ class CIFAR10:
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         small = sum(upload.size or 0 for upload in images) <= INLINE_BYTES
-        opened = self._open(images) if small else await asyncio.to_thread(self._open, images)
+        names = [image_name(i, upload) for i, upload in enumerate(images)]
+        opened = self._open(images, names) if small else await asyncio.to_thread(self._open, images, names)
         pixels_in_all = sum(image.width * image.height for image in opened)
         if pixels_in_all > self.settings.max_request_pixels:
             for image in opened:
@@ -196,39 +203,39 @@ class CIFAR10:
         abandoned = threading.Event()
         try:
             if small and pixels_in_all <= INLINE_PIXELS:
-                pixels = self._decode(opened, abandoned)
+                pixels = self._decode(opened, names, abandoned)
             else:
-                pixels = await asyncio.to_thread(self._decode, opened, abandoned)
+                pixels = await asyncio.to_thread(self._decode, opened, names, abandoned)
         except asyncio.CancelledError:  # the client went away, or CIFAR10_TIMEOUT_S ran out
             abandoned.set()
             raise
         return await self.batchers[bundle.manifest.name].predict(pixels)
 
-    def _open(self, images: list[UploadFile]) -> list[Image.Image]:
+    def _open(self, images: list[UploadFile], names: list[str]) -> list[Image.Image]:
         """Each upload's bytes, within their limit, opened as an image whose header is checked."""
         opened = []
         limits = self.settings.limits  # built once per request, not per image
-        for i, upload in enumerate(images):
+        for name, upload in zip(names, images):
             try:
                 data = upload_bytes(upload, self.settings.max_image_bytes)
             except ValueError as exc:
-                raise BentoMLException(f"image {i}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+                raise BentoMLException(f"{name}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             try:
                 opened.append(open_image(data, limits))
             except ImageError as exc:
-                raise BadInput(f"image {i}: {exc}") from None
+                raise BadInput(f"{name}: {exc}") from None
         return opened
 
     @staticmethod
-    def _decode(opened: list[Image.Image], abandoned: threading.Event) -> np.ndarray:
+    def _decode(opened: list[Image.Image], names: list[str], abandoned: threading.Event) -> np.ndarray:
         arrays = []
-        for i, image in enumerate(opened):
+        for name, image in zip(names, opened):
             if abandoned.is_set():  # nobody waits for the answer: leave the cores to requests that do
                 raise asyncio.CancelledError
             try:
                 arrays.append(to_pixels(image))
             except ImageError as exc:
-                raise BadInput(f"image {i}: {exc}") from None
+                raise BadInput(f"{name}: {exc}") from None
         return np.stack(arrays)
 
     def count(self, bundle: Bundle, indices) -> None:

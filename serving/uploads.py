@@ -1,8 +1,8 @@
 """How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
 
 The `Bodies` middleware sees every request to an endpoint before BentoML reads it:
-- a method other than POST is a 405, and a body of a type no endpoint reads (text/plain, XML,
-  BentoML's pickles) a 415, each saying what to send instead;
+- a method other than POST is a 405, a request without a body a 400, and a body of a type no
+  endpoint reads (text/plain, XML, BentoML's pickles) a 415, each saying what to send instead;
 - a body over its limit is refused with 413 from its Content-Length (CIFAR10_MAX_REQUEST_BYTES for
   a form, CIFAR10_MAX_IMAGE_BYTES for one raw image), and a form without a Content-Length (a chunked
   upload) with 411, so nothing unbounded is ever spooled;
@@ -27,6 +27,7 @@ from serving.errors import HOW_TO_SEND, send_error
 INLINE_BYTES = 256 * 1024  # a request body up to this size is decoded or parsed on the event loop; a larger one in a thread
 INLINE_PIXELS = 256 * 1024  # and its images' pixels in all (width × height, from their headers) up to this many
 RAW_TYPES = ("image/", "application/octet-stream")
+RAW_BODY_NAME = "body"  # the file name a raw body's image gets in the form it is rewritten into
 # what BentoML parses into parameters; no Content-Type at all is read as JSON
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
 
@@ -51,6 +52,8 @@ class Bodies:
             return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         declared = headers.get(b"content-length", b"")
+        if declared == b"0" or (not declared and b"chunked" not in headers.get(b"transfer-encoding", b"").lower()):
+            return await send_error(send, 400, f"empty request (no body): {HOW_TO_SEND}")
         if content_type not in FORM_TYPES and not content_type.startswith(RAW_TYPES):
             return await send_error(send, 415, f"a body of Content-Type {content_type!r} is not read here: {HOW_TO_SEND}")
         if not content_type.startswith(RAW_TYPES):
@@ -94,10 +97,28 @@ class Bodies:
         await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}")
 
 
+# the first bytes of each image format the decoder takes (WebP: RIFF, then its size, then WEBP)
+SIGNATURES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+
+
+def unknown_field(name: str, declared: str, content_type: str) -> str:
+    """Why a form field is refused. A name that begins with an image's bytes is an image posted as a
+    urlencoded form: what `curl --data-binary @cat.jpg URL` sends without a Content-Type of its own."""
+    head = name.encode("latin-1", "replace")
+    kind = "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
+    if kind:
+        return (
+            f"the body is a {kind.upper()} image sent as {content_type.split(';')[0] or 'a form'} (curl's default for --data-binary): "
+            f"add -H 'Content-Type: image/{kind}', or send it as a file with -F images=@FILE"
+        )
+    shown = name if len(name) <= 40 else name[:40] + "…"
+    return f"unknown field {shown!r}; this endpoint takes {declared or 'no fields'}"
+
+
 def _multipart(image: bytes, content_type: str) -> tuple[bytes, bytes]:
     boundary = secrets.token_hex(16).encode()
     part = (
-        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; filename="body"\r\n'
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; filename="' + RAW_BODY_NAME.encode() + b'"\r\n'
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + image + b"\r\n"
     )
     return part + b"--" + boundary + b"--\r\n", boundary

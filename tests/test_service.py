@@ -80,7 +80,7 @@ def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, t
 def test_a_refusal_is_one_line_of_the_log_and_a_fault_keeps_its_traceback(server, server_log, test_images):
     assert httpx.post(f"{server}/embed", files=upload([b"hello"]), timeout=30).status_code == 400
     refused = lines_with(server_log, "POST /embed refused (400)")
-    assert refused and "[INFO]" in refused[0] and "image 0: not an image" in refused[0]
+    assert refused and "[INFO]" in refused[0] and "image 0 ('0.png'): not an image" in refused[0]
     assert httpx.post(f"{server}/topk", files=upload([encode(test_images[0])]), data={"k": "0"}, timeout=30).status_code == 400
     assert lines_with(server_log, "POST /topk refused (400): k: Input should be greater than or equal to 1")  # request validation
     assert "Exception on /embed" not in server_log.read_text() and "Exception on /topk" not in server_log.read_text()  # BentoML's ERROR lines
@@ -262,7 +262,7 @@ def test_the_query_string_gives_fields_to_a_form_too(server, test_images):
     ("body", "query", "status", "message"),
     [
         (b"hello", "", 400, "not an image"),
-        (b"", "", 400, "empty"),
+        (b"", "", 400, "empty request (no body)"),
         (b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "", 413, "over the limit"),
         (b"\x89PNG", "?model=resnet", 400, "unknown model"),
         (b"\x89PNG", "?k=0", 400, "k: Input should be greater than or equal to 1"),
@@ -275,6 +275,20 @@ def test_bad_raw_bodies_are_4xx(server, body, query, status, message):
     assert message in answer.json()["error"]
 
 
+def test_the_usual_mistakes_of_a_first_request_say_how_to_fix_them(server, test_images):
+    jpeg = encode(test_images[0], "JPEG")
+    as_form = httpx.post(f"{server}/classify", content=jpeg, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert as_form.status_code == 400 and "-H 'Content-Type: image/jpeg'" in as_form.json()["error"]  # curl --data-binary @a.jpg
+    no_body = httpx.post(f"{server}/classify", timeout=30)  # curl -X POST URL
+    assert no_body.status_code == 400 and "empty request (no body)" in no_body.json()["error"]
+    nowhere = httpx.post(f"{server}/predict", files=upload([jpeg], "jpeg"), timeout=30)
+    assert nowhere.status_code == 404 and "POST /classify" in nowhere.json()["error"], nowhere.text
+    long_name = httpx.post(f"{server}/classify", data={"x" * 500: "1"}, files=upload([jpeg], "jpeg"), timeout=30)
+    assert long_name.status_code == 400 and len(long_name.json()["error"]) < 200
+    listing = httpx.post(f"{server}/models", files=upload([jpeg], "jpeg"), timeout=30)
+    assert listing.status_code == 400 and "takes no fields" in listing.json()["error"]
+
+
 def test_a_request_of_more_pixels_in_all_than_the_limit_is_a_413_before_any_decoding(server):
     """Six 40-megapixel PNGs of one colour: 0.8 MB of request, 240 million pixels to decode."""
     large = encode(np.full((6320, 6320, 3), (200, 40, 40), np.uint8))
@@ -284,14 +298,14 @@ def test_a_request_of_more_pixels_in_all_than_the_limit_is_a_413_before_any_deco
 
 def test_a_small_file_of_many_pixels_is_decoded_off_the_event_loop_like_any_other(server, test_images, offline):
     """Few bytes, many pixels: decoded in a thread (the loop decodes only what is small in both), with the
-    answer it gets offline; an image beside it that fails to decode is refused by its index."""
+    answer it gets offline; an image beside it that fails to decode is refused by its index and file name."""
     many = encode(np.full((3000, 3000, 3), (200, 40, 40), np.uint8))  # 9 megapixels in a few kB
     answer = httpx.post(f"{server}/classify", files=upload([many]), timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()[0]["index"] == int(offline.predict(decode(many)[None]).logits.argmax())
     truncated = encode(test_images[0])[:300]  # its header reads, its pixels do not
     refused = httpx.post(f"{server}/classify", files=upload([many, truncated]), timeout=60)
-    assert refused.status_code == 400 and "image 1: corrupt or truncated" in refused.json()["error"], refused.text
+    assert refused.status_code == 400 and "image 1 ('1.png'): corrupt or truncated" in refused.json()["error"], refused.text
 
 
 def test_the_openapi_document_declares_what_each_route_can_answer(server):
