@@ -72,7 +72,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Fal
         _download(folder)
     if not folder.is_dir():
         raise DataError(
-            f"CIFAR-10 folder not found: {folder}. Pass --data-dir to a folder holding "
+            f"CIFAR-10 folder not found: {folder}. Pass --data-dir (or set CIFAR10_DATA_DIR) to a folder holding "
             f"data_batch_1..5 and test_batch, or add --download to fetch the official archive."
         )
     classes = _read_classes(folder / META_FILE)

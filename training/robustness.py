@@ -26,7 +26,7 @@ from training.metrics import calibration_bins, softmax
 
 NOISE_SIGMA = 10.0  # Gaussian sensor noise, in 0..255 levels (CIFAR-10-C severity 1: 0.04 of the range)
 BLUR_SIGMA = 0.6  # Gaussian blur, in pixels of the 32×32 image (CIFAR-10-C severity 2)
-PHOTO_SIDE, PHOTO_QUALITY = 256, 85  # a phone-sized upload: upscaled, then saved as JPEG
+PHOTO_SIDE, PHOTO_QUALITY = 256, 85  # a larger upload than CIFAR-10 itself: upscaled, then saved as JPEG
 
 
 @dataclass(frozen=True)
