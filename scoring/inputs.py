@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ def read_inputs(source: Path, classes: Sequence[str], columns: Columns = Columns
         return _parquet(source, classes, columns, chunk)
     if re.fullmatch(r"data_batch_\d+|test_batch", source.name):
         return _chunked(_cifar_batch(source, classes), chunk)
-    raise InputError(f"{source}: give a folder of images, a .csv or .parquet table, or a CIFAR-10 data_batch_N/test_batch file")
+    if source.suffix.lower() in IMAGE_SUFFIXES:  # one image: a row of its own, its id the file name
+        return iter([[Record(source.name, source, None)]])
+    raise InputError(f"{source}: give an image, a folder of images, a .csv or .parquet table, or a CIFAR-10 data_batch_N/test_batch file")
 
 
 def _chunked(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
@@ -68,9 +71,12 @@ def _chunked(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
     """Every image file under root, sorted; the label is the parent folder's name when it is a class."""
     index = {name: i for i, name in enumerate(classes)}
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    every = [p for p in root.rglob("*") if p.is_file()]
+    files = sorted(p for p in every if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    if others := [p for p in every if p.suffix.lower() not in IMAGE_SUFFIXES]:  # said, so that a count that falls short is not a surprise
+        print(f"{len(others):,} files under {root} have no image suffix and are not scored (e.g. {others[0].relative_to(root)})", file=sys.stderr)
     for path in files:
         yield Record(str(path.relative_to(root)), path, index.get(path.parent.name) if path.parent != root else None)
 

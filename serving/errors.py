@@ -78,7 +78,8 @@ def one_error(content):
         content = content[0]  # BentoML 1.4 wraps the errors its endpoints raise in a list
     if isinstance(content, dict) and isinstance(content.get("detail"), list):  # request validation: name each field
         problems = [": ".join(filter(None, (".".join(map(str, d.get("loc", ()))), d.get("msg", "")))) for d in content["detail"] if isinstance(d, dict)]
-        content = dict(content, error="; ".join(problems) or content.get("error", ""))
+        detail = [{k: v for k, v in d.items() if k != "url"} if isinstance(d, dict) else d for d in content["detail"]]  # pydantic's docs, not ours
+        content = dict(content, error="; ".join(problems) or content.get("error", ""), detail=detail)
     return content
 
 

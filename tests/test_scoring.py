@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from pyarrow import csv
 
 import scoring.local
@@ -148,7 +149,7 @@ def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shar
         (None, ["--model", "cnn", "--topk", "11"], "--topk must lie in 0..10"),
         (None, ["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
         ("missing", ["--model", "cnn"], "input not found"),
-        ("notes.txt", ["--model", "cnn"], "give a folder of images, a .csv or .parquet table"),
+        ("notes.txt", ["--model", "cnn"], "give an image, a folder of images, a .csv or .parquet table"),
     ],
 )
 def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_path, capsys):
@@ -180,3 +181,17 @@ def test_a_finished_output_is_kept_only_for_the_same_options(folder, bundle, tmp
     with pytest.raises(ValueError, match="no column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")
         run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")
+
+
+def test_one_image_is_an_input_and_files_left_out_of_a_folder_are_counted(test_images, bundle, tmp_path, capsys):
+    pixels = test_images[0][:1]
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pixels[0]).save(tmp_path / "in" / "cat.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "photo.heic").write_bytes(b"\x00")
+    models = ["--models-dir", str(REPO / "models"), "--model", "cnn"]
+    assert main(["score", str(tmp_path / "in" / "cat.png"), "--output", str(tmp_path / "one.csv"), *models]) == 0
+    (row,) = csv.read_csv(tmp_path / "one.csv").to_pylist()
+    assert row["id"] == "cat.png" and row["index"] == int(bundle.predict(pixels).logits.argmax())
+    assert main(["score", str(tmp_path / "in"), "--output", str(tmp_path / "folder.csv"), *models]) == 0
+    assert "2 files under" in capsys.readouterr().err and csv.read_csv(tmp_path / "folder.csv").num_rows == 1
