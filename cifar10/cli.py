@@ -35,14 +35,13 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from training.recipes import RECIPES
-    from training.uploads import describe
+    from training.recipes import RECIPES, describe_uploads
 
     for name, recipe in RECIPES.items():
         print(
             f"{name:26s} model={recipe['model']:13s} epochs={recipe['epochs']:<4d} batch={recipe['batch_size']:<4d} "
             f"lr={recipe['lr']:g} norm={recipe['normalization']} holdout={recipe['holdout']} augment={recipe['augment'] or 'none'} "
-            f"uploads={describe(recipe['uploads'])}"
+            f"uploads={describe_uploads(recipe['uploads'])}"
         )
 
 
@@ -87,7 +86,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     final = summary["final"]
     tta = "".join(f", with {level} {result['accuracy']:.4f}" for level, result in final.get("test_tta", {}).items())
     print(
-        f"done in {summary['train_seconds']:.0f}s: train accuracy {final['train']['accuracy']:.4f}, "
+        f"done in {summary['train_seconds']:.0f}s: train accuracy {final['train']['accuracy']:.4f} (evaluated as the test set is; "
+        f"batch_acc above is over the training batches as they were trained), "
         f"test accuracy {final['test']['accuracy']:.4f}{tta} ({run_dir / 'run.json'})"
     )
 
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--weights", help="VGG recipes: imagenet, none, or a state-dict file")
     train.add_argument("--freeze", action="store_true", default=None, help="VGG recipes: freeze the pretrained blocks")
-    train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
+    train.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs; the study's recipes keep Keras's slow BatchNorm statistics, so their test accuracy means little before a few hundred steps)")
     train.add_argument("--holdout", type=int, help="keep the last N training images out of training (for evaluate's choices)")
     train.add_argument("--uploads", metavar="MIX",
                        help="fast recipes: 'none', or shares of the upload steps and ranges of their strengths, e.g. "

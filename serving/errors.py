@@ -69,6 +69,10 @@ def document_errors(spec: dict, routes: tuple[str, ...], bodyless: tuple[str, ..
             del responses[status]
         for status in ERROR_STATUSES if route in routes else BODYLESS_STATUSES:
             responses[str(status)] = {"description": ERROR_STATUSES[status], "content": {"application/json": {"schema": reference}}}
+    for route in bodyless:  # read with a GET too (serving/uploads.py)
+        post = spec["paths"][route]["post"]
+        post["responses"]["405"] = dict(post["responses"]["405"], description="a method other than GET or POST")
+        spec["paths"][route]["get"] = {k: v for k, v in post.items() if k != "requestBody"} | {"operationId": f"{post.get('operationId', route.strip('/'))}_get"}
     return spec
 
 

@@ -324,7 +324,7 @@ CIFAR10.add_asgi_middleware(
     target_latency_s=SETTINGS.target_latency_s, on_limit=lambda value: concurrency_gauge().set(value),
 )  # fmt: skip
 CIFAR10.add_asgi_middleware(
-    Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"),
+    Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"), readable=("/models",),
     max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,
 )  # fmt: skip
 CIFAR10.add_asgi_middleware(Abandonment, watches=lambda path: path in ROUTES or v2.is_infer(path))  # innermost: sees the body Bodies passes on

@@ -1,7 +1,8 @@
 """How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
 
 The `Bodies` middleware sees every request to an endpoint before BentoML reads it:
-- a method other than POST is a 405, a request without a body a 400, and a body of a type no
+- a GET of a route without parameters (/models) is read as the POST BentoML serves; any other
+  method than POST is a 405, a request without a body a 400, and a body of a type no
   endpoint reads (text/plain, XML, BentoML's pickles) a 415, each saying what to send instead;
 - a body over its limit is refused with 413 from its Content-Length (CIFAR10_MAX_REQUEST_BYTES for
   a form, CIFAR10_MAX_IMAGE_BYTES for one raw image), and a form without a Content-Length (a chunked
@@ -33,21 +34,27 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "appli
 
 
 class Bodies:
-    def __init__(self, app, paths: tuple[str, ...], post_only: tuple[str, ...], max_image_bytes: int, max_request_bytes: int):
+    def __init__(
+        self, app, paths: tuple[str, ...], post_only: tuple[str, ...], max_image_bytes: int, max_request_bytes: int, readable: tuple[str, ...] = ()
+    ):  # fmt: skip
         self.app = app
         self.paths = paths  # the image endpoints
         self.post_only = post_only  # every API route: BentoML answers other methods with a plain-text 405
+        self.readable = readable  # routes without parameters that a GET reads too (BentoML's routes are POST only)
         self.max_bytes = max_image_bytes
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.post_only:
             return await self.app(scope, receive, send)
+        if scope["method"] == "GET" and scope["path"] in self.readable:
+            return await self.app(*_with_body(scope, receive, b"{}", b"application/json"), send)
         headers = dict(scope["headers"])
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers  # BentoML's CORS answers it
         if scope["method"] != "POST" and not preflight:
-            message = f"{scope['method']} {scope['path']} is not served: POST to it (the API is described at /docs.json)"
-            return await send_error(send, 405, message, ((b"allow", b"POST"),))
+            allowed = "GET, POST" if scope["path"] in self.readable else "POST"
+            message = f"{scope['method']} {scope['path']} is not served: use {' or '.join(allowed.split(', '))} (the API is described at /docs.json)"
+            return await send_error(send, 405, message, ((b"allow", allowed.encode()),))
         if preflight or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -76,22 +83,7 @@ class Bodies:
             if len(body) > self.max_bytes:
                 return await self._too_large(len(body), send)
         form, boundary = _multipart(bytes(body), content_type)
-        replaced = {b"content-type", b"content-length"}
-        scope = dict(
-            scope,
-            headers=[(k, v) for k, v in scope["headers"] if k not in replaced]
-            + [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"content-length", str(len(form)).encode())],
-        )
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()  # after the body: wait for the client's disconnect
-            sent = True
-            return {"type": "http.request", "body": form, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(*_with_body(scope, receive, form, b"multipart/form-data; boundary=" + boundary), send)
 
     async def _too_large(self, size: int, send) -> None:
         await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}")
@@ -113,6 +105,23 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
         )
     shown = name if len(name) <= 40 else name[:40] + "…"
     return f"unknown field {shown!r}; this endpoint takes {declared or 'no fields'}"
+
+
+def _with_body(scope, receive, body: bytes, content_type: bytes):
+    """(scope, receive) of a POST of `body`, as the endpoint should read it."""
+    replaced = {b"content-type", b"content-length"}
+    headers = [(k, v) for k, v in scope["headers"] if k not in replaced]
+    scope = dict(scope, method="POST", headers=headers + [(b"content-type", content_type), (b"content-length", str(len(body)).encode())])
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()  # after the body: wait for the client's disconnect
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return scope, replay
 
 
 def _multipart(image: bytes, content_type: str) -> tuple[bytes, bytes]:

@@ -312,6 +312,7 @@ def test_the_openapi_document_declares_what_each_route_can_answer(server):
     paths = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
     assert {"400", "411", "413", "415", "429", "504"} <= set(paths["/classify"]["post"]["responses"])
     assert set(paths["/models"]["post"]["responses"]) == {"200", "400", "405", "500", "504"}  # reads no upload, sheds no load
+    assert paths["/models"]["get"]["responses"] == paths["/models"]["post"]["responses"] and "requestBody" not in paths["/models"]["get"]
 
 
 def test_a_request_over_its_size_limit_is_refused_before_it_is_read(server):
@@ -360,10 +361,16 @@ def test_form_fields_other_than_the_declared_ones_are_400(server, fields, messag
     assert answer.status_code == 400 and message in answer.json()["error"], answer.text
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/classify"), ("PUT", "/topk"), ("DELETE", "/embed"), ("GET", "/models")])
-def test_methods_other_than_post_are_a_json_405(server, method, path):
+@pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/classify", "POST"), ("PUT", "/topk", "POST"), ("DELETE", "/embed", "POST"), ("PUT", "/models", "GET, POST")])
+def test_methods_other_than_post_are_a_json_405(server, method, path, allowed):
     answer = httpx.request(method, f"{server}{path}", timeout=60)
-    assert answer.status_code == 405 and answer.headers["allow"] == "POST" and "POST to it" in answer.json()["error"]
+    assert answer.status_code == 405 and answer.headers["allow"] == allowed and "is not served: use " in answer.json()["error"]
+
+
+def test_the_model_listing_is_read_with_a_get_as_with_a_post(server):
+    read = httpx.get(f"{server}/models", timeout=30)
+    assert read.status_code == 200 and read.json() == httpx.post(f"{server}/models", json={}, timeout=30).json()
+    assert {m["name"] for m in read.json()} == {"airbench", "cnn"}
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "text/csv; charset=utf-8"])

@@ -9,8 +9,8 @@ from PIL import Image
 
 from bundle.images import decode
 from cifar10.errors import UserError
-from training.recipes import FAST_UPLOADS, RECIPES, UPLOAD_STRENGTHS, UPLOADS, get_recipe
-from training.uploads import describe, gaussian_blur, round_trip, simulate
+from training.recipes import FAST_UPLOADS, RECIPES, UPLOAD_STRENGTHS, UPLOADS, describe_uploads, get_recipe
+from training.uploads import gaussian_blur, round_trip, simulate
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def test_no_uploads_leave_the_images_alone(images):
 
 
 def test_describe_names_each_step():
-    assert describe({}) == "none"
+    assert describe_uploads({}) == "none"
     mix = dict(UPLOADS, blur=0.15, noise=0.15, jpeg=0.5, webp=0.1)
-    assert describe(mix) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
+    assert describe_uploads(mix) == "blur 15% (σ px 0.3–1), noise 15% (σ 2–12), jpeg 50% (q 30–95), webp 10% (q 50–95)"
 
 
 def test_uploads_override_changes_shares_and_keeps_the_rest():

@@ -255,7 +255,7 @@ def save_and_stop(run_dir: Path, state: dict) -> NoReturn:
 def log_epoch(row: dict, epochs: int) -> None:
     tqdm.write(
         f"epoch {row['epoch']:3d}/{epochs}  lr {row['lr']:.2e}  loss {row['train_loss']:.4f}  "
-        f"acc {row['train_accuracy']:.4f}  test_loss {row['test_loss']:.4f}  "
+        f"batch_acc {row['train_accuracy']:.4f}  test_loss {row['test_loss']:.4f}  "
         f"test_acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s"
     )
 

@@ -315,3 +315,16 @@ def lr_at(recipe: dict, epoch: int) -> float:
         if epoch >= start:
             lr = value
     return lr
+
+
+def describe_uploads(uploads: dict) -> str:
+    """One line for recipe tables: which steps, on what share, at what strength."""
+    if not uploads:
+        return "none"
+    parts = []
+    for step, strength, unit in (("blur", "blur_sigma", "σ px"), ("noise", "noise_sigma", "σ"), ("jpeg", "jpeg_quality", "q"), ("webp", "webp_quality", "q")):
+        share = uploads.get(step, 0.0)
+        if share:
+            low, high = uploads[strength]
+            parts.append(f"{step} {share:.0%} ({unit} {low:g}–{high:g})")
+    return ", ".join(parts)

@@ -15,8 +15,7 @@ import torch
 from training.data import Cifar10, Split
 from training.loop import write_json
 from training.metrics import reliability, softmax
-from training.recipes import AIRBENCH_WHITENING_EPS, RECIPES
-from training.uploads import describe
+from training.recipes import AIRBENCH_WHITENING_EPS, RECIPES, describe_uploads
 
 
 def dataset_facts(data: Cifar10) -> dict:
@@ -89,7 +88,7 @@ def runs_table(runs_dir: Path) -> str:
         if recipe.get("holdout"):
             variant += f", holdout {recipe['holdout']}"
         if recipe["name"] in RECIPES and recipe.get("uploads", {}) != _as_json(RECIPES[recipe["name"]]["uploads"]):
-            variant += f", uploads {describe(recipe['uploads'])}"  # a --uploads candidate
+            variant += f", uploads {describe_uploads(recipe['uploads'])}"  # a --uploads candidate
         eps = recipe.get("whitening_eps", AIRBENCH_WHITENING_EPS)  # runs from before the key had airbench's
         if recipe.get("loop") == "fast" and recipe["name"] in RECIPES and eps != RECIPES[recipe["name"]]["whitening_eps"]:
             variant += f", whitening eps {eps:g}"  # a --whitening-eps candidate

@@ -83,16 +83,3 @@ def round_trip(image: torch.Tensor, fmt: str, quality: int) -> torch.Tensor:
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, fmt, quality=quality)
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     return torch.from_numpy(decoded.copy()).permute(2, 0, 1)
-
-
-def describe(uploads: dict) -> str:
-    """One line for recipe tables: which steps, on what share, at what strength."""
-    if not uploads:
-        return "none"
-    parts = []
-    for step, strength, unit in (("blur", "blur_sigma", "σ px"), ("noise", "noise_sigma", "σ"), ("jpeg", "jpeg_quality", "q"), ("webp", "webp_quality", "q")):
-        share = uploads.get(step, 0.0)
-        if share:
-            low, high = uploads[strength]
-            parts.append(f"{step} {share:.0%} ({unit} {low:g}–{high:g})")
-    return ", ".join(parts)
