@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     score = sub.add_parser("score", help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
-    score.add_argument("input", help="a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file; "
+    score.add_argument("input", help="an image, a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file; "
                        "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
     score.add_argument("--model", default=DEFAULT_BUNDLE, help="bundle name under --models-dir (default: %(default)s, as the service)")
     score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")

@@ -1,4 +1,4 @@
-"""What offline scoring reads: a folder of images, a table of paths or of image bytes, or a CIFAR-10 batch.
+"""What offline scoring reads: an image, a folder of images, a table of paths or of image bytes, or a CIFAR-10 batch.
 
 Every source streams as chunks of `Record`s, so memory stays bounded whatever the input size.
 A record's `source` is the encoded bytes, a path to read them from, or (CIFAR-10 batch files)
@@ -41,7 +41,7 @@ class Columns:
 
 
 def read_inputs(source: Path, classes: Sequence[str], columns: Columns = Columns(), chunk: int = 1024) -> Iterator[list[Record]]:
-    """Chunks of records from a folder, .csv, .parquet or CIFAR-10 batch file."""
+    """Chunks of records from an image, a folder, .csv, .parquet or CIFAR-10 batch file."""
     if source.is_dir():
         return _chunked(folder_records(source, classes), chunk)
     if not source.is_file():

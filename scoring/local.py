@@ -153,9 +153,11 @@ class Parts:
         self.folder.mkdir(parents=True, exist_ok=True)
         stored = self.folder / OPTIONS_FILE
         if stored.exists():
-            check_same(json.loads(stored.read_text()), options, f"{self.folder} holds an interrupted run", f"re-run it as it was, or remove {self.folder} to start over")
+            check_same(read_options(stored), options, f"{self.folder} holds an interrupted run", f"re-run it as it was, or remove {self.folder} to start over")
+        elif self.files():  # parts of unknown options are never adopted as this run's
+            raise ScoringError(f"{self.folder} holds parts without their {OPTIONS_FILE}, so which run wrote them is unknown; remove {self.folder} to start over")
         else:
-            stored.write_text(json.dumps(asdict(options)))
+            write_options(stored, options)
         self.written = len(self.files())  # parts of an interrupted run keep their numbers
 
     def files(self) -> list[Path]:
@@ -192,9 +194,12 @@ class Parts:
                 table = pq.read_table(part)
                 writer.write_table(_csv_ready(table) if as_csv else table)
                 each(table)
-        os.replace(self.folder / OPTIONS_FILE, options_record(output))  # first: an OUT is never without its record
+        write_options(options_record(output), self.options)  # first: an OUT is never without its record
         os.replace(tmp, output)
-        shutil.rmtree(self.folder)
+        # out of sight in one step, then removed: a run stopped here leaves no parts folder to resume from
+        leaving = removed_parts(output)
+        os.replace(self.folder, leaving)
+        shutil.rmtree(leaving)
 
 
 def _csv_ready(table):
@@ -217,9 +222,29 @@ def check_output(output: Path, options: Options) -> bool:
         return False
     record = options_record(output)
     if not record.is_file():
-        raise ScoringError(f"{output} exists without {record.name}, which says how it was made; choose another --output or remove it")
-    check_same(json.loads(record.read_text()), options, f"{output} holds a finished run", "choose another --output or remove it")
+        raise ScoringError(
+            f"{output} exists without {record.name}, the record of the options that made it (an output of an earlier "
+            "cifar10 version, or of another tool); choose another --output or remove it"
+        )
+    check_same(read_options(record), options, f"{output} holds a finished run", "choose another --output or remove it")
     return True
+
+
+def removed_parts(output: Path) -> Path:
+    return output.with_name(f".{output.name}.parts.removed")
+
+
+def write_options(path: Path, options: Options) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(asdict(options)))
+    os.replace(tmp, path)  # whole or absent
+
+
+def read_options(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ScoringError(f"{path} is not the JSON this command writes; remove it (and what it describes) to start over") from None
 
 
 def options_record(output: Path) -> Path:
@@ -262,6 +287,7 @@ def score(
     progress: called with the number of rows each finished chunk adds (e.g. a progress bar's update).
     """
     summary = Summary(output=str(output))
+    shutil.rmtree(removed_parts(output), ignore_errors=True)  # what a run stopped while removing its parts left
     if check_output(output, options):  # finished before: nothing to do
         return summary
     parts = Parts(output, options)

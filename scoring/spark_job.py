@@ -54,7 +54,10 @@ def score_spark(
             found = spark.read.parquet(output).schema
             earlier = found["id"].metadata.get(OPTIONS_KEY) if "id" in found.names else None
             if earlier is None:
-                raise ScoringError(f"{output} holds a Parquet folder this command did not write (no options in its schema); choose another --output or remove it")
+                raise ScoringError(
+                    f"{output} holds a finished Parquet folder without the record of the options that made it (an output of an "
+                    "earlier cifar10 version, or of another tool); choose another --output or remove it"
+                )
             check_same(earlier, options, f"{output} holds a finished run", "choose another --output or remove it")
             return Summary(output=output)
         if state == "failed":

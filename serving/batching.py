@@ -84,15 +84,15 @@ class Batcher:
         try:
             calls = self._compute(np.concatenate([images for images, _ in batch]), session)
             prediction = Prediction.concatenate(calls)
+            self._record(calls)  # before the answers, so a client that reads /metrics after its answer sees its batch
+            start = 0
+            for images, future in batch:
+                future.set_result(prediction[start : start + len(images)])
+                start += len(images)
         except Exception as exc:
             for _, future in batch:
-                future.set_exception(exc)
-            return
-        self._record(calls)  # before the answers, so a client that reads /metrics after its answer sees its batch
-        start = 0
-        for images, future in batch:
-            future.set_result(prediction[start : start + len(images)])
-            start += len(images)
+                if not future.done():
+                    future.set_exception(exc)
 
     def _compute(self, pixels: np.ndarray, session: int) -> list[Prediction]:
         """Calls of at most max_batch_size images, a larger request's too (onnxruntime's arena keeps the largest

@@ -14,8 +14,8 @@ The HTTP stack, outermost first, as BentoML builds it with these mends applied:
     serving.admission.Admission          (429 beyond its concurrency limit; moved here by shed_load_early)
     OpenTelemetry tracing                (only when an exporter is configured: trace_only_for_an_exporter)
     BentoML's access log, its timeout (504)
-    serving.errors.ErrorAnswers          (one JSON error shape; the corrected /docs.json)
-    serving.uploads.Bodies               (405/415/411/413 from the request line and headers; a raw image → a form)
+    serving.errors.ErrorAnswers          (one JSON error shape, a JSON 404 too; the corrected /docs.json)
+    serving.uploads.Bodies               (400/405/415/411/413 from the request line and headers; a raw image → a form; GET /models → POST)
     serving.admission.Abandonment        (a request whose client has left stops: decoding, batching)
     BentoML's endpoint: parse the form (multipart_forms_as_declared), validate, call the API method
 """
@@ -232,6 +232,9 @@ def cache_response_media_types() -> None:
     IOMixin.mime_type = classmethod(functools.cache(IOMixin.mime_type.__func__))
 
 
+INPUT_MODEL = "Input"  # the name BentoML gives each endpoint's input model (`api.input_spec`): its ValidationError's title
+
+
 class Refusal(logging.Filter):
     """A client's mistake is one line of the log at INFO, not an ERROR with a traceback."""
 
@@ -240,11 +243,14 @@ class Refusal(logging.Filter):
         from pydantic import ValidationError
 
         exc = record.exc_info[1] if record.exc_info else None
-        refused = isinstance(exc, ValidationError) or (isinstance(exc, BentoMLException) and exc.error_code < 500)
+        # a request BentoML's input model refused; a ValidationError of any other model (an answer the
+        # endpoint built) is a fault of the server, whatever status BentoML gives it, and keeps its traceback
+        invalid_request = isinstance(exc, ValidationError) and exc.title == INPUT_MODEL
+        refused = invalid_request or (isinstance(exc, BentoMLException) and exc.error_code < 500)
         if refused:
             # BentoML's message is "Exception on PATH [METHOD]"; a filter that raised would make the refusal a 500
             path, method = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
-            if isinstance(exc, ValidationError):  # as the answer names them: "neighbours: Input should be ..."
+            if invalid_request:  # as the answer names them: "neighbours: Input should be ..."
                 status, reason = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             else:
                 status, reason = int(exc.error_code), " ".join(str(exc).split())

@@ -34,7 +34,7 @@ HOW_TO_SEND = (
 
 # status → when it is sent; every image endpoint may answer each of these
 ERROR_STATUSES = {
-    400: "bad request: an image that cannot be decoded or is out of limits, an unknown model, a parameter out of range",
+    400: "bad request: no body, an image that cannot be decoded or is out of limits, an unknown model, a parameter out of range",
     405: "a method other than POST",
     411: "a multipart body without a Content-Length (chunked uploads are not accepted)",
     413: "an image over CIFAR10_MAX_IMAGE_BYTES, or a request over CIFAR10_MAX_REQUEST_BYTES",
@@ -71,7 +71,7 @@ def document_errors(spec: dict, routes: tuple[str, ...], bodyless: tuple[str, ..
             responses[str(status)] = {"description": ERROR_STATUSES[status], "content": {"application/json": {"schema": reference}}}
     for route in bodyless:  # read with a GET too (serving/uploads.py)
         post = spec["paths"][route]["post"]
-        post["responses"]["405"] = dict(post["responses"]["405"], description="a method other than GET or POST")
+        post["responses"]["405"] = dict(post["responses"]["405"], description="a method other than GET, HEAD or POST")
         spec["paths"][route]["get"] = {k: v for k, v in post.items() if k != "requestBody"} | {"operationId": f"{post.get('operationId', route.strip('/'))}_get"}
     return spec
 
@@ -115,7 +115,8 @@ class ErrorAnswers:
             if message.get("more_body", False):
                 return None
             if start["status"] == 404 and not dict(start["headers"]).get(b"content-type", b"").startswith(b"application/json"):
-                content = {"error": f"no route {scope['path']}; the endpoints are {', '.join('POST ' + r for r in self.routes + self.bodyless)} and the /v2 inference protocol's (see /docs)"}
+                endpoints = [f"POST {r}" for r in self.routes] + [f"GET or POST {r}" for r in self.bodyless]
+                content = {"error": f"no route {scope['path']}; the endpoints are {', '.join(endpoints)} and the /v2 inference protocol's (see /docs)"}
             else:
                 content = json.loads(body)
             fixed = json.dumps(document_errors(content, self.routes, self.bodyless) if document else one_error(content)).encode()

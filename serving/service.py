@@ -51,14 +51,12 @@ T = TypeVar("T")
 def bundle_folders(settings: Settings) -> list[Path]:
     if not settings.models_dir.is_dir():
         raise BundleError(f"models folder {settings.models_dir} not found; set CIFAR10_MODELS_DIR or run from the repository root")
-    found = sorted(p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file())
-    if not found:
+    folders = [settings.models_dir / n for n in settings.models] or sorted(
+        p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file()
+    )
+    if not folders:
         raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
-    # a name that is no folder there is a typo, not a broken bundle: CIFAR10_BROKEN_BUNDLES=skip does not pass it over
-    unknown = [name for name in settings.models if not (settings.models_dir / name).is_dir()]
-    if unknown:
-        raise BundleError(f"CIFAR10_MODELS names {', '.join(unknown)}, not a bundle in {settings.models_dir}; found: {', '.join(p.name for p in found)}")
-    return [settings.models_dir / n for n in settings.models] or found
+    return folders
 
 
 def each_bundle(settings: Settings, open_one: Callable[[Path], T]) -> list[T]:
@@ -85,9 +83,14 @@ def check_bundle(folder: Path, settings: Settings) -> None:
 
 
 def check_names(settings: Settings, folders: list[Path]) -> None:
-    """A bundle that a setting names but is not served is a typo or a stale setting: say so, not serve
-    fp32 or another default. (Only the stock CIFAR10_DEFAULT_MODEL gives way to the first bundle
+    """At start, in the supervisor: a bundle that a setting names but is not there or not served is a typo
+    or a stale setting: say so, not serve fp32 or another default. (Only the stock CIFAR10_DEFAULT_MODEL gives way to the first bundle
     served, so that CIFAR10_MODELS=cnn needs no second setting.)"""
+    # a name that is no folder is a typo, not a broken bundle: CIFAR10_BROKEN_BUNDLES=skip does not pass it over at start
+    # (a folder removed later is a broken bundle to a worker that starts then)
+    if missing := [folder.name for folder in folders if not folder.is_dir()]:
+        found = sorted(p.name for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file())
+        raise BundleError(f"CIFAR10_MODELS names {', '.join(missing)}, not a bundle in {settings.models_dir}; found: {', '.join(found) or 'none'}")
     served = [folder.name for folder in folders]
     unknown = sorted(name for name in settings.precisions() if name is not None and name not in served)
     if unknown:

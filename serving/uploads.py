@@ -1,7 +1,7 @@
 """How images arrive over HTTP: multipart file uploads, or one image as the raw request body.
 
 The `Bodies` middleware sees every request to an endpoint before BentoML reads it:
-- a GET of a route without parameters (/models) is read as the POST BentoML serves; any other
+- a GET (or HEAD) of a route without parameters (/models) is read as the POST BentoML serves; any other
   method than POST is a 405, a request without a body a 400, and a body of a type no
   endpoint reads (text/plain, XML, BentoML's pickles) a 415, each saying what to send instead;
 - a body over its limit is refused with 413 from its Content-Length (CIFAR10_MAX_REQUEST_BYTES for
@@ -47,12 +47,12 @@ class Bodies:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.post_only:
             return await self.app(scope, receive, send)
-        if scope["method"] == "GET" and scope["path"] in self.readable:
+        if scope["method"] in ("GET", "HEAD") and scope["path"] in self.readable:
             return await self.app(*_with_body(scope, receive, b"{}", b"application/json"), send)
         headers = dict(scope["headers"])
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers  # BentoML's CORS answers it
         if scope["method"] != "POST" and not preflight:
-            allowed = "GET, POST" if scope["path"] in self.readable else "POST"
+            allowed = "GET, HEAD, POST" if scope["path"] in self.readable else "POST"
             message = f"{scope['method']} {scope['path']} is not served: use {' or '.join(allowed.split(', '))} (the API is described at /docs.json)"
             return await send_error(send, 405, message, ((b"allow", allowed.encode()),))
         if preflight or scope["path"] not in self.paths:

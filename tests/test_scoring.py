@@ -178,6 +178,19 @@ def test_a_finished_output_is_kept_only_for_the_same_options(folder, bundle, tmp
     pq.write_table(pa.table({"something": [1]}), tmp_path / "taken.parquet")
     with pytest.raises(ScoringError, match="exists without taken.parquet.options.json"):
         run(folder, bundle, tmp_path / "taken.parquet")
+    (tmp_path / "done.csv.options.json").write_text("{not json")
+    with pytest.raises(ScoringError, match="is not the JSON this command writes"):
+        run(folder, bundle, tmp_path / "done.csv")
+
+
+def test_parts_whose_options_are_unknown_are_never_adopted(folder, bundle, tmp_path, monkeypatch):
+    interrupt(monkeypatch, on_chunk=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, bundle, tmp_path / "out.parquet", batch=100)
+    monkeypatch.undo()
+    (tmp_path / "out.parquet.parts" / "options.json").unlink()  # as a run stopped mid-removal of its parts could leave them
+    with pytest.raises(ScoringError, match="parts without their options.json"):
+        run(folder, bundle, tmp_path / "out.parquet", options(model="airbench"), batch=100)
     with pytest.raises(ValueError, match="no column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")
         run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException
 from PIL import Image
+from pydantic import ValidationError
 
 from bench.harness import SERVE, running
 from bundle.images import decode
 from bundle.runtime import Bundle
 from serving.boundary import Refusal
+from serving.schemas import Classification
 from tests.conftest import REPO
 
 MAX_IMAGE_BYTES = 200_000  # small, so that the 413 tests need no huge upload
@@ -85,7 +87,9 @@ def test_a_refusal_is_one_line_of_the_log_and_a_fault_keeps_its_traceback(server
     assert lines_with(server_log, "POST /topk refused (400): k: Input should be greater than or equal to 1")  # request validation
     assert "Exception on /embed" not in server_log.read_text() and "Exception on /topk" not in server_log.read_text()  # BentoML's ERROR lines
 
-    for fault in (BentoMLException("the disk is full"), RuntimeError("a bug")):  # a BentoMLException is a 500 by default
+    with pytest.raises(ValidationError) as invalid_answer:  # an answer the endpoint built wrongly: a fault, not a refusal
+        Classification(label="cat", index=3, probability=float("nan"))
+    for fault in (BentoMLException("the disk is full"), RuntimeError("a bug"), invalid_answer.value):  # a BentoMLException is a 500 by default
         try:
             raise fault
         except Exception:
@@ -361,7 +365,7 @@ def test_form_fields_other_than_the_declared_ones_are_400(server, fields, messag
     assert answer.status_code == 400 and message in answer.json()["error"], answer.text
 
 
-@pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/classify", "POST"), ("PUT", "/topk", "POST"), ("DELETE", "/embed", "POST"), ("PUT", "/models", "GET, POST")])
+@pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/classify", "POST"), ("PUT", "/topk", "POST"), ("DELETE", "/embed", "POST"), ("PUT", "/models", "GET, HEAD, POST")])
 def test_methods_other_than_post_are_a_json_405(server, method, path, allowed):
     answer = httpx.request(method, f"{server}{path}", timeout=60)
     assert answer.status_code == 405 and answer.headers["allow"] == allowed and "is not served: use " in answer.json()["error"]
@@ -371,6 +375,8 @@ def test_the_model_listing_is_read_with_a_get_as_with_a_post(server):
     read = httpx.get(f"{server}/models", timeout=30)
     assert read.status_code == 200 and read.json() == httpx.post(f"{server}/models", json={}, timeout=30).json()
     assert {m["name"] for m in read.json()} == {"airbench", "cnn"}
+    head = httpx.head(f"{server}/models", timeout=30)
+    assert head.status_code == 200 and head.content == b""
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "text/csv; charset=utf-8"])

@@ -132,7 +132,7 @@ def run_epochs(
                     pos.seconds += time.perf_counter() - tick
                     bar.close()
                     save_and_stop(run_dir, checkpoint())
-                if pos.step == loop.steps:
+                if pos.step >= loop.steps:
                     break
                 loss_sum, correct, seen = loop.step(pos)
                 pos.step += 1
