@@ -386,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cifar10 {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where nothing is kept to resume from: no traceback, the shell's status
+        if debug:
+            raise
+        print(f"cifar10 {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:
         extra = missing_extra(args.command, exc.name)
         if debug or extra is None:

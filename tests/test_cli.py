@@ -75,3 +75,14 @@ def test_the_console_script_reports_errors_without_a_traceback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "missing CIFAR-10 file" in result.stderr
+
+
+def test_ctrl_c_in_a_command_that_keeps_nothing_is_one_line_and_status_130(tiny_cifar, tmp_path, capsys, monkeypatch):
+    import training.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.report, "dataset_facts", interrupted)
+    code, out, err = run(capsys, "data", "--data-dir", str(tiny_cifar), "--out", str(tmp_path / "facts"))
+    assert code == 130 and err.strip() == "cifar10 data: interrupted"

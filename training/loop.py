@@ -249,7 +249,11 @@ def epoch_bar(steps: int, done: int, epoch: int, epochs: int, progress: bool | N
 def save_and_stop(run_dir: Path, state: dict) -> NoReturn:
     """Ctrl-C: keep where the run stands, and leave with the command that continues it."""
     save_checkpoint(run_dir, state)
-    raise Interrupted(f"interrupted; resume with: cifar10 train --resume {run_dir}")
+    raise interrupted(run_dir)
+
+
+def interrupted(run_dir: Path) -> Interrupted:
+    return Interrupted(f"interrupted; resume with: cifar10 train --resume {run_dir}")
 
 
 def log_epoch(row: dict, epochs: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from training import fast, study
 from training.data import Cifar10
 from training.evaluate import evaluate
-from training.loop import run_epochs, start, write_summary
+from training.loop import interrupted, run_epochs, start, write_summary
 
 
 def train(
@@ -32,7 +32,10 @@ def train(
     started = time.perf_counter()
     steps = loop.Steps(recipe, run, optimizer, device, bf16, resume)
     history = run_epochs(steps, run, optimizer, recipe, data, run_dir, device, bf16, progress)
-    # train accuracy as the study reports it: model.evaluate (no dropout, running BN statistics)
-    final = dict(train=evaluate(run.model, run.train_set, device, bf16), test=evaluate(run.model, run.test_set, device, bf16))
-    final |= loop.final_metrics(run, recipe, device, bf16)
+    try:
+        # train accuracy as the study reports it: model.evaluate (no dropout, running BN statistics)
+        final = dict(train=evaluate(run.model, run.train_set, device, bf16), test=evaluate(run.model, run.test_set, device, bf16))
+        final |= loop.final_metrics(run, recipe, device, bf16)
+    except KeyboardInterrupt:  # every epoch is in the checkpoint: a resumed run starts at these evaluations
+        raise interrupted(run_dir) from None
     return write_summary(run_dir, recipe, data, run.model, device, bf16, history, started, final)
