@@ -150,18 +150,15 @@ class Parts:
     def __init__(self, output: Path, options: Options):
         self.folder = output.with_name(output.name + ".parts")
         self.options = options
-        self.folder.mkdir(parents=True, exist_ok=True)
         stored = self.folder / OPTIONS_FILE
         if stored.exists():
             check_same(read_options(stored), options, f"{self.folder} holds an interrupted run", f"re-run it as it was, or remove {self.folder} to start over")
         elif self.files():  # parts of unknown options are never adopted as this run's
             raise ScoringError(f"{self.folder} holds parts without their {OPTIONS_FILE}, so which run wrote them is unknown; remove {self.folder} to start over")
-        else:
-            write_options(stored, options)
         self.written = len(self.files())  # parts of an interrupted run keep their numbers
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
+        return sorted(self.folder.glob("part-*.parquet"))  # none while the folder is not there
 
     def done_ids(self) -> collections.Counter[str]:
         """How many rows of each id the parts hold: an input may repeat an id, and each row counts."""
@@ -173,6 +170,9 @@ class Parts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if not self.written:  # the folder appears with the run's first part: a run that fails before leaves nothing
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_options(self.folder / OPTIONS_FILE, self.options)
         final = self.folder / f"part-{self.written:06d}.parquet"
         self.written += 1
         tmp = final.with_suffix(".tmp")
@@ -185,6 +185,7 @@ class Parts:
         import pyarrow.parquet as pq
         from pyarrow import csv
 
+        output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(f".{output.name}.tmp")
         as_csv = output.suffix.lower() == ".csv"
         columns = schema(self.options)
@@ -196,10 +197,10 @@ class Parts:
                 each(table)
         write_options(options_record(output), self.options)  # first: an OUT is never without its record
         os.replace(tmp, output)
-        # out of sight in one step, then removed: a run stopped here leaves no parts folder to resume from
-        leaving = removed_parts(output)
-        os.replace(self.folder, leaving)
-        shutil.rmtree(leaving)
+        if self.folder.exists():  # out of sight in one step, then removed: a run stopped here leaves no parts to resume from
+            leaving = removed_parts(output)
+            os.replace(self.folder, leaving)
+            shutil.rmtree(leaving)
 
 
 def _csv_ready(table):

@@ -183,6 +183,15 @@ def test_a_finished_output_is_kept_only_for_the_same_options(folder, bundle, tmp
         run(folder, bundle, tmp_path / "done.csv")
 
 
+def test_a_run_stopped_before_its_first_part_leaves_nothing_behind(folder, bundle, tmp_path, monkeypatch):
+    interrupt(monkeypatch, on_chunk=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, bundle, tmp_path / "out.csv", batch=100)
+    monkeypatch.undo()
+    assert not (tmp_path / "out.csv.parts").exists()
+    assert run(folder, bundle, tmp_path / "out.csv", options(topk=2), batch=100).rows == 303  # other options: a fresh start
+
+
 def test_parts_whose_options_are_unknown_are_never_adopted(folder, bundle, tmp_path, monkeypatch):
     interrupt(monkeypatch, on_chunk=2)
     with pytest.raises(KeyboardInterrupt):
