@@ -123,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from bundle.runtime import BundleError, read_manifest
     from training.data import load_cifar10
-    from training.quantize import quantize
+    from training.quantize import INT8_TOLERANCE, quantize
 
     folder = Path(args.models_dir) / args.name
     try:
@@ -134,9 +134,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     size = (folder / variant.file).stat().st_size
     print(
         f"wrote {folder / variant.file} ({size / 1e6:.1f} MB), calibrated on {variant.calibration_images} training images: "
-        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%}); serve it with CIFAR10_PRECISION={args.name}:int8, "
-        f"measure it under uploads with `cifar10 robustness {args.name} --precision int8`"
+        f"test accuracy {variant.test_accuracy:.2%} (fp32 {fp32:.2%})"
     )
+    if fp32 - variant.test_accuracy > INT8_TOLERANCE:
+        print(
+            f"warning: int8 loses {(fp32 - variant.test_accuracy) * 100:.2f} points, more than {INT8_TOLERANCE * 100:g}: keep serving fp32, "
+            "or quantize again with more --calibration-images",
+            file=sys.stderr,
+        )
+    else:
+        print(f"serve it with CIFAR10_PRECISION={args.name}:int8; measure it under uploads with `cifar10 robustness {args.name} --precision int8`")
 
 
 def cmd_robustness(args: argparse.Namespace) -> None:

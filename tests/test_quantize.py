@@ -138,3 +138,17 @@ def test_a_bundle_named_by_a_setting_but_not_served_stops_the_start(models, tmp_
     result = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"{name} names cnnn, not among the bundles served: airbench, cnn" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("loss", "advised"), [(0.002, True), (0.02, False)])
+def test_the_cli_advises_serving_int8_only_within_the_tolerance(copy, shared_data, monkeypatch, capsys, loss, advised):
+    import training.quantize
+    from bundle.manifest import Variant
+    from cifar10.cli import main
+
+    fp32 = Bundle.load(copy).manifest.accuracy.onnx
+    variant = Variant(file="model.int8.onnx", precision="int8", test_accuracy=fp32 - loss, calibration_images=8)
+    monkeypatch.setattr(training.quantize, "quantize", lambda *args: variant)  # the decision, not the quantization
+    assert main(["quantize", copy.name, "--models-dir", str(copy.parent), "--data-dir", str(shared_data)]) == 0
+    out, err = capsys.readouterr()
+    assert ("serve it with CIFAR10_PRECISION=cnn:int8" in out) is advised and ("keep serving fp32" in err) is not advised
