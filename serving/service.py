@@ -26,7 +26,7 @@ from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from bundle.images import ImageError, open_image, to_pixels
-from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, verify
+from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, read_manifest, verify
 from serving import boundary, v2
 from serving.admission import Abandonment, Admission
 from serving.batching import Batcher
@@ -95,6 +95,9 @@ def check_names(settings: Settings, folders: list[Path]) -> None:
     unknown = sorted(name for name in settings.precisions() if name is not None and name not in served)
     if unknown:
         raise BundleError(f"CIFAR10_PRECISION names {', '.join(unknown)}, not among the bundles served: {', '.join(served)}")
+    for name, precision in settings.precisions().items():  # a bundle named with a precision it lacks: asked for, so not fp32 instead
+        if name is not None and precision != "fp32" and precision not in {v.precision for v in read_manifest(settings.models_dir / name).variants}:
+            raise BundleError(f"CIFAR10_PRECISION asks for {name}:{precision}, and {name} has no {precision} variant: add one with `cifar10 quantize {name}`")
     if settings.default_model not in served and settings.default_model != Settings.default_model:
         raise BundleError(f"CIFAR10_DEFAULT_MODEL names {settings.default_model}, not among the bundles served: {', '.join(served)}")
 
