@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     final = summary["final"]
     tta = "".join(f", with {level} {result['accuracy']:.4f}" for level, result in final.get("test_tta", {}).items())
     print(
-        f"done in {summary['train_seconds']:.0f}s: train accuracy {final['train']['accuracy']:.4f} (evaluated as the test set is; "
+        f"done: {summary['train_seconds']:.0f}s of training, {summary['wall_seconds_this_session']:.0f}s in all; train accuracy {final['train']['accuracy']:.4f} (evaluated as the test set is; "
         f"batch_acc above is over the training batches as they were trained), "
         f"test accuracy {final['test']['accuracy']:.4f}{tta} ({run_dir / 'run.json'})"
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cifar10.errors import UserError
 from training.calibration import fit_temperature
@@ -133,13 +134,15 @@ def knn_on_embeddings(train: Outputs, held: Outputs | None, test: Outputs, class
     held_embeddings, held_labels = (held.embeddings, held.labels) if held is not None else (None, None)
     head, choice = fit_head(train.embeddings, train.labels, classes, held_embeddings, held_labels)
     distances, indices = head.nearest(test.embeddings[:NEIGHBOUR_ROWS], NEIGHBOURS)
+    splits = tqdm((("train", train), ("test", test)), desc="KNN: scoring the training and test sets", total=2, unit="split", leave=False, disable=None)
+    accuracy = {name: head.accuracy(split.embeddings, split.labels) for name, split in splits}  # a search of every training row for each
     metrics = {
         "k": choice.k,
         "metric": choice.metric,
         "validation_accuracy": choice.validation_accuracy,
         "validation_scores": choice.scores,
         "validation_images": len(choice.validation_indices),
-        "train_accuracy": head.accuracy(train.embeddings, train.labels),
-        "test_accuracy": head.accuracy(test.embeddings, test.labels),
+        "train_accuracy": accuracy["train"],
+        "test_accuracy": accuracy["test"],
     }
     return metrics, {"distances": distances, "indices": indices}

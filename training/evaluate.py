@@ -42,8 +42,8 @@ def predict(
     return torch.cat(logits), torch.cat(embeddings)
 
 
-def evaluate(model: Classifier, split: Split, device: torch.device, bf16: bool) -> dict[str, float]:
-    logits, _ = predict(model, split.images, device, bf16)
+def evaluate(model: Classifier, split: Split, device: torch.device, bf16: bool, progress: str | None = None) -> dict[str, float]:
+    logits, _ = predict(model, split.images, device, bf16, progress)
     return {
         "loss": F.cross_entropy(logits, split.labels).item(),
         "accuracy": (logits.argmax(1) == split.labels).float().mean().item(),
@@ -56,7 +56,7 @@ def evaluate_uploads(model: Classifier, split: Split, device: torch.device, bf16
     augmentations are made on (with held-out images)."""
     nhwc = split.images.permute(0, 2, 3, 1).contiguous().numpy()
     scores = {}
-    for name, condition in CONDITIONS.items():
+    for name, condition in tqdm(CONDITIONS.items(), desc="final: held-out uploads", unit="condition", leave=False, disable=None):
         pixels = torch.from_numpy(decoded(uploads(nhwc, condition))).permute(0, 3, 1, 2).contiguous()
         scores[name] = evaluate(model, Split(pixels, split.labels), device, bf16)["accuracy"]
     scores["mean"] = sum(scores.values()) / len(CONDITIONS)

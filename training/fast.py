@@ -179,9 +179,12 @@ def model_init(recipe: dict):
 def final_metrics(run: Start, recipe: dict, device: torch.device, bf16: bool) -> dict:
     """What a fast run reports beyond train and test accuracy: the test set with each test-time
     augmentation, and the held-out images, plain and as uploads, that choices are made on."""
-    final = dict(test_tta={level: evaluate(TestTimeAugmentation(run.model, level), run.test_set, device, bf16) for level in ("flip", "flip-translate")})
+    final = dict(test_tta={
+        level: evaluate(TestTimeAugmentation(run.model, level), run.test_set, device, bf16, progress=f"final: test set, {level}")
+        for level in ("flip", "flip-translate")
+    })  # fmt: skip
     if len(run.held_out):  # what choices between recipes are made on, never the test set
         served = TestTimeAugmentation(run.model, recipe["tta"])
-        final["held_out"] = evaluate(served, run.held_out, device, bf16)
+        final["held_out"] = evaluate(served, run.held_out, device, bf16, progress="final: held-out")
         final["held_out_uploads"] = evaluate_uploads(served, run.held_out, device, bf16)
     return final

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from bundle.knn import METRICS, NeighbourHead, vote_shares
 
@@ -55,7 +56,7 @@ def select_knn(
     fit_indices = np.flatnonzero(~is_validation)
     validation_indices = np.flatnonzero(is_validation)
     scores = {}
-    for metric in metrics:
+    for metric in tqdm(metrics, desc="KNN: choosing k and distance", unit="distance", leave=False, disable=None):
         # one neighbour search at the largest k serves every smaller k
         search = NeighbourHead.fit(embeddings[fit_indices], labels[fit_indices], classes, max(ks), metric, mean, components)
         _, neighbours = search.nearest(embeddings[validation_indices], max(ks))

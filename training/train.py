@@ -34,7 +34,10 @@ def train(
     history = run_epochs(steps, run, optimizer, recipe, data, run_dir, device, bf16, progress)
     try:
         # train accuracy as the study reports it: model.evaluate (no dropout, running BN statistics)
-        final = dict(train=evaluate(run.model, run.train_set, device, bf16), test=evaluate(run.model, run.test_set, device, bf16))
+        final = dict(
+            train=evaluate(run.model, run.train_set, device, bf16, progress="final: training set"),
+            test=evaluate(run.model, run.test_set, device, bf16, progress="final: test set"),
+        )
         final |= loop.final_metrics(run, recipe, device, bf16)
     except KeyboardInterrupt:  # every epoch is in the checkpoint: a resumed run starts at these evaluations
         raise interrupted(run_dir) from None
