@@ -72,6 +72,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError(f"--epochs {args.epochs}: the run has finished {len(resume['position']['history'])} epochs already; give more")
         recipe["epochs"] = args.epochs if args.epochs is not None else recipe["epochs"]
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if args.epochs is None and (run_dir / "run.json").is_file():
+            more = "" if recipe["loop"] == "fast" else f"; train it on with --resume {run_dir} --epochs N"
+            raise UserError(f"{run_dir} has finished (its results are in run.json): nothing to resume{more}")
     elif args.recipe:
         resume = None
         recipe = get_recipe(args.recipe, **overrides)
@@ -82,7 +85,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
     print(f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; run folder {run_dir}")
-    summary = train(recipe, data, run_dir, device, bf16, resume=resume)
+    try:
+        summary = train(recipe, data, run_dir, device, bf16, resume=resume)
+    except BaseException:
+        if resume is None and not any(run_dir.iterdir()):  # refused before its first checkpoint: no empty run folder left
+            run_dir.rmdir()
+        raise
     final = summary["final"]
     tta = "".join(f", with {level} {result['accuracy']:.4f}" for level, result in final.get("test_tta", {}).items())
     print(

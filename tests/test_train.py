@@ -98,6 +98,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_run(shared_data, tmp
     assert recipe != "fast" or state["lookahead"] is not None  # with the lookahead's average in play
     resumed = subprocess.run(_cli("train", "--resume", str(run), "--data-dir", str(shared_data)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    again = subprocess.run(_cli("train", "--resume", str(run), "--data-dir", str(shared_data)), capture_output=True, text=True)
+    assert again.returncode == 1 and "has finished (its results are in run.json): nothing to resume" in again.stderr
     unbroken = subprocess.run(_cli("train", recipe, *common, "--runs-dir", str(tmp_path / "y")), capture_output=True, text=True)
     assert unbroken.returncode == 0, unbroken.stderr
     (reference,) = (tmp_path / "y").iterdir()
