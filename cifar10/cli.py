@@ -82,9 +82,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UserError("name a recipe (see `cifar10 recipes`) or pass --resume RUN_DIR")
     bf16 = {"auto": bf16_is_fast(device), "bf16": True, "fp32": False}[args.precision]
     data = load_cifar10(args.data_dir, download=args.download)
+    train_split, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))  # a bad --holdout fails here, before any folder
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
-    print(f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; run folder {run_dir}")
+    print(
+        f"{recipe['name']} on {describe(device)}, {'bf16 autocast' if bf16 else 'fp32'}; {len(train_split):,} training images, "
+        f"{len(held):,} held out (calibration, choices), {len(test):,} test; run folder {run_dir}"
+    )
     try:
         summary = train(recipe, data, run_dir, device, bf16, resume=resume)
     except BaseException:
