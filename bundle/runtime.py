@@ -57,6 +57,9 @@ class Prediction:
 
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
+    if not folder.is_dir():  # a name mistyped, or a models folder mistaken: say which bundles there are
+        found = sorted(p.parent.name for p in folder.parent.glob(f"*/{MANIFEST}"))
+        raise BundleError(f"no bundle {folder.name!r} in {folder.parent.resolve()}; " + (f"found: {', '.join(found)}" if found else "it holds none"))
     if not path.is_file():
         raise BundleError(f"{path}: missing; a bundle holds {MANIFEST}, {MODEL_FILE} and {KNN_FILE}")
     try:

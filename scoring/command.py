@@ -16,10 +16,6 @@ from scoring.local import Options, ScoringError, score
 def score_command(args: argparse.Namespace) -> None:
     """`cifar10 score`: the arguments of cifar10.cli's parser in, a table and a one-line summary out."""
     folder = Path(args.models_dir) / args.model
-    if not (folder / "manifest.json").is_file():
-        found = sorted(p.parent.name for p in Path(args.models_dir).glob("*/manifest.json")) if Path(args.models_dir).is_dir() else []
-        where = f"found: {', '.join(found)}" if found else "it holds none (--models-dir names the folder of bundles; the repository's is models/)"
-        raise UserError(f"no bundle {args.model!r} in {Path(args.models_dir).resolve()}; {where}")
     output, source = Path(args.output), Path(args.input)
     if args.topk < 0 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
         raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
