@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")
     score.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     score.add_argument("--engine", choices=["local", "spark"], default="local",
-                       help="local: this machine; spark: PySpark (pip install 'cifar10-serve[spark]')")  # fmt: skip
+                       help="local: this machine; spark: PySpark (pip install -e '.[spark]' in the repository)")  # fmt: skip
     score.add_argument("--master", default="local[*]", help="Spark master URL for --engine spark (default: %(default)s)")
     score.add_argument("--topk", type=int, default=0, metavar="K", help="also the K most probable classes")
     score.add_argument("--embeddings", action="store_true", help="also the embedding vector")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = missing_extra(args.command, exc.name)
         if debug or extra is None:
             raise
-        print(f"cifar10 {args.command}: error: needs the {extra} extra: pip install 'cifar10-serve[{extra}]'", file=sys.stderr)
+        print(f"cifar10 {args.command}: error: needs the {extra} extra: pip install -e '.[{extra}]' in the repository", file=sys.stderr)
         return 1
     return 0
 

@@ -63,6 +63,7 @@ class ModelSummary(BaseModel):
     embedding_dim: int
     precision: str = Field(description="fp32, or int8 for the bundle's quantised variant (CIFAR10_PRECISION, for every bundle or per bundle)")
     test_accuracy: float = Field(description="of the graph in use on the test set, measured by export or quantize")
+    test_images: int = Field(description="the test images test_accuracy was measured on: 10,000 unless the run was trained with --limit")
     calibration: CalibrationSummary
     robustness: dict[str, UploadScore] = Field(description="of the graph in use, per kind of upload (`cifar10 robustness`); empty until measured")
     knn_test_accuracy: float

@@ -310,7 +310,7 @@ class CIFAR10:
             ModelSummary(
                 name=name, version=b.manifest.version, architecture=b.manifest.architecture,
                 recipe=b.manifest.recipe.get("name", ""), classes=list(b.manifest.classes),
-                embedding_dim=b.manifest.embedding_dim, precision=b.precision, test_accuracy=b.test_accuracy,
+                embedding_dim=b.manifest.embedding_dim, precision=b.precision, test_accuracy=b.test_accuracy, test_images=b.manifest.accuracy.test_images,
                 calibration=CalibrationSummary(**b.manifest.calibration.model_dump(include={"method", "temperature", "fit_images"})),
                 robustness={r.condition: UploadScore(description=r.description, accuracy=r.accuracy, ece=r.ece) for r in b.robustness},
                 knn_test_accuracy=b.manifest.knn.test_accuracy, knn_k=b.manifest.knn.k, knn_metric=b.manifest.knn.metric,

@@ -374,7 +374,7 @@ def test_methods_other_than_post_are_a_json_405(server, method, path, allowed):
 def test_the_model_listing_is_read_with_a_get_as_with_a_post(server):
     read = httpx.get(f"{server}/models", timeout=30)
     assert read.status_code == 200 and read.json() == httpx.post(f"{server}/models", json={}, timeout=30).json()
-    assert {m["name"] for m in read.json()} == {"airbench", "cnn"}
+    assert {m["name"] for m in read.json()} == {"airbench", "cnn"} and all(m["test_images"] == 10_000 for m in read.json())
     head = httpx.head(f"{server}/models", timeout=30)
     assert head.status_code == 200 and head.content == b""
 
