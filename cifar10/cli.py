@@ -45,6 +45,10 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         )
 
 
+# a fast-loop run that climbs to its peak learning rate in fewer steps than this was seen to diverge (cnn-fast, --limit 10000 --epochs 3)
+STEPS_TO_PEAK = 100
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
     from training.hardware import bf16_is_fast, describe
@@ -83,6 +87,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     bf16 = {"auto": bf16_is_fast(device), "bf16": True, "fp32": False}[args.precision]
     data = load_cifar10(args.data_dir, download=args.download)
     train_split, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))  # a bad --holdout fails here, before any folder
+    if recipe["loop"] == "fast" and (to_peak := int(recipe["lr_shape"]["peak_at"] * recipe["epochs"] * (len(train_split) // recipe["batch_size"]))) < STEPS_TO_PEAK:
+        print(
+            f"warning: this run reaches the recipe's peak learning rate after {to_peak} steps, where the recipe's rates were tuned "
+            f"for hundreds: a run this short can diverge; for a quick look, give a lower --lr (say a tenth of {recipe['lr']:g})",
+            file=sys.stderr,
+        )
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
     print(

@@ -92,3 +92,10 @@ def test_a_run_refused_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, 
     code, _, err = run(capsys, "train", "fast", "--data-dir", str(tiny_cifar), "--holdout", "500", "--runs-dir", str(tmp_path / "runs"))
     assert code == 1 and "--holdout must lie in" in err
     assert not any((tmp_path / "runs").glob("*"))
+
+
+def test_a_fast_run_too_short_for_its_learning_rate_is_warned_of(tiny_cifar, tmp_path, capsys):
+    argv = ["train", "cnn-fast", "--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "32", "--holdout", "0", "--runs-dir", str(tmp_path)]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "warning: this run reaches the recipe's peak learning rate after 0 steps" in err
