@@ -292,29 +292,32 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar10", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    # --debug after the command too; SUPPRESS, so that a command's parser leaves one given before it as it is
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="print the dataset's facts and write a grid of samples per class")
+    data = sub.add_parser("data", parents=[after], help="print the dataset's facts and write a grid of samples per class")
     add_data_options(data)
     data.add_argument("--out", default="runs/data", help="folder for facts.json and samples.png (default: %(default)s)")
     data.add_argument("--per-class", type=int, default=10, help="samples per class in the grid (default: %(default)s)")
     data.set_defaults(func=cmd_data)
 
-    recipes = sub.add_parser("recipes", help="list the training recipes")
+    recipes = sub.add_parser("recipes", parents=[after], help="list the training recipes")
     recipes.set_defaults(func=cmd_recipes)
 
-    runs = sub.add_parser("runs", help="a markdown table of the finished runs and their results")
+    runs = sub.add_parser("runs", parents=[after], help="a markdown table of the finished runs and their results")
     runs.add_argument("--runs-dir", default="runs", help="where run folders are (default: %(default)s)")
     runs.set_defaults(func=cmd_runs)
 
-    evaluate = sub.add_parser("evaluate", help="analyse a trained run: metrics, plots, KNN, a Markdown report")
+    evaluate = sub.add_parser("evaluate", parents=[after], help="analyse a trained run: metrics, plots, KNN, a Markdown report")
     evaluate.add_argument("run", help="a run folder (or its checkpoint.pt)")
     add_data_options(evaluate)
     evaluate.add_argument("--out", help="report folder (default: RUN/report)")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = sub.add_parser("export", help="write a run as an ONNX bundle with a KNN head and a manifest")
+    export = sub.add_parser("export", parents=[after], help="write a run as an ONNX bundle with a KNN head and a manifest")
     export.add_argument("run", help="a run folder (or its checkpoint.pt)")
     export.add_argument("--name", required=True, help="bundle name: the folder under --models-dir")
     export.add_argument("--models-dir", default="models", help="where bundles go (default: %(default)s)")
@@ -325,14 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 
-    quantize = sub.add_parser("quantize", help="add an int8 variant to a bundle, calibrated on training images")
+    quantize = sub.add_parser("quantize", parents=[after], help="add an int8 variant to a bundle, calibrated on training images")
     quantize.add_argument("name", help="bundle name: the folder under --models-dir")
     quantize.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: %(default)s)")
     add_data_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
-    robustness = sub.add_parser("robustness", help="a bundle's accuracy and calibration on the test set sent as PNG, JPEG, WebP, noisy, blurred")
+    robustness = sub.add_parser("robustness", parents=[after], help="a bundle's accuracy and calibration on the test set sent as PNG, JPEG, WebP, noisy, blurred")
     robustness.add_argument("name", help="bundle name: the folder under --models-dir")
     robustness.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
     robustness.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all",
@@ -344,11 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(robustness)
     robustness.set_defaults(func=cmd_robustness)
 
-    report = sub.add_parser("report", help="compare evaluated runs side by side")
+    report = sub.add_parser("report", parents=[after], help="compare evaluated runs side by side")
     report.add_argument("--compare", nargs="+", required=True, metavar="RUN", help="run folders (or report folders)")
     report.set_defaults(func=cmd_report)
 
-    score = sub.add_parser("score", help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
+    score = sub.add_parser("score", parents=[after], help="score a folder, table or CIFAR-10 batch of images offline into Parquet or CSV")
     score.add_argument("input", help="an image, a folder of images, a .csv/.parquet table (paths or image bytes), or a CIFAR-10 batch file; "
                        "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
     score.add_argument("--model", default=DEFAULT_BUNDLE, help="bundle name under --models-dir (default: %(default)s, as the service)")
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--label-column", default="label", help="table column of true labels, if any (default: %(default)s)")
     score.set_defaults(func=cmd_score)
 
-    train = sub.add_parser("train", help="train a recipe (see `cifar10 recipes`)")
+    train = sub.add_parser("train", parents=[after], help="train a recipe (see `cifar10 recipes`)")
     train.add_argument("recipe", nargs="?", help="recipe name, e.g. cnn-baseline")
     add_data_options(train)
     train.add_argument("--epochs", type=int, help="override the recipe's epochs (with --resume: train on to this many)")

@@ -99,3 +99,11 @@ def test_a_fast_run_too_short_for_its_learning_rate_is_warned_of(tiny_cifar, tmp
     code, _, err = run(capsys, *argv)
     assert code == 0, err
     assert "warning: this run reaches the recipe's peak learning rate after 0 steps" in err
+
+
+def test_debug_goes_before_or_after_the_command():
+    from cifar10.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--debug", "recipes"]).debug and parser.parse_args(["recipes", "--debug"]).debug
+    assert not parser.parse_args(["recipes"]).debug
