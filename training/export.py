@@ -69,6 +69,7 @@ def export_onnx(model: nn.Module, temperature: float, path: Path) -> None:
     torch.onnx.export(
         model, (example,), str(path), input_names=["images"], output_names=OUTPUTS,
         dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+        verbose=False,  # the exporter's own progress lines; export has its bars
     )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
     batch_dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
