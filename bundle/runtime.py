@@ -57,7 +57,9 @@ class Prediction:
 
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
-    if not folder.is_dir():  # a name mistyped, or a models folder mistaken: say which bundles there are
+    if not folder.parent.is_dir():
+        raise BundleError(f"no models folder {folder.parent.resolve()} (give the folder that holds the bundles, such as the repository's models/)")
+    if not folder.is_dir():  # a name mistyped: say which bundles there are
         found = sorted(p.parent.name for p in folder.parent.glob(f"*/{MANIFEST}"))
         raise BundleError(f"no bundle {folder.name!r} in {folder.parent.resolve()}; " + (f"found: {', '.join(found)}" if found else "it holds none"))
     if not path.is_file():

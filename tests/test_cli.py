@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from cifar10.cli import main
+from cifar10.errors import UserError
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -88,9 +89,18 @@ def test_ctrl_c_in_a_command_that_keeps_nothing_is_one_line_and_status_130(tiny_
     assert code == 130 and err.strip() == "cifar10 data: interrupted"
 
 
-def test_a_run_refused_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, tmp_path, capsys):
+def test_a_run_refused_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "train", "fast", "--data-dir", str(tiny_cifar), "--holdout", "500", "--runs-dir", str(tmp_path / "runs"))
     assert code == 1 and "--holdout must lie in" in err
+    assert not any((tmp_path / "runs").glob("*"))
+    import training.train
+
+    def refused(*args, **kwargs):  # as a VGG run without its ImageNet weights is, once its folder exists
+        raise UserError("no weights")
+
+    monkeypatch.setattr(training.train, "train", refused)
+    code, _, err = run(capsys, "train", "cnn-baseline", "--data-dir", str(tiny_cifar), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 1 and "no weights" in err
     assert not any((tmp_path / "runs").glob("*"))
 
 
@@ -98,7 +108,7 @@ def test_a_fast_run_too_short_for_its_learning_rate_is_warned_of(tiny_cifar, tmp
     argv = ["train", "cnn-fast", "--data-dir", str(tiny_cifar), "--epochs", "1", "--batch-size", "32", "--holdout", "0", "--runs-dir", str(tmp_path)]
     code, _, err = run(capsys, *argv)
     assert code == 0, err
-    assert "warning: this run reaches the recipe's peak learning rate after 0 steps" in err
+    assert "warning: this run reaches the recipe's peak learning rate at step 1," in err  # 100 images in batches of 32: 3 steps
 
 
 def test_debug_goes_before_or_after_the_command():
@@ -107,3 +117,17 @@ def test_debug_goes_before_or_after_the_command():
     parser = build_parser()
     assert parser.parse_args(["--debug", "recipes"]).debug and parser.parse_args(["recipes", "--debug"]).debug
     assert not parser.parse_args(["recipes"]).debug
+
+
+def test_commands_that_need_no_training_run_on_a_serving_install(tmp_path):
+    """Without the train extra (PyTorch, tqdm, matplotlib), `cifar10 recipes` works and the others name the extra."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'torchvision', 'tqdm', 'matplotlib'):\n    sys.modules[name] = None\n"
+    )
+    env = {"PYTHONPATH": str(blocked), "PATH": "/usr/bin:/bin"}
+    recipes = subprocess.run([sys.executable, "-m", "cifar10.cli", "recipes"], capture_output=True, text=True, env=env)
+    assert recipes.returncode == 0 and "cnn-fast" in recipes.stdout, recipes.stderr
+    training = subprocess.run([sys.executable, "-m", "cifar10.cli", "train", "fast"], capture_output=True, text=True, env=env)
+    assert training.returncode == 1 and "needs the train extra" in training.stderr, training.stderr

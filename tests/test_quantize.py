@@ -147,7 +147,7 @@ def test_a_bundle_named_by_a_setting_but_not_served_as_named_stops_the_start(mod
     assert reason in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("loss", "advised"), [(0.002, True), (0.02, False)])
+@pytest.mark.parametrize(("loss", "advised"), [(0.002, True), (0.005, True), (0.02, False)])
 def test_the_cli_advises_serving_int8_only_within_the_tolerance(copy, shared_data, monkeypatch, capsys, loss, advised):
     import training.quantize
     from bundle.manifest import Variant

@@ -190,6 +190,9 @@ def test_a_run_stopped_before_its_first_part_leaves_nothing_behind(folder, bundl
     monkeypatch.undo()
     assert not (tmp_path / "out.csv.parts").exists()
     assert run(folder, bundle, tmp_path / "out.csv", options(topk=2), batch=100).rows == 303  # other options: a fresh start
+    (tmp_path / "again.csv.parts").mkdir()  # stopped while writing its first part: its options, no part
+    (tmp_path / "again.csv.parts" / "options.json").write_text(json.dumps({"model": "airbench"}))
+    assert run(folder, bundle, tmp_path / "again.csv", batch=100).rows == 303
 
 
 def test_parts_whose_options_are_unknown_are_never_adopted(folder, bundle, tmp_path, monkeypatch):

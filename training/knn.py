@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from bundle.knn import METRICS, NeighbourHead, vote_shares
 
@@ -55,6 +54,8 @@ def select_knn(
     is_validation[validation_indices] = True
     fit_indices = np.flatnonzero(~is_validation)
     validation_indices = np.flatnonzero(is_validation)
+    from tqdm import tqdm  # here: cifar10.cli imports this module for KNN_COMPONENTS, on installs without the train extra too
+
     scores = {}
     for metric in tqdm(metrics, desc="KNN: choosing k and distance", unit="distance", leave=False, disable=None):
         # one neighbour search at the largest k serves every smaller k
