@@ -131,3 +131,19 @@ def test_commands_that_need_no_training_run_on_a_serving_install(tmp_path):
     assert recipes.returncode == 0 and "cnn-fast" in recipes.stdout, recipes.stderr
     training = subprocess.run([sys.executable, "-m", "cifar10.cli", "train", "fast"], capture_output=True, text=True, env=env)
     assert training.returncode == 1 and "needs the train extra" in training.stderr, training.stderr
+
+
+def test_resume_refuses_a_finished_run_but_not_one_trained_on_and_cut_short(tiny_cifar, tmp_path, capsys):
+    from training.loop import load_checkpoint, save_checkpoint
+
+    common = ["--data-dir", str(tiny_cifar)]
+    assert run(capsys, "train", "cnn-baseline", "--epochs", "1", "--runs-dir", str(tmp_path / "runs"), *common)[0] == 0
+    (done,) = (tmp_path / "runs").iterdir()
+    code, _, err = run(capsys, "train", "--resume", str(done), *common)
+    assert code == 1 and "has finished (its results are in run.json)" in err
+    state = load_checkpoint(done)  # as `--resume RUN --epochs 2` leaves it when Ctrl-C cuts its second epoch: run.json is the 1-epoch run's
+    state["recipe"]["epochs"] = 2
+    save_checkpoint(done, state)
+    code, _, err = run(capsys, "train", "--resume", str(done), *common)
+    assert code == 0, err
+    assert json.loads((done / "run.json").read_text())["recipe"]["epochs"] == 2
