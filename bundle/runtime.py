@@ -55,12 +55,17 @@ class Prediction:
         return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "probabilities", "embeddings")))
 
 
+def find_bundles(models_dir: Path) -> list[Path]:
+    """The bundle folders of a models folder (those holding a manifest), sorted by name."""
+    return sorted(p.parent for p in models_dir.glob(f"*/{MANIFEST}"))
+
+
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not folder.parent.is_dir():
         raise BundleError(f"no models folder {folder.parent.resolve()} (give the folder that holds the bundles, such as the repository's models/)")
     if not folder.is_dir():  # a name mistyped: say which bundles there are
-        found = sorted(p.parent.name for p in folder.parent.glob(f"*/{MANIFEST}"))
+        found = [p.name for p in find_bundles(folder.parent)]
         raise BundleError(f"no bundle {folder.name!r} in {folder.parent.resolve()}; " + (f"found: {', '.join(found)}" if found else "it holds none"))
     if not path.is_file():
         raise BundleError(f"{path}: missing; a bundle holds {MANIFEST}, {MODEL_FILE} and {KNN_FILE}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -47,10 +46,6 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         )
 
 
-# a fast-loop run that climbs to its peak learning rate in fewer steps than this was seen to diverge (cnn-fast, --limit 10000 --epochs 3)
-STEPS_TO_PEAK = 100
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
     from training.hardware import bf16_is_fast, describe
@@ -78,8 +73,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError(f"--epochs {args.epochs}: the run has finished {len(resume['position']['history'])} epochs already; give more")
         recipe["epochs"] = args.epochs if args.epochs is not None else recipe["epochs"]
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        summary = run_dir / "run.json"  # written at a run's end; a run trained on with --epochs still holds the shorter run's
-        if args.epochs is None and resume["position"]["epoch"] >= recipe["epochs"] and summary.is_file() and json.loads(summary.read_text())["recipe"]["epochs"] == recipe["epochs"]:
+        results = run_dir / "run.json"  # written at a run's end; a run trained on with --epochs still holds the shorter run's
+        if args.epochs is None and resume["position"]["epoch"] >= recipe["epochs"] and results.is_file() and json.loads(results.read_text())["recipe"]["epochs"] == recipe["epochs"]:
             more = "" if recipe["loop"] == "fast" else f"; train it on with --resume {run_dir} --epochs N"
             raise UserError(f"{run_dir} has finished (its results are in run.json): nothing to resume{more}")
     elif args.recipe:
@@ -90,13 +85,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     bf16 = {"auto": bf16_is_fast(device), "bf16": True, "fp32": False}[args.precision]
     data = load_cifar10(args.data_dir, download=args.download)
     train_split, held, test = data.splits(recipe.get("limit"), recipe.get("holdout", 0))  # a bad --holdout fails here, before any folder
-    steps = recipe["epochs"] * (len(train_split) // min(recipe["batch_size"], len(train_split)))  # as the fast loop batches
-    if resume is None and recipe["loop"] == "fast" and (to_peak := math.ceil(recipe["lr_shape"]["peak_at"] * steps)) < STEPS_TO_PEAK:
-        print(
-            f"warning: this run reaches the recipe's peak learning rate at step {to_peak}, where the recipe's rates were tuned "
-            f"for hundreds: a run this short can diverge; for a quick look, give a lower --lr (say a tenth of {recipe['lr']:g})",
-            file=sys.stderr,
-        )
     if resume is None:
         run_dir = new_run_dir(Path(args.runs_dir), recipe["name"])
     print(

@@ -150,13 +150,14 @@ class Parts:
     def __init__(self, output: Path, options: Options):
         self.folder = output.with_name(output.name + ".parts")
         self.options = options
-        stored = self.folder / OPTIONS_FILE
-        if self.files() and stored.exists():
+        stored, earlier = self.folder / OPTIONS_FILE, self.files()
+        if earlier and stored.exists():
             check_same(read_options(stored), options, f"{self.folder} holds an interrupted run", f"re-run it as it was, or remove {self.folder} to start over")
-        elif self.files():  # parts of unknown options are never adopted as this run's
+        elif earlier:  # parts of unknown options are never adopted as this run's
             raise ScoringError(f"{self.folder} holds parts without their {OPTIONS_FILE}, so which run wrote them is unknown; remove {self.folder} to start over")
+        self.started = bool(earlier)  # until a part is written, the folder and its options.json may be absent or another run's
         # the next part's number: after the highest there, so that no part of an interrupted run is written over
-        self.written = max((int(p.stem.removeprefix("part-")) for p in self.files()), default=-1) + 1
+        self.written = max((int(p.stem.removeprefix("part-")) for p in earlier), default=-1) + 1
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))  # none while the folder is not there
@@ -171,9 +172,10 @@ class Parts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.files():  # the folder appears with the run's first part: a run that fails before leaves nothing to refuse
+        if not self.started:  # the folder appears with the run's first part: a run that fails before leaves nothing to refuse
             self.folder.mkdir(parents=True, exist_ok=True)
             write_options(self.folder / OPTIONS_FILE, self.options)
+            self.started = True
         final = self.folder / f"part-{self.written:06d}.parquet"
         self.written += 1
         tmp = final.with_suffix(".tmp")

@@ -242,6 +242,8 @@ class Refusal(logging.Filter):
         from bentoml.exceptions import BentoMLException
         from pydantic import ValidationError
 
+        from serving.errors import field_problem
+
         exc = record.exc_info[1] if record.exc_info else None
         # a request BentoML's input model refused; a ValidationError of any other model (an answer the
         # endpoint built) is a fault of the server, whatever status BentoML gives it, and keeps its traceback
@@ -251,7 +253,7 @@ class Refusal(logging.Filter):
             # BentoML's message is "Exception on PATH [METHOD]"; a filter that raised would make the refusal a 500
             path, method = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
             if invalid_request:  # as the answer names them: "neighbours: Input should be ..."
-                status, reason = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                status, reason = 400, "; ".join(field_problem(e) for e in exc.errors())
             else:
                 status, reason = int(exc.error_code), " ".join(str(exc).split())
             record.msg, record.args = "%s %s refused (%d): %s", (method, path, status, reason)

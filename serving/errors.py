@@ -76,12 +76,17 @@ def document_errors(spec: dict, routes: tuple[str, ...], bodyless: tuple[str, ..
     return spec
 
 
+def field_problem(detail: dict) -> str:
+    """One entry of a request validation's `detail` as its answer and its log line name it: "k: Input should be ..."."""
+    return ": ".join(filter(None, (".".join(map(str, detail.get("loc", ()))), detail.get("msg", ""))))
+
+
 def one_error(content):
     """BentoML's error answer as one object whose `error` says what to fix."""
     if isinstance(content, list) and len(content) == 1 and isinstance(content[0], dict):
         content = content[0]  # BentoML 1.4 wraps the errors its endpoints raise in a list
     if isinstance(content, dict) and isinstance(content.get("detail"), list):  # request validation: name each field
-        problems = [": ".join(filter(None, (".".join(map(str, d.get("loc", ()))), d.get("msg", "")))) for d in content["detail"] if isinstance(d, dict)]
+        problems = [field_problem(d) for d in content["detail"] if isinstance(d, dict)]
         detail = [{k: v for k, v in d.items() if k != "url"} if isinstance(d, dict) else d for d in content["detail"]]  # pydantic's docs, not ours
         content = dict(content, error="; ".join(problems) or content.get("error", ""), detail=detail)
     return content

@@ -26,7 +26,17 @@ from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from bundle.images import ImageError, open_image, to_pixels
-from bundle.runtime import Bundle, BundleError, MissingVariant, Prediction, default_providers, preload_cuda, read_manifest, verify
+from bundle.runtime import (
+    Bundle,
+    BundleError,
+    MissingVariant,
+    Prediction,
+    default_providers,
+    find_bundles,
+    preload_cuda,
+    read_manifest,
+    verify,
+)
 from serving import boundary, v2
 from serving.admission import Abandonment, Admission
 from serving.batching import Batcher
@@ -51,9 +61,7 @@ T = TypeVar("T")
 def bundle_folders(settings: Settings) -> list[Path]:
     if not settings.models_dir.is_dir():
         raise BundleError(f"models folder {settings.models_dir} not found; set CIFAR10_MODELS_DIR or run from the repository root")
-    folders = [settings.models_dir / n for n in settings.models] or sorted(
-        p for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file()
-    )
+    folders = [settings.models_dir / n for n in settings.models] or find_bundles(settings.models_dir)
     if not folders:
         raise BundleError(f"no bundle in {settings.models_dir}: export one with `cifar10 export RUN --name NAME`")
     return folders
@@ -89,8 +97,8 @@ def check_names(settings: Settings, folders: list[Path]) -> None:
     # a name that is no folder is a typo, not a broken bundle: CIFAR10_BROKEN_BUNDLES=skip does not pass it over at start
     # (a folder removed later is a broken bundle to a worker that starts then)
     if missing := [folder.name for folder in folders if not folder.is_dir()]:
-        found = sorted(p.name for p in settings.models_dir.iterdir() if (p / "manifest.json").is_file())
-        raise BundleError(f"CIFAR10_MODELS names {', '.join(missing)}, not a bundle in {settings.models_dir}; found: {', '.join(found) or 'none'}")
+        found = ", ".join(p.name for p in find_bundles(settings.models_dir)) or "none"
+        raise BundleError(f"CIFAR10_MODELS names {', '.join(missing)}, not a bundle in {settings.models_dir}; found: {found}")
     served = [folder.name for folder in folders]
     unknown = sorted(name for name in settings.precisions() if name is not None and name not in served)
     if unknown:
@@ -204,8 +212,7 @@ class CIFAR10:
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")
         small = sum(upload.size or 0 for upload in images) <= INLINE_BYTES
-        names = [image_name(i, upload) for i, upload in enumerate(images)]
-        opened = self._open(images, names) if small else await asyncio.to_thread(self._open, images, names)
+        opened = self._open(images) if small else await asyncio.to_thread(self._open, images)
         pixels_in_all = sum(image.width * image.height for image in opened)
         if pixels_in_all > self.settings.max_request_pixels:
             for image in opened:
@@ -215,39 +222,39 @@ class CIFAR10:
         abandoned = threading.Event()
         try:
             if small and pixels_in_all <= INLINE_PIXELS:
-                pixels = self._decode(opened, names, abandoned)
+                pixels = self._decode(opened, images, abandoned)
             else:
-                pixels = await asyncio.to_thread(self._decode, opened, names, abandoned)
+                pixels = await asyncio.to_thread(self._decode, opened, images, abandoned)
         except asyncio.CancelledError:  # the client went away, or CIFAR10_TIMEOUT_S ran out
             abandoned.set()
             raise
         return await self.batchers[bundle.manifest.name].predict(pixels)
 
-    def _open(self, images: list[UploadFile], names: list[str]) -> list[Image.Image]:
+    def _open(self, images: list[UploadFile]) -> list[Image.Image]:
         """Each upload's bytes, within their limit, opened as an image whose header is checked."""
         opened = []
         limits = self.settings.limits  # built once per request, not per image
-        for name, upload in zip(names, images):
+        for i, upload in enumerate(images):
             try:
                 data = upload_bytes(upload, self.settings.max_image_bytes)
             except ValueError as exc:
-                raise BentoMLException(f"{name}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+                raise BentoMLException(f"{image_name(i, upload)}: {exc}", error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
             try:
                 opened.append(open_image(data, limits))
             except ImageError as exc:
-                raise BadInput(f"{name}: {exc}") from None
+                raise BadInput(f"{image_name(i, upload)}: {exc}") from None
         return opened
 
     @staticmethod
-    def _decode(opened: list[Image.Image], names: list[str], abandoned: threading.Event) -> np.ndarray:
+    def _decode(opened: list[Image.Image], uploads: list[UploadFile], abandoned: threading.Event) -> np.ndarray:
         arrays = []
-        for name, image in zip(names, opened):
+        for i, image in enumerate(opened):
             if abandoned.is_set():  # nobody waits for the answer: leave the cores to requests that do
                 raise asyncio.CancelledError
             try:
                 arrays.append(to_pixels(image))
             except ImageError as exc:
-                raise BadInput(f"{name}: {exc}") from None
+                raise BadInput(f"{image_name(i, uploads[i])}: {exc}") from None
         return np.stack(arrays)
 
     def count(self, bundle: Bundle, indices) -> None:

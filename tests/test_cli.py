@@ -40,6 +40,7 @@ def test_data_prints_the_facts_and_writes_the_grid(tiny_cifar, tmp_path, capsys)
         (["data", "--data-dir", "/nonexistent/cifar"], "--download"),
         (["train", "cnn-baseline", "--device", "tpu"], "unknown device"),
         (["quantize", "nope", "--models-dir", "models"], "no bundle 'nope' in"),
+        (["quantize", "cnn", "--models-dir", "/nonexistent/models"], "no models folder /nonexistent/models"),
         (["train", "fast", "--weights", "imagenet"], "--weights and --freeze apply to the VGG recipes"),
         (["train", "cnn-baseline", "--limit", "-5"], "--limit must be at least 1, got -5"),
         (["data", "--per-class", "0"], "--per-class must be at least 1"),

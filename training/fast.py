@@ -27,6 +27,9 @@ at any step resumes to exactly the run it would have been.
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +112,10 @@ def epoch_images(padded: torch.Tensor, translate: int, epoch: int, generator: to
     return out.flip(-1) if epoch % 2 else out
 
 
+# a run that climbs to its peak learning rate in fewer steps than this was seen to diverge (cnn-fast, --limit 10000 --epochs 3)
+STEPS_TO_PEAK = 100
+
+
 class Steps:
     """Each epoch: crops, mirrors and uploads made for all images at once, from a generator seeded by
     (seed, epoch); each step: the rate of its point in the triangle, an SGD step, the lookahead."""
@@ -118,6 +125,13 @@ class Steps:
         train_set, seed = run.train_set, recipe["seed"]
         self.batch_size = min(recipe["batch_size"], len(train_set))
         self.steps = len(train_set) // self.batch_size
+        to_peak = math.ceil(recipe["lr_shape"]["peak_at"] * recipe["epochs"] * self.steps)
+        if resume is None and to_peak < STEPS_TO_PEAK:
+            print(
+                f"warning: this run reaches the recipe's peak learning rate at step {to_peak}, where the recipe's rates were tuned "
+                f"for hundreds: a run this short can diverge; for a quick look, give a lower --lr (say a tenth of {recipe['lr']:g})",
+                file=sys.stderr,
+            )
         # Mirror a fixed random half once; epochs then alternate all images (see epoch_images).
         mirrored = torch.rand(len(train_set), generator=torch.Generator().manual_seed(seed)) < 0.5
         images = torch.where(mirrored[:, None, None, None], train_set.images.flip(-1), train_set.images)
