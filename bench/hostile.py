@@ -25,8 +25,9 @@ import httpx
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from bundle.images import FORMATS
+
 MAX_IMAGE_BYTES = 10_000_000  # the service's default CIFAR10_MAX_IMAGE_BYTES, which the oversize cases exceed
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 
 
 @dataclass(frozen=True)

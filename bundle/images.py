@@ -3,6 +3,10 @@
 It implements the bundle's input contract `center_crop_bicubic`: convert to RGB (transparent
 pixels over white), crop the centre square, resize to 32×32 with Pillow's bicubic filter. Bad
 input raises ImageError with a message a client can act on; nothing else escapes.
+
+The formats are those of cameras, phones and the web: PNG, JPEG, BMP, GIF, WebP, TIFF and AVIF
+(Pillow's own decoders), and HEIC/HEIF, the photos of iPhones, where the optional pillow-heif is
+installed (`pip install 'cifar10-serve[heif]'`: its wheels bundle libheif and x265, LGPL and GPL).
 """
 
 from __future__ import annotations
@@ -13,7 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:
+    import pillow_heif
+except ImportError:
+    HEIF: tuple[str, ...] = ()
+else:
+    pillow_heif.register_heif_opener()
+    HEIF = ("HEIF",)
+
 SIZE = 32
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "AVIF", *HEIF)
+# their file names' suffixes, as Pillow registers them (.jpg, .jpeg, .jfif, .tif, .heic, …): what offline scoring reads
+SUFFIXES = tuple(sorted(suffix for suffix, fmt in Image.registered_extensions().items() if fmt in FORMATS))
+# the major brands of an ISO media file (its `ftyp` box) that hold HEVC-coded HEIF images, as phones write them
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
 class ImageError(ValueError):
@@ -24,7 +41,7 @@ class ImageError(ValueError):
 class Limits:
     """Every limit of the decoder, with the defaults the service and scorer use."""
 
-    formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+    formats: tuple[str, ...] = FORMATS
     max_pixels: int = 40_000_000  # width × height, checked from the header before decoding
     min_side: int = 8  # smaller images carry too little to classify
     allow_animated: bool = False
@@ -33,8 +50,8 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 # Formats whose extra frames are not animation: a camera's MPO JPEG carries a preview or a second
-# view after its picture. The first frame is the photograph.
-STILL_MULTI_FRAME = ("MPO",)
+# view after its picture, a HEIC the other shots of a burst. The first frame is the photograph.
+STILL_MULTI_FRAME = ("MPO", "HEIF")
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
@@ -47,11 +64,11 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     so a caller can see how many pixels decoding will cost before it pays (`image.size`: for a large
     JPEG, the reduced scale it will be decoded at)."""
     if not data:
-        raise ImageError("empty body: send the bytes of a PNG, JPEG, BMP, GIF, WebP or TIFF image")
+        raise ImageError(f"empty body: send the bytes of an image ({', '.join(limits.formats)})")
     try:  # reads the header only; Pillow's own bomb check (MAX_IMAGE_PIXELS) stays as a backstop
         image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError:
-        raise ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})") from None
+        raise unidentified(data, limits) from None
     except Image.DecompressionBombError:  # Pillow's own cap, should limits.max_pixels be set above it
         raise ImageError(f"image too large: over {min(limits.max_pixels, 2 * Image.MAX_IMAGE_PIXELS):,} pixels") from None
     except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
@@ -67,6 +84,17 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         image.close()
         raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
     return image
+
+
+def unidentified(data: bytes, limits: Limits) -> ImageError:
+    """Why no decoder took the bytes. An ISO media file (AVIF, HEIC) that its decoder refuses is
+    corrupt, not of another format; a HEIC where pillow-heif is missing needs the optional extra."""
+    if data[4:8] != b"ftyp":
+        return ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})")
+    if data[8:12] in HEIF_BRANDS and b"avif" not in data[8:32] and "HEIF" not in limits.formats:
+        hint = "" if HEIF else ": install the optional pillow-heif (pip install 'cifar10-serve[heif]')"
+        return ImageError(f"HEIC/HEIF images are not accepted here{hint}; send a JPEG or PNG")
+    return ImageError("corrupt or truncated AVIF or HEIF image: its decoder cannot read it")
 
 
 def to_pixels(image: Image.Image) -> np.ndarray:

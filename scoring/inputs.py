@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from bundle.images import HEIF
+from bundle.images import SUFFIXES as IMAGE_SUFFIXES
 
 
 class InputError(ValueError):
@@ -77,6 +78,8 @@ def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     if others := [p for p in every if p.suffix.lower() not in IMAGE_SUFFIXES]:  # said, so that a count that falls short is not a surprise
         print(f"{len(others):,} files under {root} have no image suffix and are not scored (e.g. {others[0].relative_to(root)})", file=sys.stderr)
+        if not HEIF and (photos := sum(p.suffix.lower() in (".heic", ".heif", ".hif") for p in others)):
+            print(f"{photos:,} of them are HEIC/HEIF photos: install pillow-heif to score them (pip install 'cifar10-serve[heif]')", file=sys.stderr)
     for path in files:
         yield Record(str(path.relative_to(root)), path, index.get(path.parent.name) if path.parent != root else None)
 

@@ -4,15 +4,21 @@
     GET  /v2/health/live, /v2/health/ready
     GET  /v2/models/{name}[/versions/{v}]            model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models/{name}[/versions/{v}]/config     Triton's model configuration (what its tools read)
     POST /v2/models/{name}[/versions/{v}]/infer      tensors in, tensors out
 
 Infer takes the bundle's own input, uint8 `images` [N, 32, 32, 3] (no image decoding: for clients
 that pre-process), as JSON `data` or in the binary tensor data extension
-(`Inference-Header-Content-Length`: the JSON header's length, the raw tensors after it). It answers
-`logits`, `probabilities` (the bundle's calibrated ones) and `embedding`, all or those asked for
-with `outputs`, each as JSON or binary (`parameters.binary_data`, or `binary_data_output` for all).
+(`Inference-Header-Content-Length`: the JSON header's length, the raw tensors after it), gzip- or
+deflate-compressed or not (`Content-Encoding`). It answers `logits`, `probabilities` (the bundle's
+calibrated ones) and `embedding`, all or those asked for with `outputs`, each as JSON or binary
+(`parameters.binary_data`, or `binary_data_output` for all); `parameters.classification: k` turns
+`probabilities` or `logits` into Triton's classification, the k best as "value:index:label" strings.
 Requests go through the same batcher, limits and load shedding as the image endpoints; every error
-is the protocol's `{"error": "..."}` with a 4xx. Spec: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
+is the protocol's `{"error": "..."}` with a 4xx; the extensions this server does not implement
+(statistics, shared memory, the model repository, tracing) are refused by name.
+Spec: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/, and Triton's
+extensions: https://github.com/triton-inference-server/server/tree/main/docs/protocol
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+import struct
+import zlib
+from typing import Any, NamedTuple
 
 import bentoml
 import numpy as np
@@ -39,12 +47,22 @@ HEADER_LENGTH = "inference-header-content-length"
 INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 IMAGE_VALUES = 32 * 32 * 3
 JSON_BYTES_PER_VALUE = 8  # "255, " flat as json.dumps writes it is 5 (tritonclient: "255,"); nested, "[255, 255, 255], " a pixel
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
+# Content-Encoding → zlib's window bits: gzip, and HTTP's "deflate", which is the zlib format (as tritonclient sends it)
+ENCODINGS = {"gzip": 31, "deflate": 15}
 
 
 class ProtocolError(Exception):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
+
+
+class Wanted(NamedTuple):
+    """How an output is asked for."""
+
+    binary: bool
+    classification: int = 0  # the k best classes as strings (Triton's classification extension); 0: the tensor itself
 
 
 def is_infer(path: str) -> bool:
@@ -53,7 +71,7 @@ def is_infer(path: str) -> bool:
 
 
 async def protocol_error(request: Request, exc: ProtocolError) -> Response:
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
 
 
 def _service():
@@ -81,7 +99,7 @@ async def ready(request: Request) -> Response:
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": "cifar10", "version": bentoml.__version__, "extensions": ["binary_tensor_data"]})
+    return JSONResponse({"name": "cifar10", "version": bentoml.__version__, "extensions": list(EXTENSIONS)})
 
 
 async def model_metadata(request: Request) -> Response:
@@ -105,21 +123,62 @@ async def model_ready(request: Request) -> Response:
     return JSONResponse({"name": bundle.manifest.name, "ready": True})
 
 
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration, as its tools read it (perf_analyzer, image_client): a batch
+    dimension of up to CIFAR10_MAX_IMAGES, so `dims` leave it out, and the service's batching."""
+    bundle, settings = _bundle(request), _service().settings
+    classes = len(bundle.manifest.classes)
+    output = lambda name, size: {"name": name, "data_type": "TYPE_FP32", "dims": [size]}  # noqa: E731
+    return JSONResponse({
+        "name": bundle.manifest.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": settings.max_images,
+        "input": [{"name": INPUT, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}],
+        "output": [output("logits", classes), output("probabilities", classes), output("embedding", bundle.manifest.embedding_dim)],
+        "dynamic_batching": {"max_queue_delay_microseconds": settings.max_latency_ms * 1000, "preferred_batch_size": [settings.max_batch_size]},
+    })  # fmt: skip
+
+
+async def unsupported(request: Request) -> Response:
+    raise ProtocolError(f"{request.url.path}: this server does not implement that part of the protocol; its extensions are {', '.join(EXTENSIONS)}")
+
+
 async def infer(request: Request) -> Response:
     bundle, service = _bundle(request), _service()
     settings = service.settings
     # the largest valid request: a header and max_images tensors as JSON text, nested as json.dumps writes it
-    body = await _body(request, min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * JSON_BYTES_PER_VALUE))
-    parse = lambda: _parse(body, request.headers.get(HEADER_LENGTH), settings.max_images)  # noqa: E731
-    header, pixels, wanted = parse() if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse)
+    limit = min(settings.max_request_bytes, 65_536 + settings.max_images * IMAGE_VALUES * JSON_BYTES_PER_VALUE)
+    body, encoding = await _body(request, limit), request.headers.get("content-encoding")
+
+    def parse():
+        header, tensors = _split(_decompressed(body, encoding, limit), request.headers.get(HEADER_LENGTH))
+        return header, _images(header, tensors, settings.max_images), _wanted_outputs(header, len(bundle.manifest.classes))
+
+    header, pixels, wanted = parse() if len(body) <= INLINE_BYTES and not encoding else await asyncio.to_thread(parse)
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
     service.count(bundle, prediction.probabilities.argmax(1))
     return _answer(bundle, header, wanted, {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings})
 
 
-def _parse(body: bytes, header_length: str | None, max_images: int) -> tuple[dict[str, Any], np.ndarray, dict[str, bool]]:
-    header, tensors = _split(body, header_length)
-    return header, _images(header, tensors, max_images), _wanted_outputs(header)
+def _decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A compressed request (tritonclient's `request_compression_algorithm`) as it was before, held to the
+    same byte limit as an uncompressed one: a few kilobytes of gzip can unpack to gigabytes."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ENCODINGS:
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or an uncompressed body", 415, {"Accept-Encoding": "gzip, deflate"})
+    inflate = zlib.decompressobj(ENCODINGS[name])
+    try:
+        data = inflate.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the {name} body cannot be decompressed ({exc})") from None
+    if len(data) > limit:
+        raise ProtocolError(f"request over {limit:,} bytes once decompressed (CIFAR10_MAX_IMAGES tensors, CIFAR10_MAX_REQUEST_BYTES)", 413)
+    if not inflate.eof or inflate.unused_data:
+        raise ProtocolError(f"the {name} body is {'cut short' if not inflate.eof else 'followed by other bytes'}: send one whole {name} stream")
+    return data
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -164,6 +223,7 @@ def _images(header: dict[str, Any], tensors: bytes, max_images: int) -> np.ndarr
     if len(inputs) != 1 or not isinstance(inputs[0], dict) or inputs[0].get("name") != INPUT:
         raise ProtocolError(f'one input, "{INPUT}" (uint8 [N, 32, 32, 3]), is expected; got {len(inputs)}')
     tensor = inputs[0]
+    _no_shared_memory(tensor)
     if tensor.get("datatype") != "UINT8":
         raise ProtocolError(f'input "{INPUT}" must have datatype UINT8, got {tensor.get("datatype")!r}')
     shape = tensor.get("shape")
@@ -190,18 +250,32 @@ def _images(header: dict[str, Any], tensors: bytes, max_images: int) -> np.ndarr
     return data.astype(np.uint8).reshape(shape)
 
 
-def _wanted_outputs(header: dict[str, Any]) -> dict[str, bool]:
-    """{output name: as binary} for the outputs asked for (all when none are)."""
+def _no_shared_memory(tensor: dict[str, Any]) -> None:
+    parameters = tensor.get("parameters")
+    if isinstance(parameters, dict) and "shared_memory_region" in parameters:
+        raise ProtocolError(f'{tensor.get("name")!r} names a shared memory region: this server takes tensors in the request and answers them in the response')
+
+
+def _wanted_outputs(header: dict[str, Any], classes: int) -> dict[str, Wanted]:
+    """How each output asked for is wanted (all, as JSON or binary_data_output says, when none are named)."""
     parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
     binary_all = _flag(parameters, "binary_data_output", False)
     asked = header.get("outputs")
     if asked is None:
-        return {name: binary_all for name in OUTPUTS}
+        return {name: Wanted(binary_all) for name in OUTPUTS}
     if not isinstance(asked, list) or not all(
         isinstance(o, dict) and o.get("name") in OUTPUTS and isinstance(o.get("parameters", {}), dict) for o in asked
     ):
         raise ProtocolError(f'"outputs" must list outputs among {", ".join(OUTPUTS)}, each with an optional "parameters" object')
-    return {o["name"]: _flag(o.get("parameters") or {}, "binary_data", binary_all) for o in asked}
+    wanted = {}
+    for output in asked:
+        _no_shared_memory(output)
+        options = output.get("parameters") or {}
+        k = options.get("classification", 0)
+        if k != 0 and (output["name"] == "embedding" or not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= classes):
+            raise ProtocolError(f'"classification" asks for the k best classes of logits or probabilities, k in 1..{classes}; got {json.dumps(k)} for {output["name"]!r}')
+        wanted[output["name"]] = Wanted(_flag(options, "binary_data", binary_all), k)
+    return wanted
 
 
 def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
@@ -212,16 +286,29 @@ def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, bool], values: dict[str, np.ndarray]) -> Response:
+def _classification(values: np.ndarray, k: int, classes: tuple[str, ...]) -> list[str]:
+    """Triton's classification: each row's k largest values, largest first, as "value:index:label", row after row."""
+    best = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return [f"{row[i]:f}:{i}:{classes[i]}" for row, top in zip(values, best) for i in top]
+
+
+def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, Wanted], values: dict[str, np.ndarray]) -> Response:
     outputs, blobs = [], []
-    for name, binary in wanted.items():
-        array = np.ascontiguousarray(values[name], dtype=np.float32)
-        tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
-        if binary:
-            blobs.append(array.tobytes())
-            tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+    for name, (binary, k) in wanted.items():
+        if k:
+            strings = _classification(values[name], k, bundle.manifest.classes)
+            tensor: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": [len(values[name]), k]}
+            blob = b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in strings))  # each element: its length, then its bytes
+            data = strings
         else:
-            tensor["data"] = array.reshape(-1).tolist()
+            array = np.ascontiguousarray(values[name], dtype=np.float32)
+            tensor = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+            blob, data = array.tobytes(), array.reshape(-1).tolist()
+        if binary:
+            blobs.append(blob)
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+        else:
+            tensor["data"] = data
         outputs.append(tensor)
     answer = {"model_name": bundle.manifest.name, "model_version": bundle.manifest.version, "outputs": outputs}
     if "id" in header:
@@ -244,13 +331,21 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
+# the routes of the extensions not implemented (statistics, shared memory, model repository, trace, logging):
+# refused by name, and "stats" never taken for a model's name
+UNSUPPORTED = (
+    "/v2/models/stats", MODEL + "/stats", VERSION + "/stats", "/v2/repository{rest:path}", "/v2/systemsharedmemory{rest:path}",
+    "/v2/cudasharedmemory{rest:path}", "/v2/trace/setting", MODEL + "/trace/setting", "/v2/logging",
+)  # fmt: skip
 app = Starlette(
     routes=[
+        *[Route(path, unsupported, methods=["GET", "POST"]) for path in UNSUPPORTED],
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         *[Route(prefix, model_metadata) for prefix in (MODEL, VERSION)],
         *[Route(prefix + "/ready", model_ready) for prefix in (MODEL, VERSION)],
+        *[Route(prefix + "/config", model_config) for prefix in (MODEL, VERSION)],
         *[Route(prefix + "/infer", infer, methods=["POST"]) for prefix in (MODEL, VERSION)],
     ],
     exception_handlers={HTTPException: http_error, ProtocolError: protocol_error, Exception: server_error},

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench.hostile import FORMATS, png_header_only
-from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode, open_image
+from bench.hostile import png_header_only
+from bundle.images import DEFAULT_LIMITS, FORMATS, SUFFIXES, ImageError, Limits, decode, open_image
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -34,6 +34,34 @@ def test_jpeg_is_close_to_its_source():
     pixels = np.full((32, 32, 3), (200, 40, 90), np.uint8)
     out = decode(encode(Image.fromarray(pixels), "JPEG", quality=95))
     assert np.abs(out.astype(int) - pixels).max() < 8
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "AVIF", "HEIF"])  # the web's formats, and iPhones' HEIC
+def test_web_and_phone_formats_are_close_to_their_source(fmt):
+    pixels = np.full((48, 48, 3), (200, 40, 90), np.uint8)
+    out = decode(encode(Image.fromarray(pixels), fmt, quality=90))
+    assert out.shape == (32, 32, 3) and np.abs(out.astype(int) - (200, 40, 90)).max() < 12
+    assert {".avif", ".heic", ".heif", ".jpg", ".jpeg", ".webp"} <= set(SUFFIXES)  # what offline scoring reads in a folder
+
+
+def test_a_heic_turned_by_its_orientation_is_upright_once():
+    """libheif applies a HEIC's rotation itself; the EXIF orientation must not turn it a second time."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = 255  # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90° clockwise to show": white on top
+    heic, jpeg = (decode(encode(Image.fromarray(pixels), fmt, quality=95, exif=exif.tobytes())) for fmt in ("HEIF", "JPEG"))
+    assert jpeg[:12].mean() > 200 and jpeg[-12:].mean() < 50
+    assert np.abs(heic.astype(int) - jpeg).max() < 32
+
+
+def test_a_truncated_avif_is_corrupt_and_a_heic_where_heic_is_not_accepted_says_so():
+    avif = encode(Image.fromarray(random_rgb(48, 40)), "AVIF")
+    with pytest.raises(ImageError, match="corrupt or truncated AVIF or HEIF image"):
+        decode(avif[: len(avif) // 2])
+    heic = encode(Image.fromarray(random_rgb(48, 40)), "HEIF")
+    with pytest.raises(ImageError, match="HEIC/HEIF images are not accepted here; send a JPEG or PNG"):
+        decode(heic, Limits(formats=("PNG", "JPEG", "AVIF")))
 
 
 def test_a_wide_image_is_center_cropped():

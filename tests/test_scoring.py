@@ -213,7 +213,7 @@ def test_one_image_is_an_input_and_files_left_out_of_a_folder_are_counted(test_i
     (tmp_path / "in").mkdir()
     Image.fromarray(pixels[0]).save(tmp_path / "in" / "cat.png")
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    (tmp_path / "in" / "photo.heic").write_bytes(b"\x00")
+    (tmp_path / "in" / "photo.cr2").write_bytes(b"\x00")  # a camera's raw file
     models = ["--models-dir", str(REPO / "models"), "--model", "cnn"]
     assert main(["score", str(tmp_path / "in" / "cat.png"), "--output", str(tmp_path / "one.csv"), *models]) == 0
     (row,) = csv.read_csv(tmp_path / "one.csv").to_pylist()

@@ -147,9 +147,10 @@ def test_accuracy_over_http_equals_the_offline_accuracy(server, test_batch, offl
     assert served == offline_predictions.tolist()
 
 
-def test_jpeg_uploads_are_classified_like_their_decoded_pixels(server, test_images, offline):
-    blobs = [encode(p, "JPEG") for p in test_images[:8]]
-    served = httpx.post(f"{server}/classify", files=upload(blobs, "jpeg"), timeout=60).json()
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "AVIF", "HEIF"])  # phones, browsers, the web, iPhones
+def test_lossy_uploads_are_classified_like_their_decoded_pixels(server, test_images, offline, fmt):
+    blobs = [encode(p, fmt) for p in test_images[:8]]
+    served = httpx.post(f"{server}/classify", files=upload(blobs, fmt.lower()), timeout=60).json()
     expected = offline.predict(np.stack([decode(b) for b in blobs])).logits.argmax(1)
     assert [r["index"] for r in served] == expected.tolist()
 

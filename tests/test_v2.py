@@ -1,5 +1,6 @@
 """The Open Inference Protocol on a real `bentoml serve`, spoken by Triton's own client, `tritonclient[http]`."""
 
+import gzip
 import json
 
 import httpx
@@ -8,6 +9,7 @@ import pytest
 
 from bench.harness import SERVE, running
 from bundle.runtime import Bundle
+from serving.settings import Settings
 from tests.conftest import REPO
 
 tritonclient = pytest.importorskip("tritonclient.http")
@@ -83,6 +85,58 @@ def test_outputs_can_be_chosen_and_default_to_all(client, images):
     assert {o["name"] for o in everything.get_response()["outputs"]} == {"logits", "probabilities", "embedding"}
     one = client.infer("cnn", [tensor], outputs=[tritonclient.InferRequestedOutput("probabilities")])
     assert [o["name"] for o in one.get_response()["outputs"]] == ["probabilities"]
+
+
+def images_input(images: np.ndarray, binary: bool = True):
+    tensor = tritonclient.InferInput("images", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    return tensor
+
+
+def test_compressed_requests_are_read_and_a_compressed_bomb_is_a_413(client, server, bundle, images):
+    for algorithm in ("gzip", "deflate"):  # tritonclient's request_compression_algorithm; the answer's compression is optional
+        result = client.infer("cnn", [images_input(images)], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+        assert np.allclose(result.as_numpy("probabilities"), bundle.predict(images).probabilities, atol=1e-6)
+    url, header = f"{server}/v2/models/cnn/infer", json.dumps(tensor([1, 32, 32, 3], data=[0] * 3072)).encode()
+    bomb = httpx.post(url, content=gzip.compress(b" " * (4 * MAX_REQUEST_BYTES) + header), headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert bomb.status_code == 413 and "once decompressed" in bomb.json()["error"]  # 4 MB of JSON in 4 kB of gzip
+    cut = httpx.post(url, content=gzip.compress(header)[:-20], headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert cut.status_code == 400 and "cut short" in cut.json()["error"]
+    brotli = httpx.post(url, content=header, headers={"Content-Encoding": "br"}, timeout=30)
+    assert brotli.status_code == 415 and brotli.headers["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "JSON"])
+def test_class_count_answers_tritons_classification_of_the_best_classes(client, bundle, images, binary):
+    wanted = [tritonclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]
+    result = client.infer("cnn", [images_input(images[:5])], outputs=wanted)
+    assert result.get_output("probabilities")["datatype"] == "BYTES"
+    table, probabilities = result.as_numpy("probabilities"), bundle.predict(images[:5]).probabilities
+    assert table.shape == (5, 3)
+    for row, p in zip(table, probabilities):
+        entries = [(e.decode() if isinstance(e, bytes) else e).split(":") for e in row]  # "value:index:label"
+        assert [int(i) for _, i, _ in entries] == np.argsort(-p, kind="stable")[:3].tolist()
+        assert [label for _, i, label in entries] == [bundle.manifest.classes[int(i)] for _, i, _ in entries]
+        assert np.allclose([float(v) for v, _, _ in entries], np.sort(p)[::-1][:3], atol=1e-6)
+    for output, k in (("probabilities", 11), ("embedding", 3)):
+        with pytest.raises(InferenceServerException, match="k best classes"):
+            client.infer("cnn", [images_input(images[:1])], outputs=[tritonclient.InferRequestedOutput(output, class_count=k)])
+
+
+def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_refused_by_name(client, images):
+    config, defaults = client.get_model_config("cnn"), Settings()
+    assert config["max_batch_size"] == defaults.max_images and config["input"] == [
+        {"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}
+    ]
+    assert [o["dims"] for o in config["output"][:2]] == [[10], [10]]
+    assert {"classification", "model_configuration"} <= set(client.get_server_metadata()["extensions"])
+    for call in (client.get_inference_statistics, client.get_system_shared_memory_status, client.get_model_repository_index):
+        with pytest.raises(InferenceServerException, match="does not implement"):  # "stats" is not taken for a model's name
+            call()
+    shared = tritonclient.InferInput("images", [1, 32, 32, 3], "UINT8")
+    shared.set_shared_memory("region", 3072)
+    with pytest.raises(InferenceServerException, match="shared memory region"):
+        client.infer("cnn", [shared])
 
 
 def infer(server, header: dict, binary: bytes = b"", header_length: str | bytes | None = None) -> httpx.Response:
