@@ -42,7 +42,7 @@ class Limits:
     """Every limit of the decoder, with the defaults the service and scorer use."""
 
     formats: tuple[str, ...] = FORMATS
-    max_pixels: int = 40_000_000  # width × height, checked from the header before decoding
+    max_pixels: int = 40_000_000  # width × height as decoded (a large JPEG's reduced scale), checked from the header before decoding
     min_side: int = 8  # smaller images carry too little to classify
     allow_animated: bool = False
 
@@ -64,7 +64,7 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     so a caller can see how many pixels decoding will cost before it pays (`image.size`: for a large
     JPEG, the reduced scale it will be decoded at)."""
     if not data:
-        raise ImageError(f"empty body: send the bytes of an image ({', '.join(limits.formats)})")
+        raise ImageError(f"empty: no bytes where an image was expected ({', '.join(limits.formats)})")
     try:  # reads the header only; Pillow's own bomb check (MAX_IMAGE_PIXELS) stays as a backstop
         image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError:
@@ -74,9 +74,9 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
         raise ImageError(f"corrupt or truncated image ({exc})") from None
     try:
+        if image.format in ("JPEG", "MPO"):  # a large JPEG decodes at a reduced scale (a 50-megapixel photo at 1/8):
+            image.draft("RGB", (SIZE * 4, SIZE * 4))  # far cheaper, and the limits apply to the pixels really decoded
         _check_header(image, limits)
-        if image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (SIZE * 4, SIZE * 4))  # decode a large JPEG at a reduced scale: far cheaper
     except ImageError:
         image.close()
         raise

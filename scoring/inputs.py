@@ -7,6 +7,7 @@ the pixels themselves; its `label` is the class index when the input says it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import sys
@@ -18,6 +19,9 @@ import numpy as np
 
 from bundle.images import HEIF
 from bundle.images import SUFFIXES as IMAGE_SUFFIXES
+
+FILE_URI = r"^file:(//)?"  # a path column may hold file: URIs (Spark's binaryFile writes them): both engines read them as paths
+INTEGRAL = r"^(\d+)\.0*$"  # a label index written as a float ("3.0": pandas writes integers with gaps as floats)
 
 
 class InputError(ValueError):
@@ -72,38 +76,88 @@ def _chunked(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
     """Every image file under root, sorted; the label is the parent folder's name when it is a class."""
     index = {name: i for i, name in enumerate(classes)}
-    every = [p for p in root.rglob("*") if p.is_file()]
+    every, hidden, broken = walk(root)
     files = sorted(p for p in every if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    if others := [p for p in every if p.suffix.lower() not in IMAGE_SUFFIXES]:  # said, so that a count that falls short is not a surprise
-        print(f"{len(others):,} files under {root} have no image suffix and are not scored (e.g. {others[0].relative_to(root)})", file=sys.stderr)
+    # what is left out is said, so that a count that falls short is not a surprise
+    if others := [p for p in every if p.suffix.lower() not in IMAGE_SUFFIXES]:
+        print(f"{len(others):,} files under {root} have no image suffix and are not scored (e.g. {file_id(others[0], root)})", file=sys.stderr)
         if not HEIF and (photos := sum(p.suffix.lower() in (".heic", ".heif", ".hif") for p in others)):
             print(f"{photos:,} of them are HEIC/HEIF photos: install pillow-heif to score them (pip install 'cifar10-serve[heif]')", file=sys.stderr)
+    if hidden:
+        print(f"{len(hidden):,} hidden files and folders under {root} are not scored (names starting with '.', e.g. {file_id(hidden[0], root)})", file=sys.stderr)
+    if broken:
+        print(f"{len(broken):,} links under {root} lead nowhere and are not scored (e.g. {file_id(broken[0], root)})", file=sys.stderr)
     for path in files:
-        yield Record(str(path.relative_to(root)), path, index.get(path.parent.name) if path.parent != root else None)
+        yield Record(file_id(path, root), path, index.get(path.parent.name) if path.parent != root else None)
 
 
-def _label(value, index: dict[str, int], classes: Sequence[str]) -> int | None:
-    """A class name, or an index as a number or as text (a CSV's "3"), read as the Spark engine reads it."""
-    if value is None:
+def walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """The files under root, following links to folders (each real folder once: a link loop ends),
+    and what is left out: hidden entries (names starting with '.') and links that lead nowhere."""
+    files, hidden, broken, seen = [], [], [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        hidden += [Path(folder, n) for n in subfolders + names if n.startswith(".")]
+        subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
+        for name in names:
+            path = Path(folder, name)
+            if name.startswith("."):
+                continue
+            (files if path.is_file() else broken).append(path)
+    return files, hidden, broken
+
+
+def file_id(path: Path, root: Path) -> str:
+    """A file's id: its path under root, as text any table can hold (a name that is not UTF-8, as old
+    archives make, keeps its bytes as \\x escapes)."""
+    return str(path.relative_to(root)).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _label(value, index: dict[str, int]) -> int | None:
+    """A class name, or an index as a number or as text (a CSV's "3", a float column's 3.0), read as the
+    Spark engine reads it; None for anything else, which check_labels refuses before scoring starts."""
+    if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip() in index:
-        return index[value.strip()]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(classes):
-        return int(value)
-    raise InputError(f"label {value!r} is neither a class name ({', '.join(classes)}) nor an index 0..{len(classes) - 1}")
+    text = re.sub(INTEGRAL, r"\1", str(value).strip())
+    return index.get(text)
+
+
+def check_labels(values: Iterator, origin: Path, classes: Sequence[str], column: str) -> None:
+    """Refuse a table with a label no class answers to before anything is scored, as the Spark engine does,
+    rather than stop part-way through it."""
+    index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    for row, value in enumerate(values):
+        if value is not None and _label(value, index) is None:
+            raise InputError(
+                f"{origin}: row {row}: label {value!r} in column {column!r} is neither a class name ({', '.join(classes)}) "
+                f"nor an index 0..{len(classes) - 1}; fix it, or leave the label empty"
+            )
 
 
 def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns, start: int) -> Iterator[Record]:
+    import pyarrow as pa
+
     names = table.column_names
     index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
     if columns.image in names:
+        kind = table.schema.field(columns.image).type
+        if not any(check(kind) for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)):
+            raise InputError(
+                f"{origin}: column {columns.image!r} holds {kind}, not image bytes (a CSV cannot hold bytes): decode text such as "
+                f"base64 into a binary column, or give the images' file paths in a {columns.path!r} column"
+            )
         sources = table.column(columns.image).to_pylist()
     elif columns.path in names:
         # relative paths are relative to the table's folder, so a table travels with its images; made absolute, as
         # Spark's engine reports them, so that a path's id is the same whichever engine scored it
-        sources = [None if p is None else (origin.parent.absolute() / p if not Path(p).is_absolute() else Path(p)) for p in table.column(columns.path).to_pylist()]
+        paths = [None if p is None else Path(re.sub(FILE_URI, "", p)) for p in table.column(columns.path).to_pylist()]
+        sources = [None if p is None else (p if p.is_absolute() else origin.parent.absolute() / p) for p in paths]
     else:
         raise InputError(
             f"{origin}: no column {columns.image!r} (image bytes) or {columns.path!r} (paths); it has {', '.join(names)}. "
@@ -113,7 +167,7 @@ def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns
     labels = table.column(columns.label).to_pylist() if columns.label in names else [None] * len(sources)
     for row, (source, id_, label) in enumerate(zip(sources, ids, labels)):
         fallback = str(source) if isinstance(source, Path) else f"row {start + row}"
-        yield Record(str(id_) if id_ is not None else fallback, source if source is not None else b"", _label(label, index, classes))
+        yield Record(str(id_) if id_ is not None else fallback, source if source is not None else b"", _label(label, index))
 
 
 def _csv(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list[Record]]:
@@ -122,9 +176,15 @@ def _csv(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list[Rec
 
     # ids, paths and labels as text, as Spark reads a CSV: types inferred from the first block would
     # turn an id "001" into 1, and fail at an "x7" further down
-    text = csv.ConvertOptions(column_types=dict.fromkeys((columns.id, columns.path, columns.label), pa.string()), strings_can_be_null=True, null_values=[""])
+    text = dict(column_types=dict.fromkeys((columns.id, columns.path, columns.label), pa.string()), strings_can_be_null=True, null_values=[""])
+    blocks = csv.ReadOptions(block_size=1 << 20)
     try:
-        reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 20), convert_options=text)
+        reader = csv.open_csv(path, read_options=blocks, convert_options=csv.ConvertOptions(**text))
+        if columns.label in reader.schema.names:  # a first pass over the labels alone
+            labels = csv.open_csv(path, read_options=blocks, convert_options=csv.ConvertOptions(include_columns=[columns.label], **text))
+            check_labels((value for batch in labels for value in batch.column(0).to_pylist()), path, classes, columns.label)
+    except InputError:
+        raise
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends
         raise InputError(f"{path}: not a readable CSV ({exc})") from exc
     start = 0
@@ -147,6 +207,8 @@ def _parquet(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list
         file = pq.ParquetFile(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if columns.label in file.schema_arrow.names:
+        check_labels(iter(file.read(columns=[columns.label]).column(0).to_pylist()), path, classes, columns.label)
     start = 0
     for batch in file.iter_batches(batch_size=chunk):
         records = list(_table_records(batch, path, classes, columns, start))

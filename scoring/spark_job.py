@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 
 from bundle.runtime import read_manifest
-from scoring.inputs import IMAGE_SUFFIXES, Columns, InputError
+from scoring.inputs import FILE_URI, IMAGE_SUFFIXES, INTEGRAL, Columns, InputError
 from scoring.local import Options, ScoringError, Summary, check_same, schema
 from scoring.spark import with_predictions
 
@@ -122,7 +122,7 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
             raise InputError(f"{source}: executors open a table's paths as local files; give a local table, or a column of image bytes")
         column = F.col(columns.path)
         folder = _uri(source).rsplit("/", 1)[0].removeprefix("file:")
-        local = F.regexp_replace(column, "^file:(//)?", "")
+        local = F.regexp_replace(column, FILE_URI, "")
         path = F.when(local.startswith("/"), local).otherwise(F.concat(F.lit(folder + "/"), column))
         images, argument = path.alias("path"), {"path_column": "path"}
         id_ = F.col(columns.id).cast("string") if columns.id in names else path
@@ -151,7 +151,7 @@ def _true_label(frame, name: str, classes: tuple[str, ...]):
     """A class name or index in the table, as a class name; anything else stops the run, as in the local engine."""
     from pyspark.sql import functions as F
 
-    value = F.trim(F.col(name).cast("string"))
+    value = F.regexp_replace(F.trim(F.col(name).cast("string")), INTEGRAL, "$1")  # a float column's 3.0 is index 3
     names = {c: c for c in classes} | {str(i): c for i, c in enumerate(classes)}
     mapping = F.create_map(*[F.lit(x) for pair in names.items() for x in pair])
     bad = frame.where(F.col(name).isNotNull() & mapping[value].isNull()).select(name).limit(1).collect()

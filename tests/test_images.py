@@ -44,6 +44,15 @@ def test_web_and_phone_formats_are_close_to_their_source(fmt):
     assert {".avif", ".heic", ".heif", ".jpg", ".jpeg", ".webp"} <= set(SUFFIXES)  # what offline scoring reads in a folder
 
 
+def test_a_jpeg_over_the_pixel_limit_is_judged_at_the_scale_it_decodes_at():
+    """A 50-megapixel phone photo decodes at 1/8 scale (its header is read first): that is what the limit holds to."""
+    big = Image.new("RGB", (2000, 1500), (200, 40, 90))
+    limits = Limits(max_pixels=1_000_000)
+    assert np.abs(decode(encode(big, "JPEG"), limits).astype(int) - (200, 40, 90)).max() < 8
+    with pytest.raises(ImageError, match="2000×1500 is over 1,000,000 pixels"):
+        decode(encode(big, "PNG"), limits)
+
+
 def test_a_heic_turned_by_its_orientation_is_upright_once():
     """libheif applies a HEIC's rotation itself; the EXIF orientation must not turn it a second time."""
     pixels = np.zeros((40, 60, 3), np.uint8)
@@ -106,7 +115,7 @@ def test_the_header_tells_the_pixels_of_a_file_small_in_bytes():
 @pytest.mark.parametrize(
     "data, message",
     [
-        (b"", "empty body"),
+        (b"", "empty: no bytes"),
         (b"GIF89a but not really", "not an image"),
         (b"%PDF-1.7\n" + b"0" * 100, "not an image"),
         (png_header_only(20_000, 20_000), "too large"),

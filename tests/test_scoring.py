@@ -1,6 +1,7 @@
 """Offline scoring on real CIFAR-10 test images written as files: same answers as the bundle, resumable."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +110,46 @@ def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path)
     assert [r["label"] for r in a] == [r["label"] for r in b] and from_paths.rows == from_bytes.rows == 50
     assert from_paths.labelled == 50 and from_bytes.labelled == 0
     assert [r["id"] for r in a] == [str(p.absolute()) for p in files]  # as Spark's engine names them
+
+
+def test_a_folder_is_read_as_people_keep_one(test_images, bundle, tmp_path, capsys):
+    """A class folder that is a link, a file name from an old archive (not UTF-8), macOS's hidden ._
+    copies, a link that leads nowhere and a loop: each real image scored once, the rest counted."""
+    pixels, root, elsewhere = test_images[0], tmp_path / "photos", tmp_path / "elsewhere" / "dog"
+    (root / "cat").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    Image.fromarray(pixels[0]).save(elsewhere / "d.png")
+    Image.fromarray(pixels[1]).save(root / "cat" / os.fsdecode(b"caf\xe9.png"))
+    (root / "cat" / "._caf.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble: no image
+    (root / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "cat" / "loop").symlink_to(root, target_is_directory=True)
+    summary = run(root, bundle, tmp_path / "out.csv")
+    rows = csv.read_csv(tmp_path / "out.csv").to_pylist()
+    assert sorted((r["id"], r["true_label"], r["error"]) for r in rows) == [("cat/caf\\xe9.png", "cat", None), ("dog/d.png", "dog", None)]
+    assert summary.failed == 0
+    err = capsys.readouterr().err
+    assert "1 hidden files and folders under" in err and "1 links under" in err and "cat/gone.jpg" in err
+
+
+def test_a_tables_labels_and_paths_are_read_as_written_and_a_bad_one_stops_nothing_midway(folder, bundle, tmp_path):
+    """Labels as pandas writes integers with gaps (floats), paths as Spark's binaryFile writes them (file: URIs);
+    a label no class answers to, or image bytes given as text, refused before a part is written."""
+    files = sorted(p for p in folder.rglob("*.png") if p.parent.name in bundle.manifest.classes)[:20]
+    labels = [float(bundle.manifest.classes.index(p.parent.name)) for p in files]
+    pq.write_table(pa.table({"path": [f"file://{p}" for p in files], "label": labels[:-1] + [None]}), tmp_path / "floats.parquet")
+    summary = run(tmp_path / "floats.parquet", bundle, tmp_path / "floats.csv")
+    assert summary.rows == 20 and summary.failed == 0 and summary.labelled == 19
+    assert csv.read_csv(tmp_path / "floats.csv").column("true_label").to_pylist()[:3] == [p.parent.name for p in files[:3]]
+    for name, table, message in (
+        ("kitten.parquet", pa.table({"path": [str(p) for p in files], "label": ["cat"] * 15 + ["kitten"] * 5}), "row 15: label 'kitten'"),
+        ("half.csv", pa.table({"path": [str(p) for p in files], "label": ["3"] * 19 + ["3.5"]}), "row 19: label '3.5'"),
+        ("base64.parquet", pa.table({"image": ["iVBORw0KGgo="] * 20}), "holds string, not image bytes"),
+    ):
+        (csv.write_csv if name.endswith(".csv") else pq.write_table)(table, tmp_path / name)
+        with pytest.raises(InputError, match=message):
+            run(tmp_path / name, bundle, tmp_path / f"{name}.out.parquet", batch=4)
+        assert not (tmp_path / f"{name}.out.parquet.parts").exists()
 
 
 def test_a_csvs_ids_and_labels_are_read_as_text_past_its_first_block(tmp_path):
