@@ -97,6 +97,7 @@ def input_frame(spark, source: str, columns: Columns, classes: tuple[str, ...]) 
         .option("pathGlobFilter", suffix_glob())
     )  # fmt: skip
     images = _read(lambda: reader.load(_uri(source)), source)
+    warn_of_underscores(source)
     if images.select("path").isEmpty():  # binaryFile reads no content for a query without it
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {source}")
     path = F.regexp_replace(F.col("path"), "^file:///", "file:/")
@@ -158,6 +159,14 @@ def _true_label(frame, name: str, classes: tuple[str, ...]):
     if bad:
         raise InputError(f"label {bad[0][0]!r} is neither a class name ({', '.join(classes)}) nor an index 0..{len(classes) - 1}")
     return mapping[value]
+
+
+def warn_of_underscores(source: str) -> None:
+    """Spark's file listing passes over names that start with '_' (Hadoop's hidden files; a camera's
+    _DSC0001.JPG too), with no word: say so for a local folder, where the driver can count them."""
+    if os.path.isdir(source) and (skipped := [n for _, _, names in os.walk(source, followlinks=True) for n in names if n.startswith("_") and n.lower().endswith(IMAGE_SUFFIXES)]):
+        print(f"{len(skipped):,} files under {source} have names starting with '_' (e.g. {skipped[0]}), which Spark's file listing "
+              "leaves out; --engine local scores them", file=sys.stderr)  # fmt: skip
 
 
 def suffix_glob() -> str:

@@ -111,7 +111,7 @@ def test_the_cli_scores_a_folder_on_the_cluster_like_the_local_engine(cluster, f
 
 
 def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, cluster, folder, tmp_path, capsys):
-    """Parquet with image bytes, CSV with paths relative to the table: both as the local engine scores them.
+    """Parquet with image bytes, CSV with paths relative to the table, Parquet with file: URIs: each as the local engine scores it.
 
     The `spark` fixture's application is running, so the CLI joins it rather than starting its own."""
     files = sorted(folder.rglob("*.png"))
@@ -120,8 +120,11 @@ def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, clust
     labels = [p.parent.name if p.parent.name in CLASSES else None for p in files]
     pq.write_table(pa.table({"id": ids, "image": [p.read_bytes() for p in files], "label": labels}), tmp_path / "images.parquet")
     csv.write_csv(pa.table({"id": ids, "path": ids, "label": [CLASSES.index(x) if x else None for x in labels]}), folder / "paths.csv")
+    # paths as binaryFile writes them (file: URIs), labels as pandas writes integers with gaps (floats)
+    uris = {"id": ids, "path": [f"file://{p}" for p in files], "label": [float(CLASSES.index(x)) if x else None for x in labels]}
+    pq.write_table(pa.table(uris), tmp_path / "uris.parquet")
     try:
-        for table in (tmp_path / "images.parquet", folder / "paths.csv"):
+        for table in (tmp_path / "images.parquet", folder / "paths.csv", tmp_path / "uris.parquet"):
             local = local_rows(table, tmp_path / f"local-{table.stem}.parquet")
             output = tmp_path / f"spark-{table.stem}.parquet"
             assert main(spark_cli(table, output, cluster, "--topk", "2")) == 0, capsys.readouterr().err
@@ -273,3 +276,14 @@ def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(path.startswith(str(archive)) for path in done.stdout.split()), done.stdout
+
+
+def test_images_spark_will_pass_over_are_counted_before_the_job(tmp_path, capsys):
+    """Spark's listing skips names starting with '_' (Hadoop's hidden files) without a word; for a local folder the driver says so."""
+    from scoring.spark_job import warn_of_underscores
+
+    (tmp_path / "cat").mkdir()
+    for name in ("_DSC0001.JPG", "a.png", "_SUCCESS"):
+        (tmp_path / "cat" / name).write_bytes(b"")
+    warn_of_underscores(str(tmp_path))
+    assert "1 files under" in capsys.readouterr().err
