@@ -37,12 +37,15 @@ def score_command(args: argparse.Namespace) -> None:
                 summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
     except (BundleError, InputError, ScoringError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # an --output under a file, a folder that cannot be read or written, a full disk
+        raise UserError(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)) from None
     except KeyboardInterrupt:
         if args.engine == "spark":
             raise Interrupted(f"interrupted; run the same command again to score everything into {args.output}") from None
         raise Interrupted(f"interrupted; finished chunks are kept: run the same command again to resume into {output}") from None
     if summary.rows == 0 and not summary.new:
-        print(f"{args.output} is already complete; nothing to do")
+        print(f"{args.output} is already complete (these options, this input as it was listed then); nothing to do. "
+              "To score files added since, write to another --output or remove this one")  # fmt: skip
         return
     accuracy = f", accuracy {summary.accuracy:.2%} on {summary.labelled:,} labelled" if summary.accuracy is not None else ""
     print(
@@ -51,3 +54,5 @@ def score_command(args: argparse.Namespace) -> None:
     )
     for failure in summary.failures:
         print(f"  failed: {failure}")
+    if summary.new and summary.failed == summary.rows:  # nothing scored is a mistake to stop a script on, not a result
+        raise UserError(f"every one of the {summary.rows:,} inputs failed (the first reasons above): is it the input you meant?")

@@ -211,8 +211,11 @@ def _csv_ready(table):
     import pyarrow as pa
 
     for name in table.column_names:
-        if pa.types.is_list(table.schema.field(name).type):
-            values = [json.dumps(v) if v is not None else None for v in table.column(name).to_pylist()]
+        kind = table.schema.field(name).type
+        if pa.types.is_list(kind):
+            # float32 values as short as the probability column's own (0.90851235, not 0.9085123538970947)
+            short = (lambda v: [float(str(x)) for x in np.asarray(v, np.float32)]) if pa.types.is_float32(kind.value_type) else (lambda v: v)
+            values = [json.dumps(short(v)) if v is not None else None for v in table.column(name).to_pylist()]
             table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
     return table
 

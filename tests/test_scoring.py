@@ -181,6 +181,8 @@ def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shar
     assert len(table) == 10_000 and table[0]["id"] == "test_batch:0"
     top = json.loads(table[0]["topk_labels"])  # CSV has no lists: they are JSON text
     assert len(top) == 2 and top[0] == table[0]["label"]
+    written = output.read_text().splitlines()[1].split('"[')[-1]  # the row's probabilities as float32 writes them, not as float64
+    assert written.startswith(str(np.float32(table[0]["probability"])) + ", "), written
 
 
 @pytest.mark.parametrize(
@@ -191,6 +193,8 @@ def test_the_cli_scores_a_cifar_batch_file_to_csv_with_the_bundles_accuracy(shar
         (None, ["--model", "cnn", "--output", "x.json"], "must end in .parquet or .csv"),
         ("missing", ["--model", "cnn"], "input not found"),
         ("notes.txt", ["--model", "cnn"], "give an image, a folder of images, a .csv or .parquet table"),
+        ("junk.png", ["--model", "cnn"], "every one of the 1 inputs failed"),  # written, and a status a script stops on
+        (None, ["--model", "cnn", "--output", "notes.txt/o.csv"], "Not a directory"),  # no traceback
     ],
 )
 def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_path, capsys):
@@ -199,7 +203,9 @@ def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_pat
         source = tmp_path / source
         if source.name != "missing":
             source.write_text("not images")
+    (tmp_path / "notes.txt").write_text("not images")
     argv = ["score", str(source or folder), "--output", str(tmp_path / "o.parquet"), "--models-dir", str(REPO / "models"), *args]
+    argv = [str(tmp_path / a) if a.startswith("notes.txt/") else a for a in argv]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
 
