@@ -99,6 +99,13 @@ def fast_run(cifar, tmp_path_factory):
     return run_dir, summary
 
 
+def test_a_run_whose_loss_stops_being_a_number_stops_there_and_says_what_to_change(cifar, tmp_path):
+    recipe = get_recipe("cnn-fast", epochs=3, limit=512, batch_size=128, lr=1e12)
+    with pytest.raises(UserError, match=r"training diverged: the loss is not a number at epoch 1, step \d+\. Train again with a lower --lr \(this run's: 1e\+12\)"):
+        train(recipe, cifar, tmp_path, CPU, bf16=cpu_bf16(), progress=False)
+    assert not (tmp_path / "history.json").exists()  # it stopped in its first epoch, not after the third
+
+
 def test_fast_training_learns(fast_run):
     run_dir, summary = fast_run
     history = json.loads((run_dir / "history.json").read_text())

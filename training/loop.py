@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import time
@@ -135,6 +136,9 @@ def run_epochs(
                 if pos.step >= loop.steps:
                     break
                 loss_sum, correct, seen = loop.step(pos)
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    diverged(run_dir, recipe, pos)
                 pos.step += 1
                 pos.loss_sum += loss_sum
                 pos.correct += correct
@@ -156,6 +160,16 @@ def run_epochs(
         if sigint["stop"]:  # asked during the last epoch's evaluation: the resumed run starts at the final evaluations
             save_and_stop(run_dir, checkpoint())
     return pos.history
+
+
+def diverged(run_dir: Path, recipe: dict, pos: Position) -> NoReturn:
+    """A loss that is no longer a number will not become one again: stop now, not after the last epoch
+    (whose bundle would answer NaN), and say what to change; --resume would replay the same steps."""
+    raise UserError(
+        f"training diverged: the loss is not a number at epoch {pos.epoch + 1}, step {pos.step + 1}. Train again with a lower "
+        f"--lr (this run's: {recipe['lr']:g}) or more images and steps; {run_dir} keeps the last whole epoch's checkpoint, "
+        "which --resume would lead to the same point"
+    )
 
 
 def pick_device(name: str) -> torch.device:
