@@ -27,6 +27,7 @@ import numpy as np
 
 from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode
 from bundle.runtime import Bundle, available_cores
+from cifar10.files import write_whole
 from scoring.inputs import Record
 
 OPTIONS_FILE = "options.json"
@@ -242,9 +243,7 @@ def removed_parts(output: Path) -> Path:
 
 
 def write_options(path: Path, options: Options) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(options)))
-    os.replace(tmp, path)  # whole or absent
+    write_whole(path, json.dumps(asdict(options)))
 
 
 def read_options(path: Path) -> dict:

@@ -33,7 +33,7 @@ from bundle.runtime import Bundle, verify
 from scoring.inputs import Record
 from scoring.local import Options, predict_columns, record_pixels, schema
 
-EXECUTOR_PACKAGES = ("bundle", "scoring")  # what a Python worker imports to score a batch
+EXECUTOR_PACKAGES = ("bundle", "scoring", "cifar10")  # what a Python worker imports to score a batch (cifar10: its files and errors)
 
 _shipped: set[tuple[str, str]] = set()  # (Spark application id, file name): each is added to a job once
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 
@@ -265,15 +266,16 @@ def test_the_docs_spark_submit_example_runs_on_a_cluster(folder, tmp_path):
 
 def test_the_spark_job_ships_every_package_its_executors_import(tmp_path):
     """Executors without this project import the zip the job ships; the cluster above, on this machine,
-    would find the installed packages and hide a missing one."""
+    would find the installed packages and hide a missing one. So this Python starts without site (-S: no
+    editable install of this project) and finds the third-party packages alone on its path."""
     from scoring.spark import package_zip
 
-    archive = package_zip(tmp_path)
+    archive, site = package_zip(tmp_path), sysconfig.get_paths()["purelib"]
     code = (
-        f"import sys; sys.path.insert(0, {str(archive)!r}); import scoring.spark, scoring.local, bundle.runtime; "
+        f"import sys; sys.path.insert(0, {str(archive)!r}); sys.path.append({site!r}); import scoring.spark, scoring.local, bundle.runtime; "
         "print(scoring.spark.__file__, scoring.local.__file__, bundle.runtime.__file__)"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(path.startswith(str(archive)) for path in done.stdout.split()), done.stdout
 

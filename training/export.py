@@ -12,7 +12,6 @@ accuracies in the manifest are measured on the written graph with onnxruntime.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +30,7 @@ from bundle.knn import NeighbourHead
 from bundle.manifest import KNN_FILE, MANIFEST, MODEL_FILE, Accuracy, FileEntry, KnnHead, Manifest, Normalization, Provenance
 from bundle.runtime import OUTPUTS, PREDICT_CHUNK, sha256
 from cifar10.errors import UserError
+from cifar10.files import write_whole
 from training.analysis import TrainedRun
 from training.calibration import calibrate
 from training.data import Cifar10
@@ -104,9 +104,7 @@ def verify(onnx_logits: np.ndarray, onnx_probabilities: np.ndarray, torch_logits
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Replace the bundle's manifest in one rename: a reader sees the old one or the new one, whole."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_whole(folder / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
 
 
 def git_commit() -> str | None:

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cifar10.errors import Interrupted, UserError
+from cifar10.files import write_whole
 from training.data import Cifar10, Split
 from training.evaluate import evaluate
 from training.hardware import describe
@@ -303,7 +304,4 @@ def write_summary(
 
 
 def write_json(path: Path, content) -> None:
-    """Whole or not at all: an interrupted write leaves the previous file, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(content, indent=2) + "\n")
