@@ -10,7 +10,7 @@ Built on Spark's own convention for model inference, `pyspark.ml.functions.predi
 Python worker loads the bundle once and is fed numpy batches, which go through the same decoder and
 the same `scoring.local.predict_columns` as the local engine. The bundle folder travels with the
 job as a zip archive (`SparkContext.addArchive`, which every master accepts, unlike a folder given
-to `addFile`), and so does the code executors run (the `bundle` and `scoring` packages, through
+to `addFile`), and so does the code executors run (the `bundle`, `scoring` and `cifar10` packages, through
 `addPyFile`): executors need Python with this project's requirements and nothing on their disks.
 Each executor checks the bundle's hashes when it loads it, as `Bundle.load` always does.
 """
