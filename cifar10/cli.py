@@ -7,7 +7,6 @@ commands that need no torch keep working on a serving-only install.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -49,8 +48,8 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from training.data import load_cifar10
     from training.hardware import bf16_is_fast, describe
-    from training.loop import load_checkpoint, new_run_dir, pick_device
-    from training.recipes import get_recipe, resumed
+    from training.loop import new_run_dir, pick_device, plan_resume
+    from training.recipes import get_recipe
     from training.train import train
 
     device = pick_device(args.device)
@@ -63,20 +62,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         changed = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k != "epochs"]
         if changed:
             raise UserError(f"--resume continues a run as it was; only --epochs can change, not {', '.join(changed)}")
-        resume = load_checkpoint(Path(args.resume))
-        recipe = resumed(resume["recipe"])
-        if args.recipe and args.recipe != recipe["name"]:
-            raise UserError(f"{args.resume} is a {recipe['name']} run, not {args.recipe}")
-        if recipe["loop"] == "fast" and args.epochs not in (None, recipe["epochs"]):
-            raise UserError("a fast run's schedule spans its whole length; --resume it as it was, without --epochs")
-        if args.epochs is not None and args.epochs <= len(resume["position"]["history"]):
-            raise UserError(f"--epochs {args.epochs}: the run has finished {len(resume['position']['history'])} epochs already; give more")
-        recipe["epochs"] = args.epochs if args.epochs is not None else recipe["epochs"]
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        results = run_dir / "run.json"  # written at a run's end; a run trained on with --epochs still holds the shorter run's
-        if args.epochs is None and resume["position"]["epoch"] >= recipe["epochs"] and results.is_file() and json.loads(results.read_text())["recipe"]["epochs"] == recipe["epochs"]:
-            more = "" if recipe["loop"] == "fast" else f"; train it on with --resume {run_dir} --epochs N"
-            raise UserError(f"{run_dir} has finished (its results are in run.json): nothing to resume{more}")
+        recipe, resume, run_dir = plan_resume(Path(args.resume), args.recipe, args.epochs)
     elif args.recipe:
         resume = None
         recipe = get_recipe(args.recipe, **overrides)

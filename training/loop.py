@@ -34,6 +34,7 @@ from training.data import Cifar10, Split
 from training.evaluate import evaluate
 from training.hardware import describe
 from training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_model, count_parameters, read_torch_file
+from training.recipes import resumed
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -223,6 +224,26 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{file} is not a checkpoint written by this version of cifar10 train")
     return state
+
+
+def plan_resume(path: Path, recipe_name: str | None, epochs: int | None) -> tuple[dict, dict, Path]:
+    """(recipe, checkpoint, run folder) to go on with a run from, given `--resume PATH [RECIPE] [--epochs N]`;
+    refused where it would no longer be the run it was, or where nothing is left to do."""
+    state = load_checkpoint(path)
+    recipe = resumed(state["recipe"])
+    if recipe_name and recipe_name != recipe["name"]:
+        raise UserError(f"{path} is a {recipe['name']} run, not {recipe_name}")
+    if recipe["loop"] == "fast" and epochs not in (None, recipe["epochs"]):
+        raise UserError("a fast run's schedule spans its whole length; --resume it as it was, without --epochs")
+    if epochs is not None and epochs <= (done := len(state["position"]["history"])):
+        raise UserError(f"--epochs {epochs}: the run has finished {done} epochs already; give more")
+    recipe["epochs"] = epochs if epochs is not None else recipe["epochs"]
+    run_dir = path if path.is_dir() else path.parent
+    results = run_dir / "run.json"  # written at a run's end; a run trained on with --epochs still holds the shorter run's
+    if epochs is None and state["position"]["epoch"] >= recipe["epochs"] and results.is_file() and json.loads(results.read_text())["recipe"]["epochs"] == recipe["epochs"]:
+        more = "" if recipe["loop"] == "fast" else f"; train it on with --resume {run_dir} --epochs N"
+        raise UserError(f"{run_dir} has finished (its results are in run.json): nothing to resume{more}")
+    return recipe, state, run_dir
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
