@@ -121,7 +121,7 @@ class ErrorAnswers:
                 return None
             if start["status"] == 404 and not dict(start["headers"]).get(b"content-type", b"").startswith(b"application/json"):
                 endpoints = [f"POST {r}" for r in self.routes] + [f"GET or POST {r}" for r in self.bodyless]
-                content = {"error": f"no route {scope['path']}; the endpoints are {', '.join(endpoints)} and the /v2 inference protocol's (see /docs)"}
+                content = {"error": f"no route {scope['path']}; the endpoints are {', '.join(endpoints)} and the /v2 inference protocol's (see / or /docs.json)"}
             else:
                 content = json.loads(body)
             fixed = json.dumps(document_errors(content, self.routes, self.bodyless) if document else one_error(content)).encode()
