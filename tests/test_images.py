@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 
 from bench.hostile import png_header_only
 from bundle.images import DEFAULT_LIMITS, FORMATS, SUFFIXES, ImageError, Limits, decode, open_image
+from tests.conftest import REPO
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -71,6 +74,29 @@ def test_a_truncated_avif_is_corrupt_and_a_heic_where_heic_is_not_accepted_says_
     heic = encode(Image.fromarray(random_rgb(48, 40)), "HEIF")
     with pytest.raises(ImageError, match="HEIC/HEIF images are not accepted here; send a JPEG or PNG"):
         decode(heic, Limits(formats=("PNG", "JPEG", "AVIF")))
+
+
+def test_where_pillow_heif_is_missing_a_heic_is_refused_naming_the_extra_and_a_folders_are_counted(tmp_path):
+    """The serving install and the container lack the optional pillow-heif: an iPhone photo gets a reason, not 'not an image'."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "IMG_0001.HEIC").write_bytes(encode(Image.fromarray(random_rgb(48, 40)), "HEIF"))
+    Image.fromarray(random_rgb()).save(tmp_path / "photos" / "a.png")
+    code = (
+        "import sys, pathlib; sys.modules['pillow_heif'] = None\n"  # as if it were not installed
+        "from bundle.images import HEIF, ImageError, decode\n"
+        "from scoring.inputs import folder_records\n"
+        "assert HEIF == ()\n"
+        "print([r.id for r in folder_records(pathlib.Path(sys.argv[1]) / 'photos', [])])\n"
+        "try:\n    decode((pathlib.Path(sys.argv[1]) / 'photos' / 'IMG_0001.HEIC').read_bytes())\n"
+        "except ImageError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "['a.png']",
+        "HEIC/HEIF images are not accepted here: install the optional pillow-heif (pip install 'cifar10-serve[heif]'); send a JPEG or PNG",
+    ]
+    assert "1 of them are HEIC/HEIF photos: install pillow-heif" in done.stderr
 
 
 def test_a_wide_image_is_center_cropped():
