@@ -54,7 +54,7 @@ class Settings:
     max_queue: int = 256  # requests per worker waiting for a place; beyond it 429 at once
     max_queue_wait_s: float = 0.5  # how long a request waits for a place before its 429; 0: refused at once
     timeout_s: float = 60.0  # a request not answered by then gets 504
-    max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height, checked from the header before decoding
+    max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height as decoded (a large JPEG at its reduced scale), checked from the header first
     max_request_pixels: int = 200_000_000  # the pixels a request's images decode to in all (a large JPEG counts at its reduced scale)
 
     def __post_init__(self) -> None:
