@@ -15,22 +15,28 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 try:
     import pillow_heif
 except ImportError:
-    HEIF: tuple[str, ...] = ()
+    HEIF = False
 else:
     pillow_heif.register_heif_opener()
-    HEIF = ("HEIF",)
+    HEIF = True
 
 SIZE = 32
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "AVIF", *HEIF)
-# their file names' suffixes, as Pillow registers them (.jpg, .jpeg, .jfif, .tif, .heic, …): what offline scoring reads
-SUFFIXES = tuple(sorted(suffix for suffix, fmt in Image.registered_extensions().items() if fmt in FORMATS))
-# the major brands of an ISO media file (its `ftyp` box) that hold HEVC-coded HEIF images, as phones write them
-HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+# Every format accepted, with its files' suffixes (what offline scoring reads in a folder). AVIF where this
+# Pillow decodes it (its wheels do), HEIF where pillow-heif is installed; never the animated variants' suffixes.
+SUFFIXES_OF = {
+    "PNG": (".png",), "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"), "BMP": (".bmp",), "GIF": (".gif",), "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"), "AVIF": (".avif",), "HEIF": (".heic", ".heif", ".hif"),
+}  # fmt: skip
+FORMATS = tuple(f for f in SUFFIXES_OF if (f != "AVIF" or features.check("avif")) and (f != "HEIF" or HEIF))
+SUFFIXES = tuple(suffix for fmt in FORMATS for suffix in SUFFIXES_OF[fmt])
+# An ISO media file (MP4, MOV, HEIF, AVIF) starts with an `ftyp` box naming its brands. These hold still images:
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")  # HEVC-coded, as phones write them
+AVIF_BRANDS = (b"avif", b"avis")
 
 
 class ImageError(ValueError):
@@ -74,9 +80,10 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     except Exception as exc:  # a header Pillow cannot parse: its plugins raise OSError, ValueError, struct.error, …
         raise ImageError(f"corrupt or truncated image ({exc})") from None
     try:
+        declared = image.size
         if image.format in ("JPEG", "MPO"):  # a large JPEG decodes at a reduced scale (a 50-megapixel photo at 1/8):
             image.draft("RGB", (SIZE * 4, SIZE * 4))  # far cheaper, and the limits apply to the pixels really decoded
-        _check_header(image, limits)
+        _check_header(image, limits, declared)
     except ImageError:
         image.close()
         raise
@@ -87,14 +94,20 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
 
 
 def unidentified(data: bytes, limits: Limits) -> ImageError:
-    """Why no decoder took the bytes. An ISO media file (AVIF, HEIC) that its decoder refuses is
-    corrupt, not of another format; a HEIC where pillow-heif is missing needs the optional extra."""
+    """Why no decoder took the bytes. An AVIF or HEIC that its decoder refuses is corrupt, not of
+    another format; a HEIC where pillow-heif is missing needs the optional extra."""
+    accepted = f"not an image in an accepted format ({', '.join(limits.formats)})"
     if data[4:8] != b"ftyp":
-        return ImageError(f"not an image in an accepted format ({', '.join(limits.formats)})")
-    if data[8:12] in HEIF_BRANDS and b"avif" not in data[8:32] and "HEIF" not in limits.formats:
+        return ImageError(accepted)
+    major, compatible = data[8:12], data[16:32]  # ftyp: size, "ftyp", major brand, minor version, compatible brands
+    if any(brand in major + compatible for brand in AVIF_BRANDS):
+        return ImageError("corrupt or truncated AVIF image: its decoder cannot read it")
+    if major not in HEIF_BRANDS:  # a video (MOV, MP4), a camera's raw CR3, audio
+        return ImageError(f"{accepted}: an ISO media file of brand {major.decode('latin-1')!r}, a video or a raw photo perhaps")
+    if "HEIF" not in limits.formats:
         hint = "" if HEIF else ": install the optional pillow-heif (pip install 'cifar10-serve[heif]')"
         return ImageError(f"HEIC/HEIF images are not accepted here{hint}; send a JPEG or PNG")
-    return ImageError("corrupt or truncated AVIF or HEIF image: its decoder cannot read it")
+    return ImageError("corrupt or truncated HEIC/HEIF image: its decoder cannot read it")
 
 
 def to_pixels(image: Image.Image) -> np.ndarray:
@@ -106,8 +119,9 @@ def to_pixels(image: Image.Image) -> np.ndarray:
         raise ImageError(f"corrupt or truncated {image.format} image ({exc})") from None
 
 
-def _check_header(image: Image.Image, limits: Limits) -> None:
-    width, height = image.size
+def _check_header(image: Image.Image, limits: Limits, declared: tuple[int, int]) -> None:
+    # a progressive JPEG holds all its coefficients in memory whatever the scale it decodes at: its full size counts
+    width, height = declared if image.format in ("JPEG", "MPO") and image.info.get("progressive") else image.size
     if width * height > limits.max_pixels:  # the header says so; nothing decoded yet
         raise ImageError(f"image too large: {width}×{height} is over {limits.max_pixels:,} pixels")
     if min(width, height) < limits.min_side:

@@ -7,17 +7,19 @@ the pixels themselves; its `label` is the class index when the input says it.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from bundle.images import HEIF
+from bundle.images import HEIF, SUFFIXES_OF
 from bundle.images import SUFFIXES as IMAGE_SUFFIXES
 
 FILE_URI = r"^file:(//)?"  # a path column may hold file: URIs (Spark's binaryFile writes them): both engines read them as paths
@@ -76,41 +78,56 @@ def _chunked(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
     """Every image file under root, sorted; the label is the parent folder's name when it is a class."""
     index = {name: i for i, name in enumerate(classes)}
-    every, hidden, broken = walk(root)
-    files = sorted(p for p in every if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = walk(root)
+    files = sorted(p for p in found.files if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     # what is left out is said, so that a count that falls short is not a surprise
-    if others := [p for p in every if p.suffix.lower() not in IMAGE_SUFFIXES]:
-        print(f"{len(others):,} files under {root} have no image suffix and are not scored (e.g. {file_id(others[0], root)})", file=sys.stderr)
-        if not HEIF and (photos := sum(p.suffix.lower() in (".heic", ".heif", ".hif") for p in others)):
-            print(f"{photos:,} of them are HEIC/HEIF photos: install pillow-heif to score them (pip install 'cifar10-serve[heif]')", file=sys.stderr)
-    if hidden:
-        print(f"{len(hidden):,} hidden files and folders under {root} are not scored (names starting with '.', e.g. {file_id(hidden[0], root)})", file=sys.stderr)
-    if broken:
-        print(f"{len(broken):,} links under {root} lead nowhere and are not scored (e.g. {file_id(broken[0], root)})", file=sys.stderr)
+    others = [p for p in found.files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    for paths, what in (
+        (others, "files without an image suffix"), (found.hidden, "hidden files and folders (names starting with '.')"),
+        (found.broken, "links that lead nowhere"), (found.special, "entries that are no regular file (pipes, sockets, devices)"),
+        (found.unreadable, "folders that cannot be read"),
+    ):  # fmt: skip
+        if paths:
+            print(f"{len(paths):,} {what} under {root} are not scored (e.g. {file_id(paths[0], root)})", file=sys.stderr)
+    if not HEIF and (photos := sum(p.suffix.lower() in SUFFIXES_OF["HEIF"] for p in others)):
+        print(f"{photos:,} of the files without an image suffix are HEIC/HEIF photos: install pillow-heif to score them (pip install 'cifar10-serve[heif]')", file=sys.stderr)
     for path in files:
         yield Record(file_id(path, root), path, index.get(path.parent.name) if path.parent != root else None)
 
 
-def walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """The files under root, following links to folders (each real folder once: a link loop ends),
-    and what is left out: hidden entries (names starting with '.') and links that lead nowhere."""
-    files, hidden, broken, seen = [], [], [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+class Found(NamedTuple):
+    files: list[Path]
+    hidden: list[Path]  # names starting with '.': macOS's ._ copies, .git, .Trash
+    broken: list[Path]  # links that lead nowhere
+    special: list[Path]  # pipes, sockets, devices
+    unreadable: list[Path]  # folders the walk cannot list
+
+
+def walk(root: Path) -> Found:
+    """What is under root. Links to folders are followed, each real folder once (a loop ends), and a
+    folder under root is reached by its own path, not by a link to it that sorts first (its name may be its label)."""
+    found, seen = Found([], [], [], [], []), set()
+
+    def unreadable(error: OSError) -> None:
+        if Path(error.filename) == root:
+            raise InputError(f"{root}: cannot be read ({error.strerror})")
+        found.unreadable.append(Path(error.filename))
+
+    inside = {os.path.realpath(folder): folder for folder, _, _ in os.walk(root, onerror=unreadable)}  # without links
+    for folder, subfolders, names in os.walk(root, onerror=lambda error: None, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
+        if real in seen or inside.get(real, folder) != folder:  # seen, or under root by a path of its own
             subfolders[:] = []
             continue
         seen.add(real)
-        hidden += [Path(folder, n) for n in subfolders + names if n.startswith(".")]
+        found.hidden.extend(Path(folder, n) for n in subfolders + names if n.startswith("."))
         subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
-        for name in names:
-            path = Path(folder, name)
-            if name.startswith("."):
-                continue
-            (files if path.is_file() else broken).append(path)
-    return files, hidden, broken
+        for path in (Path(folder, n) for n in names if not n.startswith(".")):
+            kind = found.files if path.is_file() else found.broken if path.is_symlink() and not path.exists() else found.special
+            kind.append(path)
+    return found
 
 
 def file_id(path: Path, root: Path) -> str:
@@ -119,35 +136,42 @@ def file_id(path: Path, root: Path) -> str:
     return str(path.relative_to(root)).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def class_index(classes: Sequence[str]) -> dict[str, int]:
+    """What a label may be: a class name, or its index as text."""
+    return {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+
+
 def _label(value, index: dict[str, int]) -> int | None:
     """A class name, or an index as a number or as text (a CSV's "3", a float column's 3.0), read as the
-    Spark engine reads it; None for anything else, which check_labels refuses before scoring starts."""
-    if value is None or isinstance(value, bool):
+    Spark engine reads it; None for no label, and for anything else, which check_labels refuses before scoring starts."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and math.isnan(value)):
         return None
-    text = re.sub(INTEGRAL, r"\1", str(value).strip())
-    return index.get(text)
+    return index.get(re.sub(INTEGRAL, r"\1", str(value).strip()))
 
 
-def check_labels(values: Iterator, origin: Path, classes: Sequence[str], column: str) -> None:
+def check_labels(columns: Iterable, origin: Path, classes: Sequence[str], name: str) -> None:
     """Refuse a table with a label no class answers to before anything is scored, as the Spark engine does,
-    rather than stop part-way through it."""
-    index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
-    for row, value in enumerate(values):
-        if value is not None and _label(value, index) is None:
-            raise InputError(
-                f"{origin}: row {row}: label {value!r} in column {column!r} is neither a class name ({', '.join(classes)}) "
-                f"nor an index 0..{len(classes) - 1}; fix it, or leave the label empty"
-            )
+    rather than stop part-way through it. `columns`: the label column, batch after batch (pyarrow arrays)."""
+    import pyarrow.compute as pc
+
+    index, start = class_index(classes), 0
+    for column in columns:
+        for value in pc.unique(column).to_pylist():  # each distinct value once
+            if not (value is None or (isinstance(value, float) and math.isnan(value))) and _label(value, index) is None:
+                raise InputError(
+                    f"{origin}: row {start + pc.index(column, value).as_py()}: label {value!r} in column {name!r} is neither a class "
+                    f"name ({', '.join(classes)}) nor an index 0..{len(classes) - 1}; fix it, or leave the label empty"
+                )
+        start += len(column)
 
 
 def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns, start: int) -> Iterator[Record]:
     import pyarrow as pa
 
-    names = table.column_names
-    index = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    names, index = table.column_names, class_index(classes)
     if columns.image in names:
         kind = table.schema.field(columns.image).type
-        if not any(check(kind) for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)):
+        if not any(check(kind) for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary)):
             raise InputError(
                 f"{origin}: column {columns.image!r} holds {kind}, not image bytes (a CSV cannot hold bytes): decode text such as "
                 f"base64 into a binary column, or give the images' file paths in a {columns.path!r} column"
@@ -171,33 +195,43 @@ def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns
 
 
 def _csv(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list[Record]]:
+    if columns.label in _csv_reader(path, columns).schema.names:  # a first pass over the labels alone
+        check_labels((batch.column(0) for batch in _csv_batches(path, columns, only=columns.label)), path, classes, columns.label)
+    start = 0
+    for batch in _csv_batches(path, columns):
+        records = list(_table_records(batch, path, classes, columns, start))
+        start += len(records)
+        yield from _chunked(iter(records), chunk)
+
+
+def _csv_reader(path: Path, columns: Columns, only: str | None = None):
     import pyarrow as pa
     from pyarrow import csv
 
     # ids, paths and labels as text, as Spark reads a CSV: types inferred from the first block would
     # turn an id "001" into 1, and fail at an "x7" further down
-    text = dict(column_types=dict.fromkeys((columns.id, columns.path, columns.label), pa.string()), strings_can_be_null=True, null_values=[""])
-    blocks = csv.ReadOptions(block_size=1 << 20)
+    text = csv.ConvertOptions(
+        column_types=dict.fromkeys((columns.id, columns.path, columns.label), pa.string()), strings_can_be_null=True,
+        null_values=[""], include_columns=[only] if only else None,
+    )  # fmt: skip
     try:
-        reader = csv.open_csv(path, read_options=blocks, convert_options=csv.ConvertOptions(**text))
-        if columns.label in reader.schema.names:  # a first pass over the labels alone
-            labels = csv.open_csv(path, read_options=blocks, convert_options=csv.ConvertOptions(include_columns=[columns.label], **text))
-            check_labels((value for batch in labels for value in batch.column(0).to_pylist()), path, classes, columns.label)
-    except InputError:
-        raise
+        return csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 20), convert_options=text)
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends
         raise InputError(f"{path}: not a readable CSV ({exc})") from exc
-    start = 0
+
+
+def _csv_batches(path: Path, columns: Columns, only: str | None = None) -> Iterator:
+    """A CSV's record batches (of one column, `only`), a malformed row named by where it is."""
+    reader, rows = _csv_reader(path, columns, only), 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             return
         except Exception as exc:  # a malformed row further down: ArrowInvalid
-            raise InputError(f"{path}: unreadable after row {start} ({exc})") from exc
-        records = list(_table_records(batch, path, classes, columns, start))
-        start += len(records)
-        yield from _chunked(iter(records), chunk)
+            raise InputError(f"{path}: unreadable after row {rows} ({exc})") from exc
+        rows += batch.num_rows
+        yield batch
 
 
 def _parquet(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list[Record]]:
@@ -208,7 +242,7 @@ def _parquet(path: Path, classes, columns: Columns, chunk: int) -> Iterator[list
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
     if columns.label in file.schema_arrow.names:
-        check_labels(iter(file.read(columns=[columns.label]).column(0).to_pylist()), path, classes, columns.label)
+        check_labels((b.column(0) for b in file.iter_batches(batch_size=1 << 16, columns=[columns.label])), path, classes, columns.label)
     start = 0
     for batch in file.iter_batches(batch_size=chunk):
         records = list(_table_records(batch, path, classes, columns, start))

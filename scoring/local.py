@@ -27,7 +27,7 @@ import numpy as np
 
 from bundle.images import DEFAULT_LIMITS, ImageError, Limits, decode
 from bundle.runtime import Bundle, available_cores
-from cifar10.files import write_whole
+from cifar10.files import write_whole, written_whole
 from scoring.inputs import Record
 
 OPTIONS_FILE = "options.json"
@@ -179,9 +179,7 @@ class Parts:
             self.started = True
         final = self.folder / f"part-{self.written:06d}.parquet"
         self.written += 1
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(pa.table(columns, schema=schema(self.options)), tmp)
-        os.replace(tmp, final)  # a part is whole or absent
+        written_whole(final, lambda tmp: pq.write_table(pa.table(columns, schema=schema(self.options)), tmp))  # a part is whole or absent
 
     def merge_into(self, output: Path, each: Callable[[object], None]) -> None:
         """Write every part into `output` (Parquet or CSV by its suffix) through a rename, one part in
@@ -190,17 +188,18 @@ class Parts:
         from pyarrow import csv
 
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
         as_csv = output.suffix.lower() == ".csv"
         columns = schema(self.options)
-        writer = csv.CSVWriter(tmp, _csv_ready(columns.empty_table()).schema) if as_csv else pq.ParquetWriter(tmp, columns)
-        with writer:
-            for part in self.files():
-                table = pq.read_table(part)
-                writer.write_table(_csv_ready(table) if as_csv else table)
-                each(table)
-        write_options(options_record(output), self.options)  # first: an OUT is never without its record
-        os.replace(tmp, output)
+
+        def write(tmp: Path) -> None:
+            with csv.CSVWriter(tmp, _csv_ready(columns.empty_table()).schema) if as_csv else pq.ParquetWriter(tmp, columns) as writer:
+                for part in self.files():
+                    table = pq.read_table(part)
+                    writer.write_table(_csv_ready(table) if as_csv else table)
+                    each(table)
+            write_options(options_record(output), self.options)  # before the rename: an OUT is never without its record
+
+        written_whole(output, write)
         if self.folder.exists():  # out of sight in one step, then removed: a run stopped here leaves no parts to resume from
             leaving = removed_parts(output)
             os.replace(self.folder, leaving)
@@ -212,13 +211,22 @@ def _csv_ready(table):
     import pyarrow as pa
 
     for name in table.column_names:
-        kind = table.schema.field(name).type
-        if pa.types.is_list(kind):
-            # float32 values as short as the probability column's own (0.90851235, not 0.9085123538970947)
-            short = (lambda v: [float(str(x)) for x in np.asarray(v, np.float32)]) if pa.types.is_float32(kind.value_type) else (lambda v: v)
-            values = [json.dumps(short(v)) if v is not None else None for v in table.column(name).to_pylist()]
-            table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+        if pa.types.is_list(table.schema.field(name).type):
+            table = table.set_column(table.column_names.index(name), name, _json_lists(table.column(name).combine_chunks()))
     return table
+
+
+def _json_lists(lists):
+    """A list column as JSON text, null where the list is. Numbers as Arrow writes them, as short as their
+    type holds (a float32 0.90851235, as in the probability column, not 0.9085123538970947); text through json."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string(lists.type.value_type):
+        return pa.array([json.dumps(v) if v is not None else None for v in lists.to_pylist()], pa.string())
+    offsets = pc.subtract(lists.offsets, lists.offsets[0])  # a slice's offsets start where it does
+    text = pa.ListArray.from_arrays(offsets, pc.cast(lists.flatten(), pa.string()), mask=lists.is_null())
+    return pc.binary_join_element_wise("[", pc.binary_join(text, ", "), "]", "")
 
 
 def check_output(output: Path, options: Options) -> bool:

@@ -17,9 +17,10 @@ import re
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from bundle.runtime import read_manifest
-from scoring.inputs import FILE_URI, IMAGE_SUFFIXES, INTEGRAL, Columns, InputError
+from scoring.inputs import FILE_URI, IMAGE_SUFFIXES, INTEGRAL, Columns, InputError, walk
 from scoring.local import Options, ScoringError, Summary, check_same, schema
 from scoring.spark import with_predictions
 
@@ -163,10 +164,15 @@ def _true_label(frame, name: str, classes: tuple[str, ...]):
 
 def warn_of_underscores(source: str) -> None:
     """Spark's file listing passes over names that start with '_' (Hadoop's hidden files; a camera's
-    _DSC0001.JPG too), with no word: say so for a local folder, where the driver can count them."""
-    if os.path.isdir(source) and (skipped := [n for _, _, names in os.walk(source, followlinks=True) for n in names if n.startswith("_") and n.lower().endswith(IMAGE_SUFFIXES)]):
-        print(f"{len(skipped):,} files under {source} have names starting with '_' (e.g. {skipped[0]}), which Spark's file listing "
-              "leaves out; --engine local scores them", file=sys.stderr)  # fmt: skip
+    _DSC0001.JPG too), and whatever is in such a folder, with no word: say so for a local folder, where
+    the driver can count them."""
+    if not os.path.isdir(source):
+        return
+    root = Path(source)
+    images = (p.relative_to(root) for p in walk(root).files if p.suffix.lower() in IMAGE_SUFFIXES)
+    if skipped := [p for p in images if any(part.startswith("_") for part in p.parts)]:
+        print(f"{len(skipped):,} images under {source} have a name or folder starting with '_' (e.g. {skipped[0]}), which Spark's "
+              "file listing leaves out; --engine local scores them", file=sys.stderr)  # fmt: skip
 
 
 def suffix_glob() -> str:

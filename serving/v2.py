@@ -136,7 +136,7 @@ async def model_config(request: Request) -> Response:
         "max_batch_size": settings.max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}],
         "output": [output("logits", classes), output("probabilities", classes), output("embedding", bundle.manifest.embedding_dim)],
-        "dynamic_batching": {"max_queue_delay_microseconds": settings.max_latency_ms * 1000, "preferred_batch_size": [settings.max_batch_size]},
+        "dynamic_batching": {"max_queue_delay_microseconds": round(settings.max_latency_ms * 1000), "preferred_batch_size": [settings.max_batch_size]},
     })  # fmt: skip
 
 

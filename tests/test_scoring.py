@@ -113,8 +113,9 @@ def test_tables_of_paths_or_bytes_give_the_same_labels(folder, bundle, tmp_path)
 
 
 def test_a_folder_is_read_as_people_keep_one(test_images, bundle, tmp_path, capsys):
-    """A class folder that is a link, a file name from an old archive (not UTF-8), macOS's hidden ._
-    copies, a link that leads nowhere and a loop: each real image scored once, the rest counted."""
+    """A class folder that is a link, a link to a class folder that sorts before it, a file name from an old
+    archive (not UTF-8), macOS's hidden ._ copies, a link that leads nowhere, a loop, a pipe: each real image
+    scored once, under its own folder's name, the rest counted."""
     pixels, root, elsewhere = test_images[0], tmp_path / "photos", tmp_path / "elsewhere" / "dog"
     (root / "cat").mkdir(parents=True)
     elsewhere.mkdir(parents=True)
@@ -124,12 +125,15 @@ def test_a_folder_is_read_as_people_keep_one(test_images, bundle, tmp_path, caps
     (root / "dog").symlink_to(elsewhere, target_is_directory=True)
     (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (root / "cat" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "all_cats").symlink_to(root / "cat", target_is_directory=True)  # sorts before cat/, whose name is the label
+    os.mkfifo(root / "cat" / "pipe.png")  # a reader would wait on it for ever
     summary = run(root, bundle, tmp_path / "out.csv")
     rows = csv.read_csv(tmp_path / "out.csv").to_pylist()
     assert sorted((r["id"], r["true_label"], r["error"]) for r in rows) == [("cat/caf\\xe9.png", "cat", None), ("dog/d.png", "dog", None)]
     assert summary.failed == 0
     err = capsys.readouterr().err
-    assert "1 hidden files and folders under" in err and "1 links under" in err and "cat/gone.jpg" in err
+    assert "1 hidden files and folders (names starting with '.') under" in err and "1 links that lead nowhere under" in err and "cat/gone.jpg" in err
+    assert "1 entries that are no regular file" in err  # the pipe
 
 
 def test_a_tables_labels_and_paths_are_read_as_written_and_a_bad_one_stops_nothing_midway(folder, bundle, tmp_path):
@@ -266,4 +270,4 @@ def test_one_image_is_an_input_and_files_left_out_of_a_folder_are_counted(test_i
     (row,) = csv.read_csv(tmp_path / "one.csv").to_pylist()
     assert row["id"] == "cat.png" and row["index"] == int(bundle.predict(pixels).logits.argmax())
     assert main(["score", str(tmp_path / "in"), "--output", str(tmp_path / "folder.csv"), *models]) == 0
-    assert "2 files under" in capsys.readouterr().err and csv.read_csv(tmp_path / "folder.csv").num_rows == 1
+    assert "2 files without an image suffix under" in capsys.readouterr().err and csv.read_csv(tmp_path / "folder.csv").num_rows == 1

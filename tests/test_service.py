@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from bench.harness import SERVE, running
-from bundle.images import decode
+from bundle.images import HEIF, decode
 from bundle.runtime import Bundle
 from serving.boundary import Refusal
 from serving.schemas import Classification
@@ -147,7 +147,7 @@ def test_accuracy_over_http_equals_the_offline_accuracy(server, test_batch, offl
     assert served == offline_predictions.tolist()
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "AVIF", "HEIF"])  # phones, browsers, the web, iPhones
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "AVIF", pytest.param("HEIF", marks=pytest.mark.skipif(not HEIF, reason="needs the [heif] extra"))])
 def test_lossy_uploads_are_classified_like_their_decoded_pixels(server, test_images, offline, fmt):
     blobs = [encode(p, fmt) for p in test_images[:8]]
     served = httpx.post(f"{server}/classify", files=upload(blobs, fmt.lower()), timeout=60).json()

@@ -284,8 +284,11 @@ def test_images_spark_will_pass_over_are_counted_before_the_job(tmp_path, capsys
     """Spark's listing skips names starting with '_' (Hadoop's hidden files) without a word; for a local folder the driver says so."""
     from scoring.spark_job import warn_of_underscores
 
-    (tmp_path / "cat").mkdir()
-    for name in ("_DSC0001.JPG", "a.png", "_SUCCESS"):
-        (tmp_path / "cat" / name).write_bytes(b"")
+    for folder in ("cat", "_raw", "a", "b"):
+        (tmp_path / folder).mkdir()
+    for name in ("cat/_DSC0001.JPG", "cat/a.png", "cat/_SUCCESS", "_raw/b.png"):
+        (tmp_path / name).write_bytes(b"")
+    for folder in ("a", "b"):  # two loops: a walk that follows links without remembering where it has been never ends
+        (tmp_path / folder / "up").symlink_to(tmp_path, target_is_directory=True)
     warn_of_underscores(str(tmp_path))
-    assert "1 files under" in capsys.readouterr().err
+    assert "2 images under" in capsys.readouterr().err

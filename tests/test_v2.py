@@ -129,6 +129,8 @@ def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_r
         {"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}
     ]
     assert [o["dims"] for o in config["output"][:2]] == [[10], [10]]
+    delay = config["dynamic_batching"]["max_queue_delay_microseconds"]
+    assert delay == round(defaults.max_latency_ms * 1000) and type(delay) is int  # protobuf's JSON takes no 0.0 for an integer
     assert {"classification", "model_configuration"} <= set(client.get_server_metadata()["extensions"])
     for call in (client.get_inference_statistics, client.get_system_shared_memory_status, client.get_model_repository_index):
         with pytest.raises(InferenceServerException, match="does not implement"):  # "stats" is not taken for a model's name

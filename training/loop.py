@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cifar10.errors import Interrupted, UserError
-from cifar10.files import write_whole
+from cifar10.files import write_whole, written_whole
 from training.data import Cifar10, Split
 from training.evaluate import evaluate
 from training.hardware import describe
@@ -167,10 +166,11 @@ def run_epochs(
 def diverged(run_dir: Path, recipe: dict, pos: Position) -> NoReturn:
     """A loss that is no longer a number will not become one again: stop now, not after the last epoch
     (whose bundle would answer NaN), and say what to change; --resume would replay the same steps."""
+    kept = (run_dir / CHECKPOINT).exists()
     raise UserError(
         f"training diverged: the loss is not a number at epoch {pos.epoch + 1}, step {pos.step + 1}. Train again with a lower "
-        f"--lr (this run's: {recipe['lr']:g}) or more images and steps; {run_dir} keeps the last whole epoch's checkpoint, "
-        "which --resume would lead to the same point"
+        f"--lr (this run's: {recipe['lr']:g}) or more images and steps"
+        + (f"; {run_dir} keeps the last whole epoch's checkpoint, which --resume would lead to the same point" if kept else "")
     )
 
 
@@ -247,10 +247,8 @@ def plan_resume(path: Path, recipe_name: str | None, epochs: int | None) -> tupl
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
+    """A crash never leaves a half-written checkpoint."""
+    written_whole(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 @contextmanager
