@@ -10,6 +10,7 @@ missing `MultipartSerde.parse_request` mend would mean fetching URLs that client
 
 The HTTP stack, outermost first, as BentoML builds it with these mends applied:
 
+    Starlette's CORS middleware          (only with CIFAR10_CORS_ORIGINS; moved here by cors_outermost)
     BentoML's request metrics            (counts every answer, refusals included)
     serving.admission.Admission          (429 beyond its concurrency limit; moved here by shed_load_early)
     OpenTelemetry tracing                (only when an exporter is configured: trace_only_for_an_exporter)
@@ -97,6 +98,7 @@ def apply() -> None:
     multipart_forms_as_declared()
     respawn_workers_in_containers()
     shed_load_early()
+    cors_outermost()
     trace_only_for_an_exporter()
     cache_response_media_types()
     refusals_without_tracebacks()
@@ -193,6 +195,27 @@ def shed_load_early() -> None:
         return rest[:metrics] + admission + rest[metrics:]
 
     ServiceAppFactory.middlewares = property(admission_early)
+
+
+def cors_outermost() -> None:
+    """Every answer to a browser's script carries its CORS headers, refusals included.
+
+    BentoML puts its CORS middleware (CIFAR10_CORS_ORIGINS, or `http.cors` in BentoML's configuration)
+    innermost, under the service's own middleware: a 400 from the upload checks, a 429 from load
+    shedding or a 404 left without Access-Control-Allow-Origin, which a browser hides from the script
+    as a network error. Outermost, it also answers preflight requests before anything else runs.
+    Test: tests/test_service.py::test_a_browser_page_of_an_allowed_origin_reads_answers_and_refusals.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from starlette.middleware.cors import CORSMiddleware
+
+    stack = ServiceAppFactory.middlewares
+
+    def cors_first(self):
+        middlewares = stack.fget(self)
+        return [m for m in middlewares if m.cls is CORSMiddleware] + [m for m in middlewares if m.cls is not CORSMiddleware]
+
+    ServiceAppFactory.middlewares = property(cors_first)
 
 
 def trace_only_for_an_exporter() -> None:

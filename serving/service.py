@@ -163,7 +163,7 @@ ROUTES = ("/classify", "/topk", "/embed", "/knn")
 Images = Annotated[list[Upload], Field(min_length=1)]
 
 
-@bentoml.service(name="cifar10", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="cifar10", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s}, http=SETTINGS.http())
 @bentoml.asgi_app(v2.app)  # the Open Inference Protocol's /v2 routes, beside the image endpoints
 class CIFAR10:
     @bentoml.on_deployment

@@ -56,6 +56,17 @@ class Settings:
     timeout_s: float = 60.0  # a request not answered by then gets 504
     max_pixels: int = DEFAULT_LIMITS.max_pixels  # width × height as decoded (a large JPEG at its reduced scale), checked from the header first
     max_request_pixels: int = 200_000_000  # the pixels a request's images decode to in all (a large JPEG counts at its reduced scale)
+    cors_origins: tuple[str, ...] = ()  # web pages whose scripts may call the service from a browser (CORS): origins, or *; empty: none
+
+    def http(self) -> dict:
+        """BentoML's `http` configuration of the service: CORS for the origins named, with the headers a
+        browser's script needs to read (a 429's Retry-After, the protocol's binary header length)."""
+        if not self.cors_origins:
+            return {}
+        return {"cors": {
+            "enabled": True, "access_control_allow_origins": list(self.cors_origins), "access_control_allow_methods": ["GET", "HEAD", "POST"],
+            "access_control_allow_headers": ["*"], "access_control_expose_headers": ["Retry-After", "Inference-Header-Content-Length"],
+        }}  # fmt: skip
 
     def __post_init__(self) -> None:
         positive = ("workers", "sessions", "max_batch_size", "max_concurrency", "max_images", "max_image_bytes", "max_request_bytes", "max_neighbours", "max_pixels", "max_request_pixels", "timeout_s")

@@ -50,12 +50,11 @@ class Bodies:
         if scope["method"] in ("GET", "HEAD") and scope["path"] in self.readable:
             return await self.app(*_with_body(scope, receive, b"{}", b"application/json"), send)
         headers = dict(scope["headers"])
-        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers  # BentoML's CORS answers it
-        if scope["method"] != "POST" and not preflight:
+        if scope["method"] != "POST":  # a browser's preflight is answered before this, where CORS is on (serving/boundary.py)
             allowed = "GET, HEAD, POST" if scope["path"] in self.readable else "POST"
             message = f"{scope['method']} {scope['path']} is not served: use {' or '.join(allowed.split(', '))} (the API is described at /docs.json)"
             return await send_error(send, 405, message, ((b"allow", allowed.encode()),))
-        if preflight or scope["path"] not in self.paths:
+        if scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         declared = headers.get(b"content-length", b"")

@@ -41,9 +41,33 @@ def server(server_log):
         CIFAR10_DEFAULT_MODEL="cnn",  # the cheap committed bundle; the default one is checked by name below
         CIFAR10_MAX_LATENCY_MS="20",  # so that concurrent requests reliably meet in one batch
         CIFAR10_MAX_NEIGHBOURS=str(MAX_NEIGHBOURS),  # above the KNN head's training rows
+        CIFAR10_CORS_ORIGINS=PAGE,
     )  # fmt: skip
     with running(SERVE, server_log, env=env) as served:
         yield served.url
+
+
+PAGE = "https://app.example"  # a web page whose scripts the server fixture lets call it
+
+
+def test_a_browser_page_of_an_allowed_origin_reads_answers_and_refusals(server, test_images):
+    """A browser hides from a script every answer without Access-Control-Allow-Origin: a refusal too, which
+    would leave the page with a bare network error where the service said what was wrong."""
+    origin = {"Origin": PAGE}
+    preflight = httpx.options(f"{server}/classify", headers=origin | {"Access-Control-Request-Method": "POST"}, timeout=30)
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == PAGE
+    answer = httpx.post(f"{server}/classify", files=upload([encode(test_images[0])]), headers=origin, timeout=30)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
+    assert "retry-after" in answer.headers["access-control-expose-headers"].lower()  # a 429's, for the page to wait
+    refusals = [
+        httpx.post(f"{server}/classify", headers=origin, timeout=30),  # no body: the upload checks
+        httpx.post(f"{server}/nowhere", headers=origin, timeout=30),  # the JSON 404
+        httpx.post(f"{server}/v2/models/cnn/infer", content=b"{}", headers=origin, timeout=30),  # the protocol's 400
+    ]
+    for refusal in refusals:
+        assert refusal.status_code in (400, 404) and refusal.headers.get("access-control-allow-origin") == PAGE, refusal.text
+    elsewhere = httpx.post(f"{server}/classify", files=upload([encode(test_images[0])]), headers={"Origin": "https://elsewhere.example"}, timeout=30)
+    assert "access-control-allow-origin" not in elsewhere.headers
 
 
 def test_the_log_names_the_provider_really_in_use(server, server_log):
