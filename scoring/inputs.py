@@ -16,13 +16,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import unquote
 
 import numpy as np
 
 from bundle.images import HEIF, SUFFIXES_OF
 from bundle.images import SUFFIXES as IMAGE_SUFFIXES
 
-FILE_URI = r"^file:(//)?"  # a path column may hold file: URIs (Spark's binaryFile writes them): both engines read them as paths
+# a path column may hold file: URIs (file:/a, file:///a, file://localhost/a; Spark's binaryFile writes them, with
+# %20 for a space): both engines read them as the paths they name
+FILE_URI = r"^file:(//[^/]*)?"
 INTEGRAL = r"^(\d+)\.0*$"  # a label index written as a float ("3.0": pandas writes integers with gaps as floats)
 
 
@@ -136,6 +139,11 @@ def file_id(path: Path, root: Path) -> str:
     return str(path.relative_to(root)).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def local_path(text: str) -> Path:
+    """A path column's value as a path: as written, or the one a file: URI names (percent-decoded)."""
+    return Path(unquote(re.sub(FILE_URI, "", text))) if re.match(FILE_URI, text) else Path(text)
+
+
 def class_index(classes: Sequence[str]) -> dict[str, int]:
     """What a label may be: a class name, or its index as text."""
     return {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
@@ -180,7 +188,7 @@ def _table_records(table, origin: Path, classes: Sequence[str], columns: Columns
     elif columns.path in names:
         # relative paths are relative to the table's folder, so a table travels with its images; made absolute, as
         # Spark's engine reports them, so that a path's id is the same whichever engine scored it
-        paths = [None if p is None else Path(re.sub(FILE_URI, "", p)) for p in table.column(columns.path).to_pylist()]
+        paths = [None if p is None else local_path(p) for p in table.column(columns.path).to_pylist()]
         sources = [None if p is None else (p if p.is_absolute() else origin.parent.absolute() / p) for p in paths]
     else:
         raise InputError(

@@ -124,7 +124,9 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
             raise InputError(f"{source}: executors open a table's paths as local files; give a local table, or a column of image bytes")
         column = F.col(columns.path)
         folder = _uri(source).rsplit("/", 1)[0].removeprefix("file:")
-        local = F.regexp_replace(column, FILE_URI, "")
+        # a file: URI's path, percent-decoded (url_decode would also read a '+' as a space: URIs keep it literal)
+        uri_path = F.url_decode(F.regexp_replace(F.regexp_replace(column, FILE_URI, ""), r"\+", "%2B"))
+        local = F.when(column.rlike(FILE_URI), uri_path).otherwise(column)
         path = F.when(local.startswith("/"), local).otherwise(F.concat(F.lit(folder + "/"), column))
         images, argument = path.alias("path"), {"path_column": "path"}
         id_ = F.col(columns.id).cast("string") if columns.id in names else path

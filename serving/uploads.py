@@ -96,7 +96,11 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
     """Why a form field is refused. A name that begins with an image's bytes is an image posted as a
     urlencoded form: what `curl --data-binary @cat.jpg URL` sends without a Content-Type of its own."""
     head = name.encode("latin-1", "replace")
-    kind = "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
+    kind = (
+        "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+        else ("avif" if b"avif" in head[8:32] else "heic") if head[4:8] == b"ftyp"  # ISO media: AVIF, or a phone's HEIC
+        else next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
+    )  # fmt: skip
     if kind:
         return (
             f"the body is a {kind.upper()} image sent as {content_type.split(';')[0] or 'a form'} (curl's default for --data-binary): "

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -141,10 +143,13 @@ def test_a_tables_labels_and_paths_are_read_as_written_and_a_bad_one_stops_nothi
     a label no class answers to, or image bytes given as text, refused before a part is written."""
     files = sorted(p for p in folder.rglob("*.png") if p.parent.name in bundle.manifest.classes)[:20]
     labels = [float(bundle.manifest.classes.index(p.parent.name)) for p in files]
-    pq.write_table(pa.table({"path": [f"file://{p}" for p in files], "label": labels[:-1] + [None]}), tmp_path / "floats.parquet")
+    for i, name in enumerate(("my photo+1.png", "café.png")):  # names a URI percent-encodes
+        files[i] = Path(shutil.copy(files[i], tmp_path / name))
+    uris = [p.as_uri() for p in files[:10]] + [f"file://{p}" for p in files[10:]]  # file:///tmp/my%20photo%2B1.png, and unencoded
+    pq.write_table(pa.table({"path": uris, "label": labels[:-1] + [None]}), tmp_path / "floats.parquet")
     summary = run(tmp_path / "floats.parquet", bundle, tmp_path / "floats.csv")
-    assert summary.rows == 20 and summary.failed == 0 and summary.labelled == 19
-    assert csv.read_csv(tmp_path / "floats.csv").column("true_label").to_pylist()[:3] == [p.parent.name for p in files[:3]]
+    assert summary.rows == 20 and summary.failed == 0 and summary.labelled == 19, summary.failures
+    assert csv.read_csv(tmp_path / "floats.csv").column("true_label").to_pylist()[:3] == [bundle.manifest.classes[int(x)] for x in labels[:3]]
     for name, table, message in (
         ("kitten.parquet", pa.table({"path": [str(p) for p in files], "label": ["cat"] * 15 + ["kitten"] * 5}), "row 15: label 'kitten'"),
         ("half.csv", pa.table({"path": [str(p) for p in files], "label": ["3"] * 19 + ["3.5"]}), "row 19: label '3.5'"),

@@ -308,6 +308,8 @@ def test_the_usual_mistakes_of_a_first_request_say_how_to_fix_them(server, test_
     jpeg = encode(test_images[0], "JPEG")
     as_form = httpx.post(f"{server}/classify", content=jpeg, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert as_form.status_code == 400 and "-H 'Content-Type: image/jpeg'" in as_form.json()["error"]  # curl --data-binary @a.jpg
+    avif = httpx.post(f"{server}/classify", content=encode(test_images[0], "AVIF"), headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert avif.status_code == 400 and "-H 'Content-Type: image/avif'" in avif.json()["error"], avif.text
     raw = httpx.post(f"{server}/classify", content=b"hello", headers={"Content-Type": "image/png"}, timeout=30)
     assert raw.status_code == 400 and raw.json()["error"].startswith("image 0: not an image")  # a raw body has no file name to give
     no_body = httpx.post(f"{server}/classify", timeout=30)  # curl -X POST URL

@@ -11,6 +11,7 @@ import sys
 import sysconfig
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -121,8 +122,9 @@ def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, clust
     labels = [p.parent.name if p.parent.name in CLASSES else None for p in files]
     pq.write_table(pa.table({"id": ids, "image": [p.read_bytes() for p in files], "label": labels}), tmp_path / "images.parquet")
     csv.write_csv(pa.table({"id": ids, "path": ids, "label": [CLASSES.index(x) if x else None for x in labels]}), folder / "paths.csv")
-    # paths as binaryFile writes them (file: URIs), labels as pandas writes integers with gaps (floats)
-    uris = {"id": ids, "path": [f"file://{p}" for p in files], "label": [float(CLASSES.index(x)) if x else None for x in labels]}
+    # paths as binaryFile writes them (file: URIs, percent-encoded), labels as pandas writes integers with gaps (floats)
+    copies = [Path(shutil.copy(files[2 + i], tmp_path / name)) for i, name in enumerate(("my photo+1.png", "café.png"))]
+    uris = {"id": ids, "path": [f"file://{p}" for p in files[:2]] + [p.as_uri() for p in copies] + [f"file://{p}" for p in files[4:]], "label": [float(CLASSES.index(x)) if x else None for x in labels]}
     pq.write_table(pa.table(uris), tmp_path / "uris.parquet")
     try:
         for table in (tmp_path / "images.parquet", folder / "paths.csv", tmp_path / "uris.parquet"):
