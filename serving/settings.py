@@ -110,7 +110,7 @@ class Settings:
     @property
     def limits(self) -> Limits:
         """The decoder's limits: bundle.images' defaults, with this service's pixel limit."""
-        return replace(DEFAULT_LIMITS, max_pixels=self.max_pixels)
+        return replace(DEFAULT_LIMITS, max_pixels=self.max_pixels, pixels_setting=env_name("max_pixels"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

@@ -146,7 +146,7 @@ def upload_bytes(upload: UploadFile, limit: int) -> bytes:
     """The file's bytes, or ValueError when it holds more than `limit`: an over-limit file is never read into memory."""
     size = upload.file.seek(0, 2)
     if size > limit:
-        raise ValueError(f"{size:,} bytes, over the limit of {limit:,}")
+        raise ValueError(f"{size:,} bytes, over the limit of {limit:,} (CIFAR10_MAX_IMAGE_BYTES)")
     upload.file.seek(0)
     return upload.file.read()
 

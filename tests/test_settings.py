@@ -40,6 +40,7 @@ def test_every_setting_is_read_from_its_variable_and_parsed_by_type():
     settings = Settings.from_env(given)
     assert settings.models == ("cnn", "airbench") and settings.threads == 3 and settings.thread_spinning is True
     assert settings.max_latency_ms == 2.5 and settings.limits.max_pixels == 1000 and str(settings.models_dir) == "/srv/models"
+    assert settings.limits.pixels_setting == "CIFAR10_MAX_PIXELS"  # what a refusal tells the operator to raise
     assert Settings.from_env({}) == Settings()
 
 
