@@ -10,7 +10,7 @@ from tqdm import tqdm
 from bundle.runtime import Bundle, BundleError
 from cifar10.errors import Interrupted, UserError
 from scoring.inputs import Columns, InputError, read_inputs
-from scoring.local import Options, ScoringError, score
+from scoring.local import Options, ScoringError, every_row_failed, score
 
 
 def score_command(args: argparse.Namespace) -> None:
@@ -44,6 +44,8 @@ def score_command(args: argparse.Namespace) -> None:
             raise Interrupted(f"interrupted; run the same command again to score everything into {args.output}") from None
         raise Interrupted(f"interrupted; finished chunks are kept: run the same command again to resume into {output}") from None
     if summary.rows == 0 and not summary.new:
+        if "://" not in args.output and (failed := every_row_failed(output)):  # as the run that wrote it exited: 1
+            raise UserError(f"{args.output} is complete, but every one of its {failed:,} inputs failed (its error column says why): remove it to score again")
         print(f"{args.output} is already complete (these options, this input as it was listed then); nothing to do. "
               "To score files added since, write to another --output or remove this one")  # fmt: skip
         return

@@ -229,6 +229,18 @@ def _json_lists(lists):
     return pc.binary_join_element_wise("[", pc.binary_join(text, ", "), "]", "")
 
 
+def every_row_failed(output: Path) -> int:
+    """The rows of a finished output (a Parquet file or folder, or a CSV) when every one failed, else 0."""
+    import pyarrow.parquet as pq
+    from pyarrow import csv
+
+    if output.suffix.lower() == ".csv":
+        errors = csv.read_csv(output, convert_options=csv.ConvertOptions(include_columns=["error"])).column(0)
+    else:
+        errors = pq.read_table(output, columns=["error"]).column(0)
+    return len(errors) if len(errors) and errors.null_count == 0 else 0
+
+
 def check_output(output: Path, options: Options) -> bool:
     """True if `output` is a finished run of these very options (nothing to do); an error if it holds
     anything else, so that a re-run never passes off one run's rows as another's."""

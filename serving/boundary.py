@@ -203,17 +203,30 @@ def cors_outermost() -> None:
     BentoML puts its CORS middleware (CIFAR10_CORS_ORIGINS, or `http.cors` in BentoML's configuration)
     innermost, under the service's own middleware: a 400 from the upload checks, a 429 from load
     shedding or a 404 left without Access-Control-Allow-Origin, which a browser hides from the script
-    as a network error. Outermost, it also answers preflight requests before anything else runs.
+    as a network error. Outermost, it also answers preflight requests before anything else runs, and
+    a preflight it refuses gets the service's JSON error, not Starlette's plain text.
     Test: tests/test_service.py::test_a_browser_page_of_an_allowed_origin_reads_answers_and_refusals.
     """
     from _bentoml_impl.server.app import ServiceAppFactory
+    from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
+    from starlette.responses import JSONResponse
+
+    class JSONRefusals(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            answer = super().preflight_response(request_headers)
+            if answer.status_code < 400:
+                return answer
+            headers = {k: v for k, v in answer.headers.items() if k not in ("content-length", "content-type")}
+            refused = f"CORS preflight refused: {answer.body.decode()} (the origins allowed are CIFAR10_CORS_ORIGINS)"
+            return JSONResponse({"error": refused}, status_code=answer.status_code, headers=headers)
 
     stack = ServiceAppFactory.middlewares
 
     def cors_first(self):
         middlewares = stack.fget(self)
-        return [m for m in middlewares if m.cls is CORSMiddleware] + [m for m in middlewares if m.cls is not CORSMiddleware]
+        cors = [Middleware(JSONRefusals, *m.args, **m.kwargs) for m in middlewares if m.cls is CORSMiddleware]
+        return cors + [m for m in middlewares if m.cls is not CORSMiddleware]
 
     ServiceAppFactory.middlewares = property(cors_first)
 

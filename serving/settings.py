@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -75,6 +76,8 @@ class Settings:
         bad += [f"{env_name(f.name)}={getattr(self, f.name)} (must be a finite number)" for f in fields(self) if f.type == "float" and not math.isfinite(getattr(self, f.name))]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
+        if bad_origins := [o for o in self.cors_origins if not re.fullmatch(r"\*|[a-z][a-z0-9+.-]*://[^/\s?#]+", o)]:
+            bad.append(f"CIFAR10_CORS_ORIGINS={','.join(bad_origins)!r} (each origin is scheme://host[:port], with no path or trailing slash, or *)")
         if self.broken_bundles not in ("fail", "skip"):
             bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
         try:

@@ -217,6 +217,8 @@ def test_bad_requests_are_one_line_errors(folder, source, args, message, tmp_pat
     argv = [str(tmp_path / a) if a.startswith("notes.txt/") else a for a in argv]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+    if source is not None and source.name == "junk.png":  # run again, it says the same, not "already complete" and 0
+        assert main(argv) == 1 and "every one of its 1 inputs failed" in capsys.readouterr().err
 
 
 def test_a_finished_output_is_kept_only_for_the_same_options(folder, bundle, tmp_path):

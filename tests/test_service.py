@@ -56,6 +56,8 @@ def test_a_browser_page_of_an_allowed_origin_reads_answers_and_refusals(server, 
     origin = {"Origin": PAGE}
     preflight = httpx.options(f"{server}/classify", headers=origin | {"Access-Control-Request-Method": "POST"}, timeout=30)
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == PAGE
+    other = httpx.options(f"{server}/classify", headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "DELETE"}, timeout=30)
+    assert other.status_code == 400 and other.json()["error"].startswith("CORS preflight refused: Disallowed CORS origin, method")
     answer = httpx.post(f"{server}/classify", files=upload([encode(test_images[0])]), headers=origin, timeout=30)
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
     assert "retry-after" in answer.headers["access-control-expose-headers"].lower()  # a 429's, for the page to wait

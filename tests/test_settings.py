@@ -50,6 +50,7 @@ def test_every_setting_is_read_from_its_variable_and_parsed_by_type():
         ({"CIFAR10_MAX_IMAGES": "many"}, "CIFAR10_MAX_IMAGES='many' (must be an integer)"),
         ({"CIFAR10_TIMEOUT_S": "soon"}, "CIFAR10_TIMEOUT_S='soon' (must be a number)"),
         ({"CIFAR10_MAX_PIXELS": "0"}, "CIFAR10_MAX_PIXELS=0 (must be > 0)"),
+        ({"CIFAR10_CORS_ORIGINS": "https://app.example/, *, app2.example"}, "CIFAR10_CORS_ORIGINS='https://app.example/,app2.example' (each origin is"),
         ({"CIFAR10_THREAD_SPINNING": "maybe"}, "CIFAR10_THREAD_SPINNING='maybe' (must be 0 or 1)"),
         ({"CIFAR10_MAX_CONCURENCY": "8"}, "CIFAR10_MAX_CONCURENCY is no setting (did you mean CIFAR10_MAX_CONCURRENCY?)"),
         ({"CIFAR10_WORKER": "2"}, "CIFAR10_WORKER is no setting (did you mean CIFAR10_WORKERS?)"),
