@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 KNN_FILE = "knn.npz"
 DEFAULT_BUNDLE = "airbench"  # what the service answers with and `cifar10 score` uses when no model is named
+MODELS_DIR = "models"  # where the service and the command line look for bundles, unless CIFAR10_MODELS_DIR says otherwise
 INT8_FILE = "model.int8.onnx"
 Precision = Literal["fp32", "int8"]  # fp32: MODEL_FILE; int8: the variant `cifar10 quantize` adds
 PRECISIONS: tuple[str, ...] = Precision.__args__

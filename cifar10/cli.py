@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from bundle.manifest import DEFAULT_BUNDLE, PRECISIONS, TTA_LEVELS
+from bundle.manifest import DEFAULT_BUNDLE, MODELS_DIR, PRECISIONS, TTA_LEVELS
 from cifar10.errors import UserError
 from training.knn import KNN_COMPONENTS
 
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    models_dir = os.environ.get("CIFAR10_MODELS_DIR") or MODELS_DIR  # the service's setting, so that both find the same bundles
 
     data = sub.add_parser("data", parents=[after], help="print the dataset's facts and write a grid of samples per class")
     add_data_options(data)
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[after], help="write a run as an ONNX bundle with a KNN head and a manifest")
     export.add_argument("run", help="a run folder (or its checkpoint.pt)")
     export.add_argument("--name", required=True, help="bundle name: the folder under --models-dir")
-    export.add_argument("--models-dir", default="models", help="where bundles go (default: %(default)s)")
+    export.add_argument("--models-dir", default=models_dir, help="where bundles go (default: %(default)s; CIFAR10_MODELS_DIR sets it, as for the service)")
     export.add_argument("--knn-components", type=int, default=KNN_COMPONENTS,
                         help=f"PCA dimensions of the KNN head, 0 for the whole embedding (default: {KNN_COMPONENTS})")  # fmt: skip
     export.add_argument("--tta", choices=TTA_LEVELS,
@@ -308,14 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", parents=[after], help="add an int8 variant to a bundle, calibrated on training images")
     quantize.add_argument("name", help="bundle name: the folder under --models-dir")
-    quantize.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
+    quantize.add_argument("--models-dir", default=models_dir, help="where bundles are (default: %(default)s; CIFAR10_MODELS_DIR sets it, as for the service)")
     quantize.add_argument("--calibration-images", type=int, default=512, help="training images that set the ranges (default: %(default)s)")
     add_data_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
     robustness = sub.add_parser("robustness", parents=[after], help="a bundle's accuracy and calibration on the test set sent as PNG, JPEG, WebP, noisy, blurred")
     robustness.add_argument("name", help="bundle name: the folder under --models-dir")
-    robustness.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
+    robustness.add_argument("--models-dir", default=models_dir, help="where bundles are (default: %(default)s; CIFAR10_MODELS_DIR sets it, as for the service)")
     robustness.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all",
                             help="the graph to measure (default: all, the fp32 one and every variant)")  # fmt: skip
     robustness.add_argument("--url", help="measure a running service instead (e.g. http://localhost:3000), whatever precision it serves; nothing is recorded")
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --engine spark also a glob or any Hadoop URI (hdfs://, s3a://)")  # fmt: skip
     score.add_argument("--model", default=DEFAULT_BUNDLE, help="bundle name under --models-dir (default: %(default)s, as the service)")
     score.add_argument("--output", required=True, help="OUT.parquet or OUT.csv (spark: a Parquet folder, also a URI); a re-run with the same output resumes")
-    score.add_argument("--models-dir", default="models", help="where bundles are (default: %(default)s)")
+    score.add_argument("--models-dir", default=models_dir, help="where bundles are (default: %(default)s; CIFAR10_MODELS_DIR sets it, as for the service)")
     score.add_argument("--engine", choices=["local", "spark"], default="local",
                        help="local: this machine; spark: PySpark (pip install -e '.[spark]' in the repository)")  # fmt: skip
     score.add_argument("--master", default="local[*]", help="Spark master URL for --engine spark (default: %(default)s)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bundle.images import DEFAULT_LIMITS, Limits
-from bundle.manifest import DEFAULT_BUNDLE, PRECISIONS
+from bundle.manifest import DEFAULT_BUNDLE, MODELS_DIR, PRECISIONS
 from bundle.runtime import available_cores
 
 
@@ -34,7 +34,7 @@ PARSERS = {"Path": Path, "tuple[str, ...]": _names, "str": str, "int": int, "int
 
 @dataclass(frozen=True)
 class Settings:
-    models_dir: Path = Path("models")
+    models_dir: Path = Path(MODELS_DIR)
     models: tuple[str, ...] = ()  # bundles to load; empty: every bundle in models_dir
     default_model: str = DEFAULT_BUNDLE  # used when a request names none; this one, not served, gives way to the first loaded
     providers: tuple[str, ...] = ()  # onnxruntime providers in order; empty: CUDA when available, else CPU

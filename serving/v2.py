@@ -140,8 +140,13 @@ async def model_config(request: Request) -> Response:
     })  # fmt: skip
 
 
-async def unsupported(request: Request) -> Response:
-    raise ProtocolError(f"{request.url.path}: this server does not implement that part of the protocol; its extensions are {', '.join(EXTENSIONS)}")
+def unsupported(extension: str):
+    """The route of a protocol extension this server does not implement, refused by the extension's name."""
+
+    async def refuse(request: Request) -> Response:
+        raise ProtocolError(f"{request.url.path}: this server does not implement the {extension} extension; its extensions are {', '.join(EXTENSIONS)}")
+
+    return refuse
 
 
 async def infer(request: Request) -> Response:
@@ -272,8 +277,10 @@ def _wanted_outputs(header: dict[str, Any], classes: int) -> dict[str, Wanted]:
         _no_shared_memory(output)
         options = output.get("parameters") or {}
         k = options.get("classification", 0)
-        if k != 0 and (output["name"] == "embedding" or not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= classes):
-            raise ProtocolError(f'"classification" asks for the k best classes of logits or probabilities, k in 1..{classes}; got {json.dumps(k)} for {output["name"]!r}')
+        if k != 0 and output["name"] == "embedding":
+            raise ProtocolError('"classification" (class_count) applies to logits or probabilities: an embedding has no classes')
+        if k != 0 and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= classes):
+            raise ProtocolError(f'"classification" asks for the k best classes, k in 1..{classes}; got {json.dumps(k)} for {output["name"]!r}')
         wanted[output["name"]] = Wanted(_flag(options, "binary_data", binary_all), k)
     return wanted
 
@@ -331,15 +338,16 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
-# the routes of the extensions not implemented (statistics, shared memory, model repository, trace, logging):
-# refused by name, and "stats" never taken for a model's name
-UNSUPPORTED = (
-    "/v2/models/stats", MODEL + "/stats", VERSION + "/stats", "/v2/repository{rest:path}", "/v2/systemsharedmemory{rest:path}",
-    "/v2/cudasharedmemory{rest:path}", "/v2/trace/setting", MODEL + "/trace/setting", "/v2/logging",
-)  # fmt: skip
+# the routes of the extensions not implemented: refused by name, and "stats" never taken for a model's name
+UNSUPPORTED = {
+    "/v2/models/stats": "statistics", MODEL + "/stats": "statistics", VERSION + "/stats": "statistics",
+    "/v2/repository{rest:path}": "model repository", "/v2/systemsharedmemory{rest:path}": "system shared memory",
+    "/v2/cudasharedmemory{rest:path}": "CUDA shared memory", "/v2/trace/setting": "trace", MODEL + "/trace/setting": "trace",
+    "/v2/logging": "logging",
+}  # fmt: skip
 app = Starlette(
     routes=[
-        *[Route(path, unsupported, methods=["GET", "POST"]) for path in UNSUPPORTED],
+        *[Route(path, unsupported(extension), methods=["GET", "POST"]) for path, extension in UNSUPPORTED.items()],
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),

@@ -266,6 +266,14 @@ def test_parts_whose_options_are_unknown_are_never_adopted(folder, bundle, tmp_p
         run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")
 
 
+def test_the_models_folder_is_found_where_the_services_setting_says_outside_the_repository(test_images, tmp_path, monkeypatch):
+    Image.fromarray(test_images[0][0]).save(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    monkeypatch.setenv("CIFAR10_MODELS_DIR", str(REPO / "models"))
+    assert main(["score", "cat.png", "--output", "one.csv", "--model", "cnn"]) == 0
+    assert csv.read_csv(tmp_path / "one.csv").num_rows == 1
+
+
 def test_one_image_is_an_input_and_files_left_out_of_a_folder_are_counted(test_images, bundle, tmp_path, capsys):
     pixels = test_images[0][:1]
     (tmp_path / "in").mkdir()

@@ -118,8 +118,8 @@ def test_class_count_answers_tritons_classification_of_the_best_classes(client, 
         assert [int(i) for _, i, _ in entries] == np.argsort(-p, kind="stable")[:3].tolist()
         assert [label for _, i, label in entries] == [bundle.manifest.classes[int(i)] for _, i, _ in entries]
         assert np.allclose([float(v) for v, _, _ in entries], np.sort(p)[::-1][:3], atol=1e-6)
-    for output, k in (("probabilities", 11), ("embedding", 3)):
-        with pytest.raises(InferenceServerException, match="k best classes"):
+    for output, k, message in (("probabilities", 11, "k in 1..10; got 11"), ("embedding", 3, "an embedding has no classes")):
+        with pytest.raises(InferenceServerException, match=message):
             client.infer("cnn", [images_input(images[:1])], outputs=[tritonclient.InferRequestedOutput(output, class_count=k)])
 
 
@@ -132,8 +132,11 @@ def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_r
     delay = config["dynamic_batching"]["max_queue_delay_microseconds"]
     assert delay == round(defaults.max_latency_ms * 1000) and type(delay) is int  # protobuf's JSON takes no 0.0 for an integer
     assert {"classification", "model_configuration"} <= set(client.get_server_metadata()["extensions"])
-    for call in (client.get_inference_statistics, client.get_system_shared_memory_status, client.get_model_repository_index):
-        with pytest.raises(InferenceServerException, match="does not implement"):  # "stats" is not taken for a model's name
+    for call, extension in (
+        (client.get_inference_statistics, "statistics"), (client.get_system_shared_memory_status, "system shared memory"),
+        (client.get_model_repository_index, "model repository"),
+    ):  # fmt: skip
+        with pytest.raises(InferenceServerException, match=f"does not implement the {extension} extension"):  # "stats" is no model's name
             call()
     shared = tritonclient.InferInput("images", [1, 32, 32, 3], "UINT8")
     shared.set_shared_memory("region", 3072)
