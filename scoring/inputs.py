@@ -90,7 +90,7 @@ def folder_records(root: Path, classes: Sequence[str]) -> Iterator[Record]:
     for paths, what in (
         (others, "files without an image suffix"), (found.hidden, "hidden files and folders (names starting with '.')"),
         (found.broken, "links that lead nowhere"), (found.special, "entries that are no regular file (pipes, sockets, devices)"),
-        (found.unreadable, "folders that cannot be read"),
+        (found.unreadable, "folders that cannot be read"), (found.repeated, "links to folders read under another name (or a loop)"),
     ):  # fmt: skip
         if paths:
             print(f"{len(paths):,} {what} under {root} are not scored (e.g. {file_id(paths[0], root)})", file=sys.stderr)
@@ -106,12 +106,13 @@ class Found(NamedTuple):
     broken: list[Path]  # links that lead nowhere
     special: list[Path]  # pipes, sockets, devices
     unreadable: list[Path]  # folders the walk cannot list
+    repeated: list[Path]  # links to a folder read under another name
 
 
 def walk(root: Path) -> Found:
     """What is under root. Links to folders are followed, each real folder once (a loop ends), and a
     folder under root is reached by its own path, not by a link to it that sorts first (its name may be its label)."""
-    found, seen = Found([], [], [], [], []), set()
+    found, seen = Found([], [], [], [], [], []), set()
 
     def unreadable(error: OSError) -> None:
         if Path(error.filename) == root:
@@ -122,6 +123,7 @@ def walk(root: Path) -> Found:
     for folder, subfolders, names in os.walk(root, onerror=lambda error: None, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen or inside.get(real, folder) != folder:  # seen, or under root by a path of its own
+            found.repeated.append(Path(folder))
             subfolders[:] = []
             continue
         seen.add(real)

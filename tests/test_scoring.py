@@ -136,6 +136,7 @@ def test_a_folder_is_read_as_people_keep_one(test_images, bundle, tmp_path, caps
     err = capsys.readouterr().err
     assert "1 hidden files and folders (names starting with '.') under" in err and "1 links that lead nowhere under" in err and "cat/gone.jpg" in err
     assert "1 entries that are no regular file" in err  # the pipe
+    assert "2 links to folders read under another name (or a loop) under" in err  # all_cats/, cat/loop
 
 
 def test_a_tables_labels_and_paths_are_read_as_written_and_a_bad_one_stops_nothing_midway(folder, bundle, tmp_path):
