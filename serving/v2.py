@@ -127,15 +127,14 @@ async def model_config(request: Request) -> Response:
     """Triton's model configuration, as its tools read it (perf_analyzer, image_client): a batch
     dimension of up to CIFAR10_MAX_IMAGES, so `dims` leave it out, and the service's batching."""
     bundle, settings = _bundle(request), _service().settings
-    classes = len(bundle.manifest.classes)
-    output = lambda name, size: {"name": name, "data_type": "TYPE_FP32", "dims": [size]}  # noqa: E731
+    sizes = {"logits": len(bundle.manifest.classes), "probabilities": len(bundle.manifest.classes), "embedding": bundle.manifest.embedding_dim}
     return JSONResponse({
         "name": bundle.manifest.name,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "max_batch_size": settings.max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}],
-        "output": [output("logits", classes), output("probabilities", classes), output("embedding", bundle.manifest.embedding_dim)],
+        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [sizes[name]]} for name in OUTPUTS],
         "dynamic_batching": {"max_queue_delay_microseconds": round(settings.max_latency_ms * 1000), "preferred_batch_size": [settings.max_batch_size]},
     })  # fmt: skip
 
