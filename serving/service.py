@@ -20,9 +20,9 @@ from typing import Annotated, NoReturn, TypeVar
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BadInput, BentoMLException
+from bentoml.exceptions import BadInput, BentoMLException, InternalServerError
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from bundle.images import ImageError, open_image, to_pixels
@@ -149,6 +149,21 @@ def image_name(index: int, upload: UploadFile) -> str:
     return f"image {index}" + (f" ({given[:60]!r})" if given else "")
 
 
+def answering(endpoint: Callable) -> Callable:
+    """An answer the endpoint built wrongly (a probability of NaN from a broken graph) is a fault of the
+    server, a 500 with the traceback in the log: BentoML answers every pydantic ValidationError with a 400,
+    which tells the client its request was wrong and not to send it again."""
+
+    @functools.wraps(endpoint)
+    async def answered(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except ValidationError as exc:
+            raise InternalServerError(f"the service built an answer it cannot send ({exc.title}: {exc.error_count()} invalid values); its log has the details") from exc
+
+    return answered
+
+
 def cannot_start(reason: Exception) -> NoReturn:
     """End `bentoml serve` with the reason alone (exit status 1): what to fix is a setting or a bundle, not code."""
     raise SystemExit(f"cifar10 cannot start: {reason}")
@@ -272,6 +287,7 @@ class CIFAR10:
         return self.bundles[name]
 
     @bentoml.api
+    @answering
     async def classify(self, images: Images, model: str | None = None) -> list[Classification]:
         """The most probable class of each image."""
         bundle = self._bundle(model)
@@ -281,6 +297,7 @@ class CIFAR10:
         return [Classification(label=classes[i], index=int(i), probability=float(p[i])) for p, i in zip(probs, probs.argmax(1))]
 
     @bentoml.api
+    @answering
     async def topk(self, images: Images, k: Annotated[int, Field(ge=1)] = 3, model: str | None = None) -> list[TopK]:
         """The k most probable classes of each image."""
         bundle = self._bundle(model)
@@ -293,12 +310,14 @@ class CIFAR10:
         return [TopK(top=[LabelProbability(label=classes[i], probability=float(p[i])) for i in row]) for p, row in zip(probs, order)]
 
     @bentoml.api
+    @answering
     async def embed(self, images: Images, model: str | None = None) -> list[Embedding]:
         """The penultimate-layer embedding of each image."""
         embeddings = (await self._predict(self._bundle(model), images)).embeddings
         return [Embedding(embedding=e.tolist()) for e in embeddings]
 
     @bentoml.api
+    @answering
     async def knn(self, images: Images, neighbours: Annotated[int, Field(ge=1, le=SETTINGS.max_neighbours)] = 5, model: str | None = None) -> list[KnnAnswer]:
         """The KNN head's vote on each image's embedding, and its nearest training images."""
         bundle = self._bundle(model)

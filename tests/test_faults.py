@@ -8,6 +8,8 @@ bundle at start ends the server with the reason, or is skipped when CIFAR10_BROK
 """
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 
@@ -234,6 +237,35 @@ def test_sigterm_lets_requests_in_flight_finish(container_like):
     assert server.process.wait(30) == 0
     with pytest.raises(httpx.TransportError):
         classify(server.url, timeout=2)
+
+
+@pytest.fixture
+def nan_graph(tmp_path):
+    """The cnn bundle as a run gone wrong would export it: its graph answers NaN probabilities, and the manifest's hash matches."""
+    onnx = pytest.importorskip("onnx")
+    models, path = tmp_path / "models", tmp_path / "models" / "cnn" / "model.onnx"
+    shutil.copytree(REPO / "models" / "cnn", models / "cnn")
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.output[:] = ["finite" if name == "probabilities" else name for name in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "not_a_number"))
+    model.graph.node.append(onnx.helper.make_node("Mul", ["finite", "not_a_number"], ["probabilities"]))
+    onnx.save(model, path)
+    manifest = json.loads((models / "cnn" / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (models / "cnn" / "manifest.json").write_text(json.dumps(manifest))
+    return models
+
+
+def test_an_answer_the_service_cannot_build_is_its_own_fault_not_the_clients(nan_graph, tmp_path):
+    """A 500, not the 400 BentoML gives a response model's ValidationError, which tells a client its request was wrong."""
+    image = [("images", ("a.png", encode(picture(), "PNG"), "image/png"))]
+    with running(SERVE, tmp_path / "serve.log", env=dict(CIFAR10_MODELS_DIR=str(nan_graph))) as served:
+        answer = httpx.post(f"{served.url}/classify", files=image, timeout=60)
+        assert answer.status_code == 500 and "error" in answer.json(), answer.text  # BentoML tells a client no more of a fault
+        assert httpx.post(f"{served.url}/embed", files=image, timeout=60).status_code == 200  # its embedding is a number
+    log = (tmp_path / "serve.log").read_text()
+    assert "built an answer it cannot send (Classification: 1 invalid values)" in log and "Traceback" in log
 
 
 @pytest.fixture
