@@ -48,7 +48,7 @@ class Limits:
     """Every limit of the decoder, with the defaults the service and scorer use."""
 
     formats: tuple[str, ...] = FORMATS
-    max_pixels: int = 50_000_000  # width × height as decoded (a large JPEG's reduced scale), checked from the header before decoding: phones' 48- and 50-megapixel photos pass
+    max_pixels: int = 52_000_000  # width × height as decoded (a large JPEG's reduced scale), checked from the header before decoding: phones' 48- and 50-megapixel photos pass (8192×6144)
     pixels_setting: str = ""  # how the caller lets its user change max_pixels (CIFAR10_MAX_PIXELS), named in the refusal
     min_side: int = 8  # smaller images carry too little to classify
     allow_animated: bool = False
@@ -125,7 +125,8 @@ def _check_header(image: Image.Image, limits: Limits, declared: tuple[int, int])
     progressive = image.format in ("JPEG", "MPO") and image.info.get("progressive")
     width, height = declared if progressive else image.size
     if width * height > limits.max_pixels:  # the header says so; nothing decoded yet
-        what, setting = "a progressive JPEG (decoded whole) of " if progressive else "", f" ({limits.pixels_setting})" if limits.pixels_setting else ""
+        what = "a progressive JPEG (decoded whole) of " if progressive else ""
+        setting = f" ({limits.pixels_setting})" if limits.pixels_setting else ""
         raise ImageError(f"image too large: {what}{width}×{height} is over {limits.max_pixels:,} pixels{setting}")
     if min(width, height) < limits.min_side:
         raise ImageError(f"image too small: {width}×{height}; each side must be at least {limits.min_side} pixels")

@@ -16,16 +16,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import unquote
 
 import numpy as np
 
 from bundle.images import HEIF, SUFFIXES_OF
 from bundle.images import SUFFIXES as IMAGE_SUFFIXES
 
-# a path column may hold file: URIs (file:/a, file:///a, file://localhost/a; Spark's binaryFile writes them, with
-# %20 for a space): both engines read them as the paths they name
-FILE_URI = r"^file:(//[^/]*)?"
+# a path column may hold local file: URIs (file:/a, file:///a, file://localhost/a, as Spark's binaryFile and
+# Path.as_uri() write them): both engines read them as the paths they name; another host's is no local file
+FILE_URI = r"^file:(//(localhost)?)?(?=/)"
 INTEGRAL = r"^(\d+)\.0*$"  # a label index written as a float ("3.0": pandas writes integers with gaps as floats)
 
 
@@ -119,7 +118,10 @@ def walk(root: Path) -> Found:
             raise InputError(f"{root}: cannot be read ({error.strerror})")
         found.unreadable.append(Path(error.filename))
 
-    inside = {os.path.realpath(folder): folder for folder, _, _ in os.walk(root, onerror=unreadable)}  # without links
+    inside = {}  # real path → the folder's own path under root, as the walk below reads it (no links, no hidden folders)
+    for folder, subfolders, _ in os.walk(root, onerror=unreadable):
+        inside[os.path.realpath(folder)] = folder
+        subfolders[:] = [n for n in subfolders if not n.startswith(".")]
     for folder, subfolders, names in os.walk(root, onerror=lambda error: None, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen or inside.get(real, folder) != folder:  # seen, or under root by a path of its own
@@ -142,8 +144,9 @@ def file_id(path: Path, root: Path) -> str:
 
 
 def local_path(text: str) -> Path:
-    """A path column's value as a path: as written, or the one a file: URI names (percent-decoded)."""
-    return Path(unquote(re.sub(FILE_URI, "", text))) if re.match(FILE_URI, text) else Path(text)
+    """A path column's value as a path: as written, or the one a local file: URI names (still percent-encoded
+    where Path.as_uri() wrote it so: scoring.local.read_file reads my%20photo.jpg as my photo.jpg where only that exists)."""
+    return Path(re.sub(FILE_URI, "", text))
 
 
 def class_index(classes: Sequence[str]) -> dict[str, int]:

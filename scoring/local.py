@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -99,10 +100,18 @@ def record_pixels(record: Record, limits: Limits) -> np.ndarray | str:
     if isinstance(record.source, np.ndarray):
         return record.source
     try:
-        data = record.source.read_bytes() if isinstance(record.source, Path) else record.source
+        data = read_file(record.source) if isinstance(record.source, Path) else record.source
         return decode(data, limits)
     except (ImageError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+
+
+def read_file(path: Path) -> bytes:
+    """A file's bytes. A name that is no file as written but is once percent-decoded came from a file: URI that
+    encodes (Path.as_uri(): my%20photo.jpg); Spark's binaryFile writes names as they are (my photo.jpg, 100%.png)."""
+    if not path.exists() and "%" in path.name and (decoded := Path(unquote(str(path)))).exists():
+        return decoded.read_bytes()
+    return path.read_bytes()
 
 
 def score_chunk(bundle: Bundle, records: list[Record], decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:
@@ -235,7 +244,7 @@ def every_row_failed(output: Path) -> int:
     from pyarrow import csv
 
     if output.suffix.lower() == ".csv":
-        errors = csv.read_csv(output, convert_options=csv.ConvertOptions(include_columns=["error"])).column(0)
+        errors = csv.read_csv(output, convert_options=csv.ConvertOptions(include_columns=["error"], strings_can_be_null=True)).column(0)
     else:
         errors = pq.read_table(output, columns=["error"]).column(0)
     return len(errors) if len(errors) and errors.null_count == 0 else 0

@@ -124,10 +124,8 @@ def _table(spark, source: str, columns: Columns, classes: tuple[str, ...]) -> tu
             raise InputError(f"{source}: executors open a table's paths as local files; give a local table, or a column of image bytes")
         column = F.col(columns.path)
         folder = _uri(source).rsplit("/", 1)[0].removeprefix("file:")
-        # a file: URI's path, percent-decoded (url_decode would also read a '+' as a space: URIs keep it literal)
-        uri_path = F.url_decode(F.regexp_replace(F.regexp_replace(column, FILE_URI, ""), r"\+", "%2B"))
-        local = F.when(column.rlike(FILE_URI), uri_path).otherwise(column)
-        path = F.when(local.startswith("/"), local).otherwise(F.concat(F.lit(folder + "/"), column))
+        local = F.regexp_replace(column, FILE_URI, "")  # percent-encoded names are read as scoring.local.read_file reads them
+        path = F.when(local.startswith("/"), local).otherwise(F.concat(F.lit(folder + "/"), local))
         images, argument = path.alias("path"), {"path_column": "path"}
         id_ = F.col(columns.id).cast("string") if columns.id in names else path
     else:

@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.http_load import test_pngs
 from bundle.images import decode
+from bundle.manifest import MODELS_DIR
 from bundle.runtime import Bundle, preload_cuda
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -58,7 +59,7 @@ def failure(row: dict) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="a folder with CIFAR-10's test_batch")
-    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--models-dir", default=MODELS_DIR)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--report", help="where to write the figures as JSON")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ import numpy as np
 
 from bench.http_load import test_pngs
 from bundle.images import decode
+from bundle.manifest import MODELS_DIR
 from bundle.runtime import Bundle
 
 TOLERANCE = 1e-4
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--models-dir", default=MODELS_DIR)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="above the default for a GPU-served bundle (TF32)")
     args = parser.parse_args()

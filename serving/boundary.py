@@ -218,7 +218,9 @@ def cors_outermost() -> None:
             if answer.status_code < 400:
                 return answer
             headers = {k: v for k, v in answer.headers.items() if k not in ("content-length", "content-type")}
-            refused = f"CORS preflight refused: {answer.body.decode()} (the origins allowed are CIFAR10_CORS_ORIGINS)"
+            failures = answer.body.decode()  # Starlette's "Disallowed CORS origin, method, headers"
+            hint = " (CIFAR10_CORS_ORIGINS names the pages allowed)" if "origin" in failures else ""
+            refused = f"CORS preflight refused: {failures}{hint}"
             return JSONResponse({"error": refused}, status_code=answer.status_code, headers=headers)
 
     stack = ServiceAppFactory.middlewares

@@ -222,7 +222,7 @@ class CIFAR10:
         The endpoints are coroutines: a request waits for its batch without holding a thread, with
         less Python work per request than a thread hand-off (docs/performance.md). Small uploads, such
         as CIFAR-10's own images, decode on the event loop too, for the same reason; a request of more
-        bytes or more pixels (read from the headers first: a small PNG can hold 50 megapixels) decodes
+        bytes or more pixels (read from the headers first: a small PNG can hold 52 megapixels) decodes
         in a thread, so that the loop goes on answering, and stops at its next image once abandoned."""
         if len(images) > self.settings.max_images:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_images}")

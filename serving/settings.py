@@ -76,8 +76,10 @@ class Settings:
         bad += [f"{env_name(f.name)}={getattr(self, f.name)} (must be a finite number)" for f in fields(self) if f.type == "float" and not math.isfinite(getattr(self, f.name))]
         if not isinstance(self.thread_spinning, bool):
             bad.append(f"CIFAR10_THREAD_SPINNING={self.thread_spinning!r} (must be 0 or 1)")
-        if bad_origins := [o for o in self.cors_origins if not re.fullmatch(r"\*|[a-z][a-z0-9+.-]*://[^/\s?#]+", o)]:
-            bad.append(f"CIFAR10_CORS_ORIGINS={','.join(bad_origins)!r} (each origin is scheme://host[:port], with no path or trailing slash, or *)")
+        # as a browser sends an origin, which Starlette compares as written: lowercase, no path, no default port
+        origin = r"\*|[a-z][a-z0-9+.-]*://[^/\s?#A-Z]+"
+        if bad_origins := [o for o in self.cors_origins if not re.fullmatch(origin, o) or re.search(r"^https://.*:443$|^http://.*:80$", o)]:
+            bad.append(f"CIFAR10_CORS_ORIGINS={','.join(bad_origins)!r} (each origin as a browser sends it: scheme://host[:port] in lowercase, with no path, trailing slash or default port; or *)")
         if self.broken_bundles not in ("fail", "skip"):
             bad.append(f"CIFAR10_BROKEN_BUNDLES={self.broken_bundles!r} (must be fail or skip)")
         try:

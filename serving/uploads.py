@@ -23,6 +23,7 @@ from typing import Annotated
 from pydantic import WrapValidator
 from starlette.datastructures import UploadFile
 
+from bundle.images import AVIF_BRANDS, HEIF_BRANDS
 from serving.errors import HOW_TO_SEND, send_error
 
 INLINE_BYTES = 256 * 1024  # a request body up to this size is decoded or parsed on the event loop; a larger one in a thread
@@ -98,12 +99,13 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
     head = name.encode("latin-1", "replace")
     kind = (
         "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP"
-        else ("avif" if b"avif" in head[8:32] else "heic") if head[4:8] == b"ftyp"  # ISO media: AVIF, or a phone's HEIC
+        else "avif" if head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in AVIF_BRANDS)
+        else "heic" if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS  # a phone's photo; a video's ISO media is no image
         else next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
     )  # fmt: skip
     if kind:
         return (
-            f"the body is a {kind.upper()} image sent as {content_type.split(';')[0] or 'a form'} (curl's default for --data-binary): "
+            f"the body is an image ({kind.upper()}) sent as {content_type.split(';')[0] or 'a form'} (curl's default for --data-binary): "
             f"add -H 'Content-Type: image/{kind}', or send it as a file with -F images=@FILE"
         )
     shown = name if len(name) <= 40 else name[:40] + "…"

@@ -128,25 +128,29 @@ def test_a_folder_is_read_as_people_keep_one(test_images, bundle, tmp_path, caps
     (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (root / "cat" / "loop").symlink_to(root, target_is_directory=True)
     (root / "all_cats").symlink_to(root / "cat", target_is_directory=True)  # sorts before cat/, whose name is the label
+    (root / ".stash" / "horse").mkdir(parents=True)  # a hidden folder, read through the link to it
+    Image.fromarray(pixels[2]).save(root / ".stash" / "horse" / "h.png")
+    (root / "horse").symlink_to(root / ".stash" / "horse", target_is_directory=True)
     os.mkfifo(root / "cat" / "pipe.png")  # a reader would wait on it for ever
     summary = run(root, bundle, tmp_path / "out.csv")
     rows = csv.read_csv(tmp_path / "out.csv").to_pylist()
-    assert sorted((r["id"], r["true_label"], r["error"]) for r in rows) == [("cat/caf\\xe9.png", "cat", None), ("dog/d.png", "dog", None)]
+    assert sorted((r["id"], r["true_label"], r["error"]) for r in rows) == [("cat/caf\\xe9.png", "cat", None), ("dog/d.png", "dog", None), ("horse/h.png", "horse", None)]
     assert summary.failed == 0
     err = capsys.readouterr().err
-    assert "1 hidden files and folders (names starting with '.') under" in err and "1 links that lead nowhere under" in err and "cat/gone.jpg" in err
+    assert "2 hidden files and folders (names starting with '.') under" in err and "1 links that lead nowhere under" in err and "cat/gone.jpg" in err
     assert "1 entries that are no regular file" in err  # the pipe
     assert "2 links to folders read under another name (or a loop) under" in err  # all_cats/, cat/loop
 
 
 def test_a_tables_labels_and_paths_are_read_as_written_and_a_bad_one_stops_nothing_midway(folder, bundle, tmp_path):
-    """Labels as pandas writes integers with gaps (floats), paths as Spark's binaryFile writes them (file: URIs);
-    a label no class answers to, or image bytes given as text, refused before a part is written."""
+    """Labels as pandas writes integers with gaps (floats), paths as file: URIs, written as Spark's binaryFile
+    writes them (names as they are) and as Path.as_uri() does (percent-encoded); a label no class answers to,
+    or image bytes given as text, refused before a part is written."""
     files = sorted(p for p in folder.rglob("*.png") if p.parent.name in bundle.manifest.classes)[:20]
     labels = [float(bundle.manifest.classes.index(p.parent.name)) for p in files]
-    for i, name in enumerate(("my photo+1.png", "café.png")):  # names a URI percent-encodes
+    for i, name in enumerate(("my photo+1.png", "café.png", "100%.png", "a%20b.png")):  # the last two: names as they are
         files[i] = Path(shutil.copy(files[i], tmp_path / name))
-    uris = [p.as_uri() for p in files[:10]] + [f"file://{p}" for p in files[10:]]  # file:///tmp/my%20photo%2B1.png, and unencoded
+    uris = [p.as_uri() for p in files[:2]] + [f"file:{p}" for p in files[2:5]] + [f"file://{p}" for p in files[5:]]
     pq.write_table(pa.table({"path": uris, "label": labels[:-1] + [None]}), tmp_path / "floats.parquet")
     summary = run(tmp_path / "floats.parquet", bundle, tmp_path / "floats.csv")
     assert summary.rows == 20 and summary.failed == 0 and summary.labelled == 19, summary.failures
@@ -265,6 +269,13 @@ def test_parts_whose_options_are_unknown_are_never_adopted(folder, bundle, tmp_p
     with pytest.raises(ValueError, match="no column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "nocols.parquet")
         run(tmp_path / "nocols.parquet", bundle, tmp_path / "o.parquet")
+
+
+def test_a_finished_csv_with_some_failures_is_complete_on_a_rerun(folder, tmp_path, capsys):
+    """Its error column has empty cells for the rows that were scored: no error, not an empty one."""
+    argv = ["score", str(folder), "--model", "cnn", "--output", str(tmp_path / "out.csv"), "--models-dir", str(REPO / "models")]
+    assert main(argv) == 0 and "3 failed" in capsys.readouterr().out
+    assert main(argv) == 0 and "already complete" in capsys.readouterr().out
 
 
 def test_the_models_folder_is_found_where_the_services_setting_says_outside_the_repository(test_images, tmp_path, monkeypatch):

@@ -58,6 +58,8 @@ def test_a_browser_page_of_an_allowed_origin_reads_answers_and_refusals(server, 
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == PAGE
     other = httpx.options(f"{server}/classify", headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "DELETE"}, timeout=30)
     assert other.status_code == 400 and other.json()["error"].startswith("CORS preflight refused: Disallowed CORS origin, method")
+    method = httpx.options(f"{server}/classify", headers=origin | {"Access-Control-Request-Method": "DELETE"}, timeout=30)
+    assert method.json()["error"] == "CORS preflight refused: Disallowed CORS method"  # no word of origins
     answer = httpx.post(f"{server}/classify", files=upload([encode(test_images[0])]), headers=origin, timeout=30)
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
     assert "retry-after" in answer.headers["access-control-expose-headers"].lower()  # a 429's, for the page to wait
@@ -312,6 +314,8 @@ def test_the_usual_mistakes_of_a_first_request_say_how_to_fix_them(server, test_
     assert as_form.status_code == 400 and "-H 'Content-Type: image/jpeg'" in as_form.json()["error"]  # curl --data-binary @a.jpg
     avif = httpx.post(f"{server}/classify", content=encode(test_images[0], "AVIF"), headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert avif.status_code == 400 and "-H 'Content-Type: image/avif'" in avif.json()["error"], avif.text
+    video = httpx.post(f"{server}/classify", content=b"\x00\x00\x00\x18ftypisom" + bytes(64), headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert video.status_code == 400 and "image/" not in video.json()["error"]  # an MP4 is no image to send otherwise
     raw = httpx.post(f"{server}/classify", content=b"hello", headers={"Content-Type": "image/png"}, timeout=30)
     assert raw.status_code == 400 and raw.json()["error"].startswith("image 0: not an image")  # a raw body has no file name to give
     no_body = httpx.post(f"{server}/classify", timeout=30)  # curl -X POST URL

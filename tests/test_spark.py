@@ -122,9 +122,12 @@ def test_the_cli_scores_tables_of_bytes_and_of_paths_on_the_cluster(spark, clust
     labels = [p.parent.name if p.parent.name in CLASSES else None for p in files]
     pq.write_table(pa.table({"id": ids, "image": [p.read_bytes() for p in files], "label": labels}), tmp_path / "images.parquet")
     csv.write_csv(pa.table({"id": ids, "path": ids, "label": [CLASSES.index(x) if x else None for x in labels]}), folder / "paths.csv")
-    # paths as binaryFile writes them (file: URIs, percent-encoded), labels as pandas writes integers with gaps (floats)
-    copies = [Path(shutil.copy(files[2 + i], tmp_path / name)) for i, name in enumerate(("my photo+1.png", "café.png"))]
-    uris = {"id": ids, "path": [f"file://{p}" for p in files[:2]] + [p.as_uri() for p in copies] + [f"file://{p}" for p in files[4:]], "label": [float(CLASSES.index(x)) if x else None for x in labels]}
+    # paths as file: URIs, written as binaryFile writes them (names as they are, 100%.png) and as Path.as_uri()
+    # does (percent-encoded, my%20photo%2B1.png); labels as pandas writes integers with gaps (floats)
+    names = ("my photo+1.png", "café.png", "100%.png", "a%20b.png")
+    copies = [Path(shutil.copy(files[2 + i], tmp_path / name)) for i, name in enumerate(names)]
+    written = [copies[0].as_uri(), copies[1].as_uri(), f"file:{copies[2]}", f"file:{copies[3]}"]
+    uris = {"id": ids, "path": [f"file://{p}" for p in files[:2]] + written + [f"file://{p}" for p in files[6:]], "label": [float(CLASSES.index(x)) if x else None for x in labels]}
     pq.write_table(pa.table(uris), tmp_path / "uris.parquet")
     try:
         for table in (tmp_path / "images.parquet", folder / "paths.csv", tmp_path / "uris.parquet"):
