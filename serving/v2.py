@@ -10,7 +10,7 @@
 Infer takes the bundle's own input, uint8 `images` [N, 32, 32, 3] (no image decoding: for clients
 that pre-process), as JSON `data` or in the binary tensor data extension
 (`Inference-Header-Content-Length`: the JSON header's length, the raw tensors after it), gzip- or
-deflate-compressed or not (`Content-Encoding`). It answers `logits`, `probabilities` (the bundle's
+deflate-compressed or not (`Content-Encoding`; the answer too, as `Accept-Encoding` asks). It answers `logits`, `probabilities` (the bundle's
 calibrated ones) and `embedding`, all or those asked for with `outputs`, each as JSON or binary
 (`parameters.binary_data`, or `binary_data_output` for all); `parameters.classification: k` turns
 `probabilities` or `logits` into Triton's classification, the k best as "value:index:label" strings.
@@ -162,7 +162,18 @@ async def infer(request: Request) -> Response:
     header, pixels, wanted = parse() if len(body) <= INLINE_BYTES and not encoding else await asyncio.to_thread(parse)
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
     service.count(bundle, prediction.probabilities.argmax(1))
-    return _answer(bundle, header, wanted, {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings})
+    values = {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings}
+    return _answer(bundle, header, wanted, values, _encodings(request.headers.get("accept-encoding", "")))
+
+
+def _encodings(accept_encoding: str) -> set[str]:
+    """The encodings an Accept-Encoding header allows ("gzip, deflate;q=0.5"), those with q=0 left out."""
+    allowed = set()
+    for part in accept_encoding.lower().split(","):
+        name, _, params = part.partition(";")
+        if not re.fullmatch(r"\s*q\s*=\s*0(\.0*)?\s*", params):
+            allowed.add(name.strip())
+    return allowed
 
 
 def _decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -298,7 +309,9 @@ def _classification(values: np.ndarray, k: int, classes: tuple[str, ...]) -> lis
     return [f"{row[i]:f}:{i}:{classes[i]}" for row, top in zip(values, best) for i in top]
 
 
-def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, Wanted], values: dict[str, np.ndarray]) -> Response:
+def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, Wanted], values: dict[str, np.ndarray], accepted: set[str]) -> Response:
+    """The inference response; compressed where the client's Accept-Encoding (`accepted`) names gzip or deflate, the
+    header length then being the uncompressed JSON's, as Triton sends it."""
     outputs, blobs = [], []
     for name, (binary, k) in wanted.items():
         if k:
@@ -320,9 +333,16 @@ def _answer(bundle: Bundle, header: dict[str, Any], wanted: dict[str, Wanted], v
     if "id" in header:
         answer["id"] = header["id"]
     text = json.dumps(answer).encode()
-    if not blobs:
-        return Response(text, media_type="application/json")
-    return Response(text + b"".join(blobs), media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(text))})
+    body, headers = text + b"".join(blobs), {"Inference-Header-Content-Length": str(len(text))} if blobs else {}
+    if encoding := next((e for e in ENCODINGS if e in accepted), None):  # tritonclient's response_compression_algorithm
+        body, headers = _compressed(body, encoding), headers | {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
+    return Response(body, media_type="application/octet-stream" if blobs else "application/json", headers=headers)
+
+
+def _compressed(body: bytes, encoding: str) -> bytes:
+    """gzip, or HTTP's "deflate" (the zlib format), at the fastest level: answers are small and the cores are the model's."""
+    compressor = zlib.compressobj(1, wbits=ENCODINGS[encoding])
+    return compressor.compress(body) + compressor.flush()
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:

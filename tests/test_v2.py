@@ -104,6 +104,9 @@ def test_compressed_requests_are_read_and_a_compressed_bomb_is_a_413(client, ser
     assert cut.status_code == 400 and "cut short" in cut.json()["error"]
     brotli = httpx.post(url, content=header, headers={"Content-Encoding": "br"}, timeout=30)
     assert brotli.status_code == 415 and brotli.headers["accept-encoding"] == "gzip, deflate"
+    for accepted, sent in (("gzip", "gzip"), ("br, gzip;q=0, deflate", "deflate"), ("identity", None)):  # the answer, compressed as asked
+        answer = httpx.post(url, content=header, headers={"Accept-Encoding": accepted}, timeout=30)
+        assert answer.headers.get("content-encoding") == sent and len(answer.json()["outputs"]) == 3, accepted
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "JSON"])
