@@ -55,6 +55,11 @@ class Bodies:
             allowed = "GET, HEAD, POST" if scope["path"] in self.readable else "POST"
             message = f"{scope['method']} {scope['path']} is not served: use {' or '.join(allowed.split(', '))} (the API is described at /docs.json)"
             return await send_error(send, 405, message, ((b"allow", allowed.encode()),))
+        if scope["path"] in self.readable:  # a listing takes no fields: a body with any is refused, not ignored
+            body = await _body_upto(receive, 1024)
+            if body.strip() not in (b"", b"{}"):
+                return await send_error(send, 400, f"POST {scope['path']} takes no fields: send no body or {{}}, or GET it")
+            return await self.app(*_with_body(scope, receive, b"{}", b"application/json"), send)
         if scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -110,6 +115,17 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
         )
     shown = name if len(name) <= 40 else name[:40] + "…"
     return f"unknown field {shown!r}; this endpoint takes {declared or 'no fields'}"
+
+
+async def _body_upto(receive, limit: int) -> bytes:
+    """The request body, or its first `limit` + 1 bytes: enough to tell that it is more than `limit`."""
+    body = bytearray()
+    while len(body) <= limit:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    return bytes(body)
 
 
 def _with_body(scope, receive, body: bytes, content_type: bytes):

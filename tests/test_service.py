@@ -326,6 +326,9 @@ def test_the_usual_mistakes_of_a_first_request_say_how_to_fix_them(server, test_
     assert long_name.status_code == 400 and len(long_name.json()["error"]) < 200
     listing = httpx.post(f"{server}/models", files=upload([jpeg], "jpeg"), timeout=30)
     assert listing.status_code == 400 and "takes no fields" in listing.json()["error"]
+    filtered = httpx.post(f"{server}/models", json={"model": "cnn"}, timeout=30)  # the listing has no filter: said, not ignored
+    assert filtered.status_code == 400 and "takes no fields" in filtered.json()["error"]
+    assert httpx.post(f"{server}/models", json={}, timeout=30).status_code == httpx.post(f"{server}/models", timeout=30).status_code == 200
 
 
 def test_a_request_of_more_pixels_in_all_than_the_limit_is_a_413_before_any_decoding(server):
