@@ -94,17 +94,27 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     return image
 
 
+def iso_image(data: bytes) -> str | None:
+    """"avif" or "heic" for an ISO media file whose brands are those of still images; None for any other bytes
+    (a video's MOV or MP4, a camera's raw CR3, no ISO media at all)."""
+    if data[4:8] != b"ftyp":
+        return None
+    major, compatible = data[8:12], data[16:32]  # ftyp: size, "ftyp", major brand, minor version, compatible brands
+    if any(brand in major + compatible for brand in AVIF_BRANDS):
+        return "avif"
+    return "heic" if major in HEIF_BRANDS else None
+
+
 def unidentified(data: bytes, limits: Limits) -> ImageError:
     """Why no decoder took the bytes. An AVIF or HEIC that its decoder refuses is corrupt, not of
     another format; a HEIC where pillow-heif is missing needs the optional extra."""
     accepted = f"not an image in an accepted format ({', '.join(limits.formats)})"
-    if data[4:8] != b"ftyp":
-        return ImageError(accepted)
-    major, compatible = data[8:12], data[16:32]  # ftyp: size, "ftyp", major brand, minor version, compatible brands
-    if any(brand in major + compatible for brand in AVIF_BRANDS):
+    kind = iso_image(data)
+    if kind == "avif":
         return ImageError("corrupt or truncated AVIF image: its decoder cannot read it")
-    if major not in HEIF_BRANDS:  # a video (MOV, MP4), a camera's raw CR3, audio
-        return ImageError(f"{accepted}: an ISO media file of brand {major.decode('latin-1')!r}, a video or a raw photo perhaps")
+    if kind is None:
+        iso = f": an ISO media file of brand {data[8:12].decode('latin-1')!r}, a video or a raw photo perhaps" if data[4:8] == b"ftyp" else ""
+        return ImageError(accepted + iso)
     if "HEIF" not in limits.formats:
         hint = "" if HEIF else ": install the optional pillow-heif (pip install 'cifar10-serve[heif]')"
         return ImageError(f"HEIC/HEIF images are not accepted here{hint}; send a JPEG or PNG")

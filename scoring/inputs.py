@@ -109,31 +109,29 @@ class Found(NamedTuple):
 
 
 def walk(root: Path) -> Found:
-    """What is under root. Links to folders are followed, each real folder once (a loop ends), and a
-    folder under root is reached by its own path, not by a link to it that sorts first (its name may be its label)."""
-    found, seen = Found([], [], [], [], [], []), set()
+    """What is under root. The folders under root are read by their own paths first; then the links to
+    folders, each to a real folder not read yet (a loop ends; a link that sorts first does not take a class
+    folder's name, its label), and the links found in those, in turn."""
+    found, seen, links = Found([], [], [], [], [], []), set(), [root]
 
     def unreadable(error: OSError) -> None:
         if Path(error.filename) == root:
             raise InputError(f"{root}: cannot be read ({error.strerror})")
         found.unreadable.append(Path(error.filename))
 
-    inside = {}  # real path → the folder's own path under root, as the walk below reads it (no links, no hidden folders)
-    for folder, subfolders, _ in os.walk(root, onerror=unreadable):
-        inside[os.path.realpath(folder)] = folder
-        subfolders[:] = [n for n in subfolders if not n.startswith(".")]
-    for folder, subfolders, names in os.walk(root, onerror=lambda error: None, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen or inside.get(real, folder) != folder:  # seen, or under root by a path of its own
-            found.repeated.append(Path(folder))
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        found.hidden.extend(Path(folder, n) for n in subfolders + names if n.startswith("."))
-        subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
-        for path in (Path(folder, n) for n in names if not n.startswith(".")):
-            kind = found.files if path.is_file() else found.broken if path.is_symlink() and not path.exists() else found.special
-            kind.append(path)
+    while links:
+        for folder, subfolders, names in os.walk(links.pop(0), onerror=unreadable):  # links to folders are listed, not entered
+            if (real := os.path.realpath(folder)) in seen:  # read already, by its own path or another link
+                found.repeated.append(Path(folder))
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            found.hidden.extend(Path(folder, n) for n in subfolders + names if n.startswith("."))
+            subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
+            links += [Path(folder, n) for n in subfolders if os.path.islink(os.path.join(folder, n))]
+            for path in (Path(folder, n) for n in names if not n.startswith(".")):
+                kind = found.files if path.is_file() else found.broken if path.is_symlink() and not path.exists() else found.special
+                kind.append(path)
     return found
 
 

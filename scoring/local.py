@@ -109,9 +109,12 @@ def record_pixels(record: Record, limits: Limits) -> np.ndarray | str:
 def read_file(path: Path) -> bytes:
     """A file's bytes. A name that is no file as written but is once percent-decoded came from a file: URI that
     encodes (Path.as_uri(): my%20photo.jpg); Spark's binaryFile writes names as they are (my photo.jpg, 100%.png)."""
-    if not path.exists() and "%" in path.name and (decoded := Path(unquote(str(path)))).exists():
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        if "%" not in path.name or not (decoded := Path(unquote(str(path)))).is_file():
+            raise
         return decoded.read_bytes()
-    return path.read_bytes()
 
 
 def score_chunk(bundle: Bundle, records: list[Record], decoded: list[np.ndarray | str], options: Options) -> dict[str, list]:

@@ -24,7 +24,7 @@ import numpy as np
 from bench.http_load import test_pngs
 from bundle.images import decode
 from bundle.manifest import MODELS_DIR
-from bundle.runtime import Bundle, preload_cuda
+from bundle.runtime import Bundle, find_bundles, preload_cuda
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 PROBABILITY_TOLERANCE = 1e-2
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     images = np.stack([decode(blob) for blob in test_pngs(Path(args.data_dir), args.images)])
-    folders = sorted(p.parent for p in Path(args.models_dir).glob("*/manifest.json"))
+    folders = find_bundles(Path(args.models_dir))
     rows = [compare(folder, images) for folder in folders]
     for row in rows:
         print(" ".join(f"{key} {value:.2e}" if isinstance(value, float) else f"{key} {value}" for key, value in row.items()))

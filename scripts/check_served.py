@@ -22,7 +22,7 @@ import numpy as np
 from bench.http_load import test_pngs
 from bundle.images import decode
 from bundle.manifest import MODELS_DIR
-from bundle.runtime import Bundle
+from bundle.runtime import Bundle, find_bundles
 
 TOLERANCE = 1e-4
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="above the default for a GPU-served bundle (TF32)")
     args = parser.parse_args()
     blobs = test_pngs(Path(args.data_dir), args.images)
-    folders = sorted(p.parent for p in Path(args.models_dir).glob("*/manifest.json"))
+    folders = find_bundles(Path(args.models_dir))
     if not folders:
         sys.exit(f"check_served: no bundle in {args.models_dir}")
     for folder in folders:

@@ -150,7 +150,7 @@ def image_name(index: int, upload: UploadFile) -> str:
 
 
 def answering(endpoint: Callable) -> Callable:
-    """An answer the endpoint built wrongly (a probability of NaN from a broken graph) is a fault of the
+    """For every endpoint: an answer it built wrongly (a probability of NaN from a broken graph) is a fault of the
     server, a 500 with the traceback in the log: BentoML answers every pydantic ValidationError with a 400,
     which tells the client its request was wrong and not to send it again."""
 
@@ -336,7 +336,8 @@ class CIFAR10:
         ]
 
     @bentoml.api(route="/models")
-    def models(self) -> list[ModelSummary]:
+    @answering
+    async def models(self) -> list[ModelSummary]:
         """The loaded bundles: what they are, how good, and where they run."""
         return [
             ModelSummary(

@@ -23,7 +23,7 @@ from typing import Annotated
 from pydantic import WrapValidator
 from starlette.datastructures import UploadFile
 
-from bundle.images import AVIF_BRANDS, HEIF_BRANDS
+from bundle.images import iso_image
 from serving.errors import HOW_TO_SEND, send_error
 
 INLINE_BYTES = 256 * 1024  # a request body up to this size is decoded or parsed on the event loop; a larger one in a thread
@@ -57,6 +57,8 @@ class Bodies:
             return await send_error(send, 405, message, ((b"allow", allowed.encode()),))
         if scope["path"] in self.readable:  # a listing takes no fields: a body with any is refused, not ignored
             body = await _body_upto(receive, 1024)
+            if body is None:
+                return
             if body.strip() not in (b"", b"{}"):
                 return await send_error(send, 400, f"POST {scope['path']} takes no fields: send no body or {{}}, or GET it")
             return await self.app(*_with_body(scope, receive, b"{}", b"application/json"), send)
@@ -77,21 +79,16 @@ class Bodies:
             return await self.app(scope, receive, send)
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(int(declared), send)
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._too_large(len(body), send)
-        form, boundary = _multipart(bytes(body), content_type)
+        body = await _body_upto(receive, self.max_bytes)
+        if body is None:  # the client went away: nobody to answer
+            return
+        if len(body) > self.max_bytes:
+            return await self._too_large(len(body), send)
+        form, boundary = _multipart(body, content_type)
         await self.app(*_with_body(scope, receive, form, b"multipart/form-data; boundary=" + boundary), send)
 
     async def _too_large(self, size: int, send) -> None:
-        await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,}")
+        await send_error(send, 413, f"image body of {size:,}+ bytes, over the limit of {self.max_bytes:,} (CIFAR10_MAX_IMAGE_BYTES)")
 
 
 # the first bytes of each image format the decoder takes (WebP: RIFF, then its size, then WEBP)
@@ -104,9 +101,8 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
     head = name.encode("latin-1", "replace")
     kind = (
         "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP"
-        else "avif" if head[4:8] == b"ftyp" and any(brand in head[8:32] for brand in AVIF_BRANDS)
-        else "heic" if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS  # a phone's photo; a video's ISO media is no image
-        else next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
+        else iso_image(head)  # AVIF, a phone's HEIC; a video's ISO media is no image
+        or next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
     )  # fmt: skip
     if kind:
         return (
@@ -117,11 +113,13 @@ def unknown_field(name: str, declared: str, content_type: str) -> str:
     return f"unknown field {shown!r}; this endpoint takes {declared or 'no fields'}"
 
 
-async def _body_upto(receive, limit: int) -> bytes:
-    """The request body, or its first `limit` + 1 bytes: enough to tell that it is more than `limit`."""
+async def _body_upto(receive, limit: int) -> bytes | None:
+    """The request body, or as much of it past `limit` bytes as tells that it is over; None if the client left."""
     body = bytearray()
     while len(body) <= limit:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
         body += message.get("body", b"")
         if not message.get("more_body", False):
             break

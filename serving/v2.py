@@ -163,7 +163,8 @@ async def infer(request: Request) -> Response:
     prediction = await service.batchers[bundle.manifest.name].predict(pixels)
     service.count(bundle, prediction.probabilities.argmax(1))
     values = {"logits": prediction.logits, "probabilities": prediction.probabilities, "embedding": prediction.embeddings}
-    return _answer(bundle, header, wanted, values, _encodings(request.headers.get("accept-encoding", "")))
+    answer = lambda: _answer(bundle, header, wanted, values, _encodings(request.headers.get("accept-encoding", "")))  # noqa: E731
+    return answer() if len(body) <= INLINE_BYTES else await asyncio.to_thread(answer)  # JSON and compression, as its parsing
 
 
 def _encodings(accept_encoding: str) -> set[str]:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.hostile import png_header_only
-from bundle.images import DEFAULT_LIMITS, FORMATS, HEIF, SUFFIXES, ImageError, Limits, decode, open_image
+from bundle.images import DEFAULT_LIMITS, FORMATS, HEIF, ImageError, Limits, decode, open_image
+from scoring.inputs import folder_records
 from tests.conftest import REPO
 
 
@@ -50,10 +51,13 @@ def test_web_and_phone_formats_are_close_to_their_source(fmt):
     assert out.shape == (32, 32, 3) and np.abs(out.astype(int) - (200, 40, 90)).max() < 12
 
 
-def test_a_folder_is_read_for_every_accepted_formats_suffixes_and_no_animated_ones():
-    assert {".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".webp", ".avif"} <= set(SUFFIXES)
-    assert {".heic", ".heif"} <= set(SUFFIXES) if HEIF else not {".heic", ".heif"} & set(SUFFIXES)
-    assert not {".apng", ".avifs", ".heics", ".txt"} & set(SUFFIXES)
+def test_a_folder_is_read_for_every_accepted_formats_suffixes_and_no_animated_ones(tmp_path):
+    """Offline scoring picks a folder's files by these suffixes, in any letter case."""
+    names = ["a.PNG", "b.jpg", "c.JPEG", "d.jfif", "e.tif", "f.webp", "g.avif", "h.heic", "i.apng", "j.avifs", "k.heics", "l.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    ids = [record.id for record in folder_records(tmp_path, [])]
+    assert ids == ["a.PNG", "b.jpg", "c.JPEG", "d.jfif", "e.tif", "f.webp", "g.avif"] + (["h.heic"] if HEIF else [])
 
 
 def test_a_progressive_jpeg_is_judged_at_its_full_size():

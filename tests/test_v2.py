@@ -102,6 +102,10 @@ def test_compressed_requests_are_read_and_a_compressed_bomb_is_a_413(client, ser
     assert bomb.status_code == 413 and "once decompressed" in bomb.json()["error"]  # 4 MB of JSON in 4 kB of gzip
     cut = httpx.post(url, content=gzip.compress(header)[:-20], headers={"Content-Encoding": "gzip"}, timeout=30)
     assert cut.status_code == 400 and "cut short" in cut.json()["error"]
+    trailing = httpx.post(url, content=gzip.compress(header) + b"more", headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert trailing.status_code == 400 and "followed by other bytes" in trailing.json()["error"]
+    garbled = httpx.post(url, content=b"not gzip at all", headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert garbled.status_code == 400 and "cannot be decompressed" in garbled.json()["error"]
     brotli = httpx.post(url, content=header, headers={"Content-Encoding": "br"}, timeout=30)
     assert brotli.status_code == 415 and brotli.headers["accept-encoding"] == "gzip, deflate"
     for accepted, sent in (("gzip", "gzip"), ("br, gzip;q=0, deflate", "deflate"), ("identity", None)):  # the answer, compressed as asked
@@ -126,7 +130,7 @@ def test_class_count_answers_tritons_classification_of_the_best_classes(client, 
             client.infer("cnn", [images_input(images[:1])], outputs=[tritonclient.InferRequestedOutput(output, class_count=k)])
 
 
-def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_refused_by_name(client, images):
+def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_refused_by_name(client, server, images):
     config, defaults = client.get_model_config("cnn"), Settings()
     assert config["max_batch_size"] == defaults.max_images and config["input"] == [
         {"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3]}
@@ -145,6 +149,13 @@ def test_tritons_model_config_is_served_and_the_extensions_not_implemented_are_r
     shared.set_shared_memory("region", 3072)
     with pytest.raises(InferenceServerException, match="shared memory region"):
         client.infer("cnn", [shared])
+    to_shared = tritonclient.InferRequestedOutput("probabilities")
+    to_shared.set_shared_memory("region", 40)
+    with pytest.raises(InferenceServerException, match="'probabilities' names a shared memory region"):
+        client.infer("cnn", [images_input(images[:1])], outputs=[to_shared])
+    for path, extension in (("/v2/cudasharedmemory/status", "CUDA shared memory"), ("/v2/models/cnn/trace/setting", "trace"), ("/v2/logging", "logging")):
+        refused = httpx.get(f"{server}{path}", timeout=30)
+        assert refused.status_code == 400 and f"does not implement the {extension} extension" in refused.json()["error"], path
 
 
 def infer(server, header: dict, binary: bytes = b"", header_length: str | bytes | None = None) -> httpx.Response:
