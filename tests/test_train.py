@@ -175,3 +175,20 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
 
     folders = {new_run_dir(tmp_path / "runs", "fast") for _ in range(3)}
     assert len(folders) == 3 and all(f.is_dir() and f.name.startswith("fast-") for f in folders)
+
+
+def test_ctrl_c_during_the_final_evaluations_says_how_to_resume(cifar, tmp_path, monkeypatch):
+    """Every epoch is in the checkpoint by then: the message names the --resume that runs the evaluations alone."""
+    import training.train
+
+    real = training.train.evaluate
+
+    def evaluate(*args, progress=None, **kwargs):
+        if progress and progress.startswith("final"):
+            raise KeyboardInterrupt
+        return real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(training.train, "evaluate", evaluate)
+    with pytest.raises(UserError, match=f"interrupted; resume with: cifar10 train --resume {tmp_path}"):
+        train(get_recipe("cnn-baseline", epochs=1, limit=256), cifar, tmp_path, CPU, bf16=cpu_bf16(), progress=False)
+    assert load_checkpoint(tmp_path)["position"]["epoch"] == 1
