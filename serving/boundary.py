@@ -18,7 +18,8 @@ The HTTP stack, outermost first, as BentoML builds it with these mends applied:
     serving.errors.ErrorAnswers          (one JSON error shape, a JSON 404 too; the corrected /docs.json)
     serving.uploads.Bodies               (400/405/415/411/413 from the request line and headers; a raw image → a form; GET /models → POST)
     serving.admission.Abandonment        (a request whose client has left stops: decoding, batching)
-    BentoML's endpoint: parse the form (multipart_forms_as_declared), validate, call the API method
+    DirectEndpoints                      (a form to an image endpoint: parse_form, validate, call the API method, answer)
+    BentoML's endpoint: the rest; a form parsed likewise (multipart_forms_as_declared)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bentoml.exceptions import BadInput
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
 # The BentoML releases these mends were verified against: the test suite passed on each.
 # pyproject.toml pins the same range (tests/test_boundary.py keeps the two equal).
@@ -52,6 +54,11 @@ READ = (
     "bentoml._internal.container:BentoMLContainer.tracing.exporter_type",
     "opentelemetry.instrumentation.asgi:OpenTelemetryMiddleware",
     "bentoml._internal.server.http_app:logger",
+    "bentoml._internal.server.http_app:log_exception",
+    "_bentoml_sdk.method:APIMethod.func",
+    "_bentoml_sdk.method:APIMethod.route",
+    "_bentoml_sdk.method:APIMethod.input_spec",
+    "_bentoml_sdk.method:APIMethod.output_spec",
 )
 
 
@@ -105,8 +112,49 @@ def apply() -> None:
     _applied = True
 
 
+async def parse_form(request, cls):
+    """A multipart form (and the query string's fields) as BentoML's input model `cls`, or a 400 that says what to send."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    from serving.uploads import unknown_field
+
+    try:
+        form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
+    except HTTPException as exc:
+        raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
+    except ClientDisconnect:  # nobody reads the answer, but it is the client's doing: a 400, not a 500
+        raise BadInput("the client disconnected before its form was read") from None
+    fields: dict[str, list] = {}
+    for name, value in form.multi_items():
+        fields.setdefault(name, []).append(value)
+    for name, value in request.query_params.multi_items():  # `?k=3` works with a form as with a raw body
+        if name in form:
+            raise BadInput(f"{name!r} is given in both the query string and the request body; give it once")
+        fields.setdefault(name, []).append(value)
+    declared = ", ".join(cls.model_fields)
+    data: dict[str, typing.Any] = {}
+    for name, values in fields.items():
+        if name not in cls.model_fields:
+            raise BadInput(unknown_field(name, declared, request.headers.get("content-type", "")))
+        if name in cls.multipart_fields:
+            if not all(isinstance(v, UploadFile) for v in values):
+                raise BadInput(f"{name!r} must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
+            data[name] = values if typing.get_origin(cls.model_fields[name].annotation) is list else values[0]
+            continue
+        if len(values) > 1:
+            raise BadInput(f"{name!r} is given {len(values)} times; give it once")
+        if isinstance(values[0], UploadFile):
+            raise BadInput(f"form field {name!r} takes a value, not a file; the images go in 'images'")
+        try:
+            data[name] = json.loads(values[0])
+        except json.JSONDecodeError:
+            data[name] = values[0]
+    return cls.model_validate(data)
+
+
 def multipart_forms_as_declared() -> None:
-    """A form is parsed into the endpoint's parameters, or refused with a 400 that says what to send.
+    """A form is parsed into the endpoint's parameters, or refused with a 400 that says what to send (parse_form).
 
     BentoML's parser fetches a URL sent in place of a file (a server that fetches what clients
     name can be steered at other hosts: SSRF); `json.loads` the bytes of a file sent under a
@@ -116,44 +164,9 @@ def multipart_forms_as_declared() -> None:
     test_form_fields_other_than_the_declared_ones_are_400).
     """
     from _bentoml_impl.serde import MultipartSerde
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-
-    from serving.uploads import unknown_field
 
     async def parse_request(self, request, cls):
-        try:
-            form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
-        except HTTPException as exc:
-            raise BadInput(f"malformed multipart/form-data body: {exc.detail}") from None
-        except ClientDisconnect:  # nobody reads the answer, but it is the client's doing: a 400, not a 500
-            raise BadInput("the client disconnected before its form was read") from None
-        fields: dict[str, list] = {}
-        for name, value in form.multi_items():
-            fields.setdefault(name, []).append(value)
-        for name, value in request.query_params.multi_items():  # `?k=3` works with a form as with a raw body
-            if name in form:
-                raise BadInput(f"{name!r} is given in both the query string and the request body; give it once")
-            fields.setdefault(name, []).append(value)
-        declared = ", ".join(cls.model_fields)
-        data: dict[str, typing.Any] = {}
-        for name, values in fields.items():
-            if name not in cls.model_fields:
-                raise BadInput(unknown_field(name, declared, request.headers.get("content-type", "")))
-            if name in cls.multipart_fields:
-                if not all(isinstance(v, UploadFile) for v in values):
-                    raise BadInput(f"{name!r} must be uploaded files (multipart) or the raw body; this service does not fetch URLs")
-                data[name] = values if typing.get_origin(cls.model_fields[name].annotation) is list else values[0]
-                continue
-            if len(values) > 1:
-                raise BadInput(f"{name!r} is given {len(values)} times; give it once")
-            if isinstance(values[0], UploadFile):
-                raise BadInput(f"form field {name!r} takes a value, not a file; the images go in 'images'")
-            try:
-                data[name] = json.loads(values[0])
-            except json.JSONDecodeError:
-                data[name] = values[0]
-        return cls.model_validate(data)
+        return await parse_form(request, cls)
 
     MultipartSerde.parse_request = parse_request
 
@@ -268,6 +281,70 @@ def cache_response_media_types() -> None:
     from _bentoml_sdk.io_models import IOMixin
 
     IOMixin.mime_type = classmethod(functools.cache(IOMixin.mime_type.__func__))
+
+
+class DirectEndpoints:
+    """The image endpoints' forms answered without BentoML's endpoint machinery, by the same parts.
+
+    Between a parsed form and its answer, BentoML's routing, endpoint wrapper, argument binding,
+    request context and streamed response held a fifth of a single-image request's Python
+    (docs/performance.md). Here a form posted to an image endpoint is parsed by parse_form into the
+    endpoint's BentoML input model, which validates it; the service's method answers (the function
+    `@bentoml.api` wraps); BentoML's output model serializes the answer, and an error takes the
+    status, body and log line BentoML's endpoint wrapper gives it. Everything else goes on to
+    BentoML: other bodies, other routes, and every request while traces are exported (BentoML's
+    endpoint adds the spans and the X-BentoML-Request-ID header). The OpenAPI document,
+    `bentoml.SyncHTTPClient` and in-process calls are BentoML's, unchanged.
+    Test: tests/test_service.py::test_the_direct_path_answers_as_bentoml_s_endpoint_does.
+    """
+
+    def __init__(self, app, service: type, routes: tuple[str, ...]):
+        from bentoml._internal.container import BentoMLContainer
+
+        self.app = app
+        self.apis = {} if BentoMLContainer.tracing.exporter_type.get() else {a.route: a for a in service.apis.values() if a.route in routes}
+        self.headers = [(b"content-type", b"application/json"), (b"server", f"BentoML Service/{service.name}".encode())]
+        self.log_exception = resolve("bentoml._internal.server.http_app:log_exception")
+
+    async def __call__(self, scope, receive, send):
+        api = self.apis.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if api is None or not _content_type(scope).startswith(b"multipart/form-data"):
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        try:
+            try:
+                data = await parse_form(request, api.input_spec)
+                answer = await api.func(bentoml.get_current_service(), **{name: getattr(data, name) for name in data.model_fields})
+                status, body = 200, api.output_spec(answer).model_dump_json().encode()
+            except Exception as exc:
+                self.log_exception(request)  # BentoML's line, which Refusal makes one line for a refusal
+                status, body = _error(exc)
+            headers = [*self.headers, (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:  # answered, failed or cancelled (the client left, the timeout ran out)
+            await request.close()  # the form's spooled files
+
+
+def _content_type(scope) -> bytes:
+    return next((v for k, v in scope["headers"] if k == b"content-type"), b"").lower()
+
+
+def _error(exc: Exception) -> tuple[int, bytes]:
+    """The status and body BentoML's endpoint wrapper (ServiceAppFactory.api_endpoint_wrapper) answers `exc` with;
+    serving.errors.ErrorAnswers, outside, gives them the service's one shape."""
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    unexpected = {"error": "An unexpected error has occurred, please check the server log."}
+    if isinstance(exc, ValidationError):
+        content: typing.Any = {"error": f"{exc.error_count()} validation error for {exc.title}", "detail": exc.errors(include_context=False, include_input=False)}
+        return 400, json.dumps(content).encode()
+    if not isinstance(exc, BentoMLException):
+        return 500, json.dumps(unexpected).encode()
+    status = exc.error_code.value
+    content = {"error": "Authorization error"} if status in (401, 403) else unexpected if status >= 500 else [{"error": str(exc)}]
+    return status, json.dumps(content).encode()
 
 
 INPUT_MODEL = "Input"  # the name BentoML gives each endpoint's input model (`api.input_spec`): its ValidationError's title

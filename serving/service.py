@@ -366,4 +366,5 @@ CIFAR10.add_asgi_middleware(
     Bodies, paths=ROUTES, post_only=(*ROUTES, "/models"), readable=("/models",),
     max_image_bytes=SETTINGS.max_image_bytes, max_request_bytes=SETTINGS.max_request_bytes,
 )  # fmt: skip
-CIFAR10.add_asgi_middleware(Abandonment, watches=lambda path: path in ROUTES or v2.is_infer(path))  # innermost: sees the body Bodies passes on
+CIFAR10.add_asgi_middleware(Abandonment, watches=lambda path: path in ROUTES or v2.is_infer(path))  # sees the body Bodies passes on
+CIFAR10.add_asgi_middleware(boundary.DirectEndpoints, service=CIFAR10, routes=ROUTES)  # innermost: answers the image endpoints' forms

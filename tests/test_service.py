@@ -33,9 +33,8 @@ def server_log(tmp_path_factory):
     return tmp_path_factory.mktemp("serve") / "serve.log"
 
 
-@pytest.fixture(scope="module")
-def server(server_log):
-    env = dict(
+def server_env() -> dict[str, str]:
+    return dict(
         CIFAR10_MODELS_DIR=str(REPO / "models"), CIFAR10_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
         CIFAR10_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
         CIFAR10_DEFAULT_MODEL="cnn",  # the cheap committed bundle; the default one is checked by name below
@@ -43,7 +42,26 @@ def server(server_log):
         CIFAR10_MAX_NEIGHBOURS=str(MAX_NEIGHBOURS),  # above the KNN head's training rows
         CIFAR10_CORS_ORIGINS=PAGE,
     )  # fmt: skip
-    with running(SERVE, server_log, env=env) as served:
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
+    with running(SERVE, server_log, env=server_env()) as served:
+        yield served.url
+
+
+@pytest.fixture(scope="module")
+def traced_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("traced") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def traced(traced_log, tmp_path_factory):
+    """The same service with traces exported: its image endpoints answer through BentoML's endpoint, not DirectEndpoints."""
+    exporter = '{"services": {"tracing": {"exporter_type": "in_memory"}}}'
+    # its own BENTOML_HOME: a second `bentoml serve` would otherwise empty the first one's metrics folder
+    env = server_env() | dict(BENTOML_CONFIG_OVERRIDES=exporter, BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")))
+    with running(SERVE, traced_log, env=env) as served:
         yield served.url
 
 
@@ -91,20 +109,54 @@ def classify_lines(log: Path) -> list[str]:
     return lines_with(log, "path=/classify")
 
 
-def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, test_images, tmp_path):
+def test_requests_are_traced_only_when_traces_go_somewhere(server, server_log, traced, traced_log, test_images):
     """BentoML's tracing middleware is most of a small request's Python time; it runs when an exporter is configured."""
     one = upload([encode(test_images[0])])
     assert httpx.post(f"{server}/classify", files=one, timeout=30).status_code == 200
     untraced = classify_lines(server_log)
     assert untraced and not any("trace=" in line for line in untraced)
 
-    exporter = '{"services": {"tracing": {"exporter_type": "in_memory"}}}'
-    # its own BENTOML_HOME: a second `bentoml serve` would otherwise empty the first one's metrics folder
-    env = dict(BENTOML_CONFIG_OVERRIDES=exporter, CIFAR10_MODELS="cnn", BENTOML_HOME=str(tmp_path / "bentoml"))
-    with running(SERVE, tmp_path / "traced.log", env=env) as traced:
-        assert httpx.post(f"{traced.url}/classify", files=one, timeout=30).status_code == 200
-    traced_lines = classify_lines(tmp_path / "traced.log")
+    answer = httpx.post(f"{traced}/classify", files=one, timeout=30)
+    assert answer.status_code == 200 and "x-bentoml-request-id" in answer.headers  # BentoML's endpoint, which adds it
+    traced_lines = classify_lines(traced_log)
     assert traced_lines and all("trace=" in line for line in traced_lines)
+
+
+def test_the_direct_path_answers_as_bentoml_s_endpoint_does(server, server_log, traced, traced_log, test_images):
+    """serving.boundary.DirectEndpoints answers the image endpoints' forms; with traces exported, BentoML's endpoint
+    does. The same requests get the same answers, refusals and log lines from both."""
+    png = [encode(image) for image in test_images[:3]]
+    requests = [  # (route, query string, form files, form fields)
+        ("/classify", {}, upload(png[:1]), {}),
+        ("/classify", {}, upload(png), {"model": "airbench"}),
+        ("/topk", {"k": "2"}, upload(png[:2]), {}),
+        ("/topk", {}, upload(png[:1]), {"k": "10", "model": "cnn"}),
+        ("/embed", {}, upload(png[:1]), {}),
+        ("/knn", {}, upload(png[:2]), {"neighbours": "3"}),
+        ("/topk", {}, upload(png[:1]), {"k": "0"}),  # request validation: a 400 with detail
+        ("/topk", {}, upload(png[:1]), {"k": "three"}),
+        ("/knn", {}, upload(png[:1]), {"neighbours": str(MAX_NEIGHBOURS + 1)}),
+        ("/topk", {"k": "2"}, upload(png[:1]), {"k": "3"}),  # given twice
+        ("/classify", {}, upload(png[:1]), {"model": "resnet"}),  # the endpoint's BadInput
+        ("/classify", {}, upload([b"hello"]), {}),
+        ("/classify", {}, upload(png[:1]), {"colour": "red"}),  # an unknown field
+        ("/classify", {}, [], {"images": "https://example.com/cat.png"}),  # a URL for a file
+        ("/classify", {}, upload(png[:1]) + [("model", ("m.txt", b"cnn", "text/plain"))], {}),  # a file for a value
+        ("/classify", {}, [], {"model": "cnn"}),  # no image at all
+    ]
+    for route, query, files, fields in requests:
+        answers = [httpx.post(f"{url}{route}", params=query, files=files or None, data=fields, timeout=30) for url in (server, traced)]
+        direct, bentoml_own = answers
+        assert (direct.status_code, direct.json()) == (bentoml_own.status_code, bentoml_own.json()), (route, query, fields)
+        assert direct.headers["content-type"] == bentoml_own.headers["content-type"] == "application/json"
+        assert direct.headers["server"] == bentoml_own.headers["server"]
+        assert "x-bentoml-request-id" not in direct.headers and "x-bentoml-request-id" in bentoml_own.headers  # the paths differ
+    raw = httpx.post(f"{server}/topk?k=2", content=png[0], headers={"Content-Type": "image/png"}, timeout=30)  # rewritten as a form
+    assert raw.json() == httpx.post(f"{traced}/topk?k=2", content=png[0], headers={"Content-Type": "image/png"}, timeout=30).json()
+    def refusals(log: Path) -> list[str]:  # the reasons, without the trace ids BentoML's log appends where it traces
+        return [line.split(" refused ", 1)[1].split(" (trace=")[0] for line in lines_with(log, "POST /topk refused")]
+
+    assert refusals(server_log) and refusals(server_log) == refusals(traced_log)
 
 
 def test_a_refusal_is_one_line_of_the_log_and_a_fault_keeps_its_traceback(server, server_log, test_images):
