@@ -314,7 +314,7 @@ class DirectEndpoints:
         try:
             try:
                 data = await parse_form(request, api.input_spec)
-                answer = await api.func(bentoml.get_current_service(), **{name: getattr(data, name) for name in data.model_fields})
+                answer = await api.func(bentoml.get_current_service(), **{name: getattr(data, name) for name in api.input_spec.model_fields})
                 status, body = 200, api.output_spec(answer).model_dump_json().encode()
             except Exception as exc:
                 self.log_exception(request)  # BentoML's line, which Refusal makes one line for a refusal
