@@ -19,8 +19,10 @@ the servers, since this machine's speed swings between minutes. The servers:
 
 Printed: each measurement as it comes, then per bundle a table of median requests/s (p50 / p99 ms)
 at each concurrency, the servers' memory after the loads (RSS summed over their processes, and
-PSS, which counts what they share once: fairer to servers of several processes), and ours
-against each peer.
+PSS, which counts what they share once: fairer to servers of several processes), ours against
+each peer, and every server against onnxruntime in this process (each round, while no server
+runs: the bundle's graph in calls of the service's batch size on every thread, no HTTP and no load
+client), the ceiling that no server of the same graph passes on these cores.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ import numpy as np
 
 from bench.harness import REPO, SERVE, running
 from bench.http_load import MINIMAL, forms, load, machine, test_pngs
+from bench.v2_load import in_process_rate
+from bundle.images import decode
 from bundle.manifest import INT8_FILE
+from bundle.runtime import Bundle
+from serving.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,14 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
     measured: dict[tuple[str, int], Measured] = {}
     memory: dict[str, list[float]] = {}  # resident, summed over the server's processes
     shared: dict[str, list[float]] = {}  # proportional: what several processes share counted once
+    graphs = sorted({peer.graph for peer in servers})
+    loaded = {graph: Bundle.load(REPO / "models" / bundle, precision=graph) for graph in graphs}  # onnxruntime's own thread count
+    pixels = np.stack([decode(blob) for blob in blobs[:256]])
+    ceiling: dict[str, list[float]] = {graph: [] for graph in graphs}  # images/s in process, a rate per round
     for round_ in range(1, args.rounds + 1):
+        for graph in graphs:
+            ceiling[graph].append(in_process_rate(loaded[graph], pixels, Settings.max_batch_size, args.seconds))
+            print(f"{bundle} | round {round_} | onnxruntime in process, {graph} | {ceiling[graph][-1]:,.1f} images/s", flush=True)
         for peer in servers if round_ % 2 else servers[::-1]:  # no server always first: drift within a round evens out
             log = REPO / "logs" / f"peers_{bundle}_{servers.index(peer)}.log"
             with running(peer.command, log, env=peer.env) as server:
@@ -121,8 +134,13 @@ def run_bundle(bundle: str, servers: list[Peer], blobs: list[bytes], args: argpa
                 statistics.median(a / max(b, 1e-9) for a, b in zip(measured[(ours.name, c)].rates, measured[(other.name, c)].rates))
                 for c in args.concurrency
             ]
-            graphs = "" if ours.graph == other.graph else f" ({ours.graph} graph against {other.graph})"
-            print(f"| {ours.name} / {other.name}{graphs} | {' | '.join(f'{r:.2f}×' for r in ratios)} | | |")
+            across = "" if ours.graph == other.graph else f" ({ours.graph} graph against {other.graph})"
+            print(f"| {ours.name} / {other.name}{across} | {' | '.join(f'{r:.2f}×' for r in ratios)} | | |")
+    in_process = ", ".join(f"{graph} {statistics.median(rates):,.0f} images/s" for graph, rates in ceiling.items())
+    print(f"onnxruntime in process, calls of {Settings.max_batch_size} on every thread, no HTTP and no load client (median of the rounds): {in_process}")
+    for peer in servers:
+        shares = [statistics.median(a / max(b, 1e-9) for a, b in zip(measured[(peer.name, c)].rates, ceiling[peer.graph])) for c in args.concurrency]
+        print(f"| {peer.name} / onnxruntime in process ({peer.graph}) | {' | '.join(f'{r:.0%}' for r in shares)} | | |")
 
 
 def main() -> None:
