@@ -128,7 +128,7 @@ class Settings:
             bad += [f"{name} is no setting (did you mean {close[0]}?)"] if close else []
         for f in fields(cls):
             raw = environ.get(env_name(f.name))
-            if raw is None:
+            if raw is None or (f.type == "Path" and not raw.strip()):  # an empty folder setting (`CIFAR10_MODELS_DIR=`) is unset, as the CLI reads it
                 continue
             try:
                 values[f.name] = PARSERS[f.type](raw)

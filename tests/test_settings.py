@@ -2,9 +2,11 @@
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
+from bundle.manifest import MODELS_DIR
 from serving.settings import Settings, env_name
 from tests.conftest import REPO
 
@@ -42,6 +44,8 @@ def test_every_setting_is_read_from_its_variable_and_parsed_by_type():
     assert settings.max_latency_ms == 2.5 and settings.limits.max_pixels == 1000 and str(settings.models_dir) == "/srv/models"
     assert settings.limits.pixels_setting == "CIFAR10_MAX_PIXELS"  # what a refusal tells the operator to raise
     assert Settings.from_env({}) == Settings()
+    # an empty folder setting is unset, for the service as for the command line (cifar10/cli.py)
+    assert Settings.from_env({"CIFAR10_MODELS_DIR": ""}).models_dir == Settings().models_dir == Path(MODELS_DIR)
 
 
 @pytest.mark.parametrize(
