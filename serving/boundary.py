@@ -31,6 +31,7 @@ import logging
 import typing
 
 import bentoml
+from bentoml import get_current_service  # once: each `bentoml.` name is looked up by its lazy module (µs a request)
 from bentoml.exceptions import BadInput
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -314,7 +315,7 @@ class DirectEndpoints:
         try:
             try:
                 data = await parse_form(request, api.input_spec)
-                answer = await api.func(bentoml.get_current_service(), **{name: getattr(data, name) for name in api.input_spec.model_fields})
+                answer = await api.func(get_current_service(), **{name: getattr(data, name) for name in api.input_spec.model_fields})
                 status, body = 200, api.output_spec(answer).model_dump_json().encode()
             except Exception as exc:
                 self.log_exception(request)  # BentoML's line, which Refusal makes one line for a refusal

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import bentoml
 import numpy as np
+from bentoml import get_current_service  # once: each `bentoml.` name is looked up by its lazy module (µs a request)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -75,7 +76,7 @@ async def protocol_error(request: Request, exc: ProtocolError) -> Response:
 
 
 def _service():
-    return bentoml.get_current_service()
+    return get_current_service()
 
 
 def _bundle(request: Request) -> Bundle:
