@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import json
 import logging
 import typing
@@ -56,10 +57,15 @@ READ = (
     "opentelemetry.instrumentation.asgi:OpenTelemetryMiddleware",
     "bentoml._internal.server.http_app:logger",
     "bentoml._internal.server.http_app:log_exception",
+    "bentoml._internal.container:BentoMLContainer.http.response.trace_id",
     "_bentoml_sdk.method:APIMethod.func",
     "_bentoml_sdk.method:APIMethod.route",
     "_bentoml_sdk.method:APIMethod.input_spec",
     "_bentoml_sdk.method:APIMethod.output_spec",
+    "_bentoml_sdk.method:APIMethod.batchable",
+    "_bentoml_sdk.method:APIMethod.ctx_param",
+    "_bentoml_sdk.method:APIMethod.is_stream",
+    "_bentoml_sdk.io_models:IORootModel",
 )
 
 
@@ -293,23 +299,26 @@ class DirectEndpoints:
     endpoint's BentoML input model, which validates it; the service's method answers (the function
     `@bentoml.api` wraps); BentoML's output model serializes the answer, and an error takes the
     status, body and log line BentoML's endpoint wrapper gives it. Everything else goes on to
-    BentoML: other bodies, other routes, and every request while traces are exported (BentoML's
-    endpoint adds the spans and the X-BentoML-Request-ID header). The OpenAPI document,
+    BentoML: other bodies, other routes, an endpoint of another shape (`answerable`), and every
+    request while traces are exported or their ids answered (BentoML's endpoint adds the spans and
+    the X-BentoML-Request-ID and X-BentoML-Trace-ID headers). The OpenAPI document,
     `bentoml.SyncHTTPClient` and in-process calls are BentoML's, unchanged.
-    Test: tests/test_service.py::test_the_direct_path_answers_as_bentoml_s_endpoint_does.
+    Tests: tests/test_service.py::test_the_direct_path_answers_as_bentoml_s_endpoint_does,
+    tests/test_boundary.py::test_direct_endpoints_answer_the_image_endpoints_forms_and_pass_the_rest_on.
     """
 
     def __init__(self, app, service: type, routes: tuple[str, ...]):
         from bentoml._internal.container import BentoMLContainer
 
         self.app = app
-        self.apis = {} if BentoMLContainer.tracing.exporter_type.get() else {a.route: a for a in service.apis.values() if a.route in routes}
+        traced = BentoMLContainer.tracing.exporter_type.get() or BentoMLContainer.http.response.trace_id.get()
+        self.apis = {} if traced else {a.route: a for a in service.apis.values() if a.route in routes and answerable(a)}
         self.headers = [(b"content-type", b"application/json"), (b"server", f"BentoML Service/{service.name}".encode())]
         self.log_exception = resolve("bentoml._internal.server.http_app:log_exception")
 
     async def __call__(self, scope, receive, send):
         api = self.apis.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if api is None or not _content_type(scope).startswith(b"multipart/form-data"):
+        if api is None or _media_type(scope) != b"multipart/form-data":
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         try:
@@ -327,8 +336,17 @@ class DirectEndpoints:
             await request.close()  # the form's spooled files
 
 
-def _content_type(scope) -> bytes:
-    return next((v for k, v in scope["headers"] if k == b"content-type"), b"").lower()
+def answerable(api) -> bool:
+    """An endpoint of the one shape DirectEndpoints calls: a coroutine that answers a JSON list, without
+    BentoML's batching, request context or streaming."""
+    from _bentoml_sdk.io_models import IORootModel
+
+    shaped = inspect.iscoroutinefunction(api.func) and isinstance(api.output_spec, type) and issubclass(api.output_spec, IORootModel)
+    return shaped and not api.batchable and api.ctx_param is None and not api.is_stream
+
+
+def _media_type(scope) -> bytes:
+    return next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip().lower()
 
 
 def _error(exc: Exception) -> tuple[int, bytes]:

@@ -71,6 +71,7 @@ class Bodies:
         if content_type not in FORM_TYPES and not content_type.startswith(RAW_TYPES):
             return await send_error(send, 415, f"a body of Content-Type {content_type!r} is not read here: {HOW_TO_SEND}")
         if not content_type.startswith(RAW_TYPES):
+            scope = _lowercase_media_type(scope)
             if not declared.isdigit():
                 return await send_error(send, 411, "send the body with a Content-Length (chunked uploads are not accepted)")
             if int(declared) > self.max_request_bytes:
@@ -124,6 +125,18 @@ async def _body_upto(receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return bytes(body)
+
+
+def _lowercase_media_type(scope):
+    """The scope with its Content-Type's media type in lower case: media types are case-insensitive, and
+    BentoML looks its parser up by the exact string (`Multipart/Form-Data` was read as JSON)."""
+
+    def lowered(value: bytes) -> bytes:
+        media_type, semicolon, parameters = value.partition(b";")
+        return media_type.strip().lower() + semicolon + parameters
+
+    headers = [(k, lowered(v) if k == b"content-type" else v) for k, v in scope["headers"]]
+    return scope if headers == list(scope["headers"]) else dict(scope, headers=headers)
 
 
 def _with_body(scope, receive, body: bytes, content_type: bytes):

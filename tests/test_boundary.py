@@ -57,3 +57,46 @@ def test_a_response_media_type_is_worked_out_once_per_output_model(monkeypatch):
     monkeypatch.setattr(output, "model_json_schema", lambda *a, **k: calls.append(1) or schema(*a, **k))
     assert output.mime_type() == output.mime_type() == "application/json"
     assert len(calls) <= 1
+
+
+def test_direct_endpoints_answer_the_image_endpoints_forms_and_pass_the_rest_on():
+    """In process: what DirectEndpoints answers itself, and what it leaves to BentoML's endpoint (here a stand-in)."""
+    import asyncio
+    import types
+
+    import httpx
+
+    from serving.service import CIFAR10, ROUTES
+
+    passed = []
+
+    async def bentoml_endpoint(scope, receive, send):
+        passed.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    direct = boundary.DirectEndpoints(bentoml_endpoint, service=CIFAR10, routes=ROUTES)
+    form = httpx.Request("POST", "http://x", files=[("images", ("a.png", b"\x89PNG", "image/png")), ("k", (None, "0"))])
+
+    async def post(path: str, content_type: str, body: bytes = form.read()) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=direct), base_url="http://test") as client:
+            return await client.post(path, content=body, headers={"Content-Type": content_type})
+
+    multipart = form.headers["content-type"]
+    for content_type in (multipart, multipart.replace("multipart/form-data", "Multipart/Form-Data")):
+        refused = asyncio.run(post("/topk", content_type))  # k=0: the input model refuses it, before any service is needed
+        assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["k"] and not passed
+    for path, content_type in [("/topk", "application/json"), ("/topk", "multipart/form-data-x; boundary=b"), ("/models", multipart)]:
+        assert asyncio.run(post(path, content_type)).status_code == 299
+    assert passed == [("POST", "/topk"), ("POST", "/topk"), ("POST", "/models")]
+
+    # an endpoint of another shape than the direct path calls is left to BentoML, whatever it is
+    classify = CIFAR10.apis["classify"]
+    assert boundary.answerable(classify)
+    shape = {name: getattr(classify, name) for name in ("func", "output_spec", "batchable", "ctx_param", "is_stream")}
+
+    def sync(*args, **kwargs):
+        return []
+
+    for other in ({"batchable": True}, {"ctx_param": "ctx"}, {"is_stream": True}, {"func": sync}, {"output_spec": CIFAR10.apis["classify"].input_spec}):
+        assert not boundary.answerable(types.SimpleNamespace(**shape | other)), other
