@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from bundle.images import DEFAULT_LIMITS
 from bundle.manifest import DEFAULT_BUNDLE, MODELS_DIR, PRECISIONS, TTA_LEVELS
 from cifar10.errors import UserError
 from training.knn import KNN_COMPONENTS
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=1024, help="images per chunk: decoded together and written as one part (local), per call of predict_batch_udf (spark); onnxruntime takes them in smaller calls, so memory stays bounded (default: %(default)s)")
     score.add_argument("--workers", type=int, help="decoding threads (default: the cores this process may use, a container's CPU quota included)")
     score.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its own choice)")
+    score.add_argument("--max-pixels", type=int, default=DEFAULT_LIMITS.max_pixels, metavar="N",
+                       help="an image that decodes to more pixels (width × height, from its header) is a failed row, not decoded; "
+                       "rows failed so are not retried when a run resumes (default: %(default)s, as the service's CIFAR10_MAX_PIXELS)")  # fmt: skip
     score.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32, or int8 for the bundle's quantised variant (`cifar10 quantize`)")  # fmt: skip
     score.add_argument("--path-column", default="path", help="table column of image paths (default: %(default)s)")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from bundle.images import DEFAULT_LIMITS
 from bundle.runtime import Bundle, BundleError
 from cifar10.errors import Interrupted, UserError
 from scoring.inputs import Columns, InputError, read_inputs
@@ -17,8 +19,9 @@ def score_command(args: argparse.Namespace) -> None:
     """`cifar10 score`: the arguments of cifar10.cli's parser in, a table and a one-line summary out."""
     folder = Path(args.models_dir) / args.model
     output, source = Path(args.output), Path(args.input)
-    if args.topk < 0 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
-        raise UserError("--topk and --threads must be 0 or more, --batch-size and --workers at least 1")
+    if args.topk < 0 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0 or args.max_pixels < 1:
+        raise UserError("--topk and --threads must be 0 or more, --batch-size, --workers and --max-pixels at least 1")
+    limits = replace(DEFAULT_LIMITS, max_pixels=args.max_pixels, pixels_setting="--max-pixels")
     try:
         # onnxruntime's threads sleep between calls: they share the cores with the decoding pool
         bundle = Bundle.load(folder, threads=args.threads or None, precision=args.precision, spinning=False)
@@ -30,11 +33,11 @@ def score_command(args: argparse.Namespace) -> None:
         if args.engine == "spark":
             from scoring.spark_job import score_spark  # only here: PySpark is an extra
 
-            summary = score_spark(args.input, folder, args.output, options, columns, master=args.master, chunk=args.batch_size)
+            summary = score_spark(args.input, folder, args.output, options, columns, master=args.master, chunk=args.batch_size, max_pixels=args.max_pixels)
         else:
             chunks = read_inputs(source, bundle.manifest.classes, columns, chunk=args.batch_size)
             with tqdm(desc=f"scoring with {args.model}", unit="img", disable=None) as bar:
-                summary = score(chunks, bundle, output, options, workers=args.workers, progress=bar.update)
+                summary = score(chunks, bundle, output, options, workers=args.workers, limits=limits, progress=bar.update)
     except (BundleError, InputError, ScoringError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # an --output under a file, a folder that cannot be read or written, a full disk

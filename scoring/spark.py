@@ -23,15 +23,18 @@ import re
 import shutil
 import tempfile
 import zipfile
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from bundle.images import DEFAULT_LIMITS
+from bundle.images import DEFAULT_LIMITS, Limits
 from bundle.runtime import Bundle, verify
 from scoring.inputs import Record
 from scoring.local import Options, predict_columns, record_pixels, schema
+
+PIXELS_SETTING = "max_pixels, cifar10 score --max-pixels"  # what a refusal of too large an image names to raise
 
 EXECUTOR_PACKAGES = ("bundle", "scoring", "cifar10")  # what a Python worker imports to score a batch (cifar10: its files and errors)
 
@@ -49,6 +52,7 @@ def _staging() -> Path:
 def with_predictions(
     frame, bundle: str | Path, *, image_column: str = "content", path_column: str | None = None, topk: int = 0,
     embeddings: bool = False, knn: bool = False, precision: str = "fp32", batch_size: int = 256,
+    max_pixels: int = DEFAULT_LIMITS.max_pixels,
 ):  # fmt: skip
     """`frame` with the prediction columns of `cifar10 score` appended (docs/batch-scoring.md).
 
@@ -58,6 +62,7 @@ def with_predictions(
     `topk`; `embedding`; `knn_label`, `knn_neighbours`, `knn_distances` with `knn`; and `error`,
     null or why the row's image could not be read or decoded. A bad image never fails the job: its
     row gets `error` and nulls. `batch_size` images per call of the predictor, which onnxruntime takes in calls of at most 256.
+    An image that decodes to more than `max_pixels` (width × height, from its header) is such a row.
     """
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
@@ -69,6 +74,7 @@ def with_predictions(
     column = _input_column(frame, image_column, path_column)
     if not 0 <= topk <= len(manifest.classes) or batch_size < 1:
         raise ValueError(f"topk must lie in 0..{len(manifest.classes)} and batch_size be at least 1, got {topk} and {batch_size}")
+    limits = replace(DEFAULT_LIMITS, max_pixels=max_pixels, pixels_setting=PIXELS_SETTING)
     predicted = prediction_schema(options)
     clash = sorted({n.lower() for n in predicted.names} & {c.lower() for c in frame.columns})  # Spark ignores case by default
     if clash:
@@ -76,7 +82,7 @@ def with_predictions(
 
     alias = ship(frame.sparkSession.sparkContext, folder)
     predict = predict_batch_udf(
-        _predictor(alias, options, reads_paths=path_column is not None),
+        _predictor(alias, options, reads_paths=path_column is not None, limits=limits),
         return_type=from_arrow_schema(predicted),
         batch_size=batch_size,
     )
@@ -115,7 +121,7 @@ def _is_list(field) -> bool:
     return pa.types.is_list(field.type)
 
 
-def _predictor(alias: str, options: Options, reads_paths: bool):
+def _predictor(alias: str, options: Options, reads_paths: bool, limits: Limits):
     """make_predict_fn for predict_batch_udf: runs on an executor, once per Python worker."""
 
     def make_predict():
@@ -128,7 +134,7 @@ def _predictor(alias: str, options: Options, reads_paths: bool):
         lists = {f.name for f in prediction_schema(options) if _is_list(f)}
 
         def predict(values: np.ndarray) -> dict[str, np.ndarray]:
-            decoded = [_pixels(value, reads_paths) for value in values]
+            decoded = [_pixels(value, reads_paths, limits) for value in values]
             return {name: _as_array(column, name in lists) for name, column in predict_columns(bundle, decoded, options).items()}
 
         return predict
@@ -136,10 +142,10 @@ def _predictor(alias: str, options: Options, reads_paths: bool):
     return make_predict
 
 
-def _pixels(value, reads_paths: bool) -> np.ndarray | str:
+def _pixels(value, reads_paths: bool, limits: Limits) -> np.ndarray | str:
     if value is None:
         return "no image: the input column is null"
-    return record_pixels(Record("", Path(value) if reads_paths else bytes(value)), DEFAULT_LIMITS)
+    return record_pixels(Record("", Path(value) if reads_paths else bytes(value)), limits)
 
 
 def _as_array(values: list, is_list: bool) -> np.ndarray:

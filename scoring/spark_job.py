@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bundle.images import DEFAULT_LIMITS
 from bundle.runtime import read_manifest
 from scoring.inputs import FILE_URI, IMAGE_SUFFIXES, INTEGRAL, Columns, InputError, walk
 from scoring.local import Options, ScoringError, Summary, check_same, schema
@@ -34,6 +35,7 @@ OPTIONS_KEY = "cifar10_score_options"  # the run's Options, in the id column's m
 
 def score_spark(
     source: str, bundle_dir, output: str, options: Options, columns: Columns, master: str = "local[*]", chunk: int = 1024,
+    max_pixels: int = DEFAULT_LIMITS.max_pixels,
 ) -> Summary:  # fmt: skip
     """Score `source` (a folder, glob, .parquet or .csv, local path or URI) into the Parquet folder `output`."""
     from pyspark.sql import SparkSession
@@ -68,7 +70,7 @@ def score_spark(
         try:
             scored = with_predictions(
                 frame, bundle_dir, topk=options.topk, embeddings=options.embeddings, knn=options.knn,
-                precision=options.precision, batch_size=chunk, **images,
+                precision=options.precision, batch_size=chunk, max_pixels=max_pixels, **images,
             )  # fmt: skip
         except ValueError as exc:  # e.g. a CSV column of image bytes, which CSV cannot hold
             raise InputError(f"{source}: {exc}") from None

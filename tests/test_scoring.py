@@ -298,3 +298,16 @@ def test_one_image_is_an_input_and_files_left_out_of_a_folder_are_counted(test_i
     assert row["id"] == "cat.png" and row["index"] == int(bundle.predict(pixels).logits.argmax())
     assert main(["score", str(tmp_path / "in"), "--output", str(tmp_path / "folder.csv"), *models]) == 0
     assert "2 files without an image suffix under" in capsys.readouterr().err and csv.read_csv(tmp_path / "folder.csv").num_rows == 1
+
+
+def test_max_pixels_fails_the_larger_images_and_names_the_option(test_images, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(test_images[0][0]).save(tmp_path / "in" / "small.png")  # 32 × 32: 1,024 pixels
+    Image.fromarray(test_images[0][1]).resize((64, 64)).save(tmp_path / "in" / "large.png")  # 4,096
+    models = ["--models-dir", str(REPO / "models"), "--model", "cnn"]
+    assert main(["score", str(tmp_path / "in"), "--output", str(tmp_path / "out.csv"), "--max-pixels", "2000", *models]) == 0
+    rows = {r["id"]: r for r in csv.read_csv(tmp_path / "out.csv").to_pylist()}
+    assert not rows["small.png"]["error"] and rows["small.png"]["label"]  # CSV: an empty error
+    assert not rows["large.png"]["label"] and "64×64 is over 2,000 pixels (--max-pixels)" in rows["large.png"]["error"]
+    assert main(["score", str(tmp_path / "in"), "--output", str(tmp_path / "zero.csv"), "--max-pixels", "0", *models]) != 0
+    assert "--max-pixels at least 1" in capsys.readouterr().err

@@ -199,6 +199,9 @@ def test_the_dataframe_api_adds_the_bundles_predictions(spark, folder, tmp_path)
     assert [r["knn_label"] for r in good] == [CLASSES[i] for i in votes.argmax(1)]
     assert [r["knn_neighbours"] for r in good] == neighbours.tolist()
 
+    capped = with_predictions(images.limit(3), MODELS / "cnn", max_pixels=1000).select("label", "error").collect()  # 32 × 32 is 1,024
+    assert all(r["label"] is None and "32×32 is over 1,000 pixels (max_pixels, cifar10 score --max-pixels)" in r["error"] for r in capped)
+
     with pytest.raises(ValueError, match="already has the column"):
         with_predictions(images.withColumnRenamed("length", "label"), MODELS / "cnn")
     with pytest.raises(ValueError, match="must be binary"):
