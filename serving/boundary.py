@@ -33,11 +33,16 @@ import typing
 
 import bentoml
 from bentoml import get_current_service  # once: each `bentoml.` name is looked up by its lazy module (µs a request)
-from bentoml.exceptions import BadInput
+from bentoml.exceptions import BadInput, BentoMLException
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+
+from serving.errors import field_problem
+from serving.uploads import unknown_field
 
 # The BentoML releases these mends were verified against: the test suite passed on each.
 # pyproject.toml pins the same range (tests/test_boundary.py keeps the two equal).
@@ -121,11 +126,6 @@ def apply() -> None:
 
 async def parse_form(request, cls):
     """A multipart form (and the query string's fields) as BentoML's input model `cls`, or a 400 that says what to send."""
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-
-    from serving.uploads import unknown_field
-
     try:
         form = await request.form()  # Starlette's limits: at most 1,000 files and 1,000 fields
     except HTTPException as exc:
@@ -352,9 +352,6 @@ def _media_type(scope) -> bytes:
 def _error(exc: Exception) -> tuple[int, bytes]:
     """The status and body BentoML's endpoint wrapper (ServiceAppFactory.api_endpoint_wrapper) answers `exc` with;
     serving.errors.ErrorAnswers, outside, gives them the service's one shape."""
-    from bentoml.exceptions import BentoMLException
-    from pydantic import ValidationError
-
     unexpected = {"error": "An unexpected error has occurred, please check the server log."}
     if isinstance(exc, ValidationError):
         content: typing.Any = {"error": f"{exc.error_count()} validation error for {exc.title}", "detail": exc.errors(include_context=False, include_input=False)}
@@ -373,11 +370,6 @@ class Refusal(logging.Filter):
     """A client's mistake is one line of the log at INFO, not an ERROR with a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from bentoml.exceptions import BentoMLException
-        from pydantic import ValidationError
-
-        from serving.errors import field_problem
-
         exc = record.exc_info[1] if record.exc_info else None
         # a request BentoML's input model refused; a ValidationError of any other model (an answer the
         # endpoint built) is a fault of the server, whatever status BentoML gives it, and keeps its traceback

@@ -1,12 +1,14 @@
 """serving/boundary.py: the service starts only on a BentoML its mends were verified against, and says what moved."""
 
 import importlib
+import json
 import re
 import subprocess
 import sys
 import tomllib
 
 import pytest
+from bentoml.exceptions import BadInput, BentoMLException
 from packaging.requirements import Requirement
 
 from serving import boundary
@@ -89,6 +91,24 @@ def test_direct_endpoints_answer_the_image_endpoints_forms_and_pass_the_rest_on(
     for path, content_type in [("/topk", "application/json"), ("/topk", "multipart/form-data-x; boundary=b"), ("/models", multipart)]:
         assert asyncio.run(post(path, content_type)).status_code == 299
     assert passed == [("POST", "/topk"), ("POST", "/topk"), ("POST", "/models")]
+
+    sent = []
+
+    async def gone():  # the client left before its form was read: a refusal, not a fault
+        return {"type": "http.disconnect"}
+
+    async def record(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/topk", "query_string": b"", "headers": [(b"content-type", multipart.encode())]}
+    asyncio.run(direct(scope, gone, record))
+    assert sent[0]["status"] == 400 and b"the client disconnected before its form was read" in sent[1]["body"]
+
+    # the answers of BentoML's endpoint wrapper, which ErrorAnswers then gives the service's shape
+    unexpected = {"error": "An unexpected error has occurred, please check the server log."}
+    assert boundary._error(RuntimeError("a bug")) == (500, json.dumps(unexpected).encode())  # no detail of a fault leaks
+    assert boundary._error(BentoMLException("the disk is full")) == (500, json.dumps(unexpected).encode())
+    assert boundary._error(BadInput("k must lie in 1..10")) == (400, json.dumps([{"error": "k must lie in 1..10"}]).encode())
 
     # an endpoint of another shape than the direct path calls is left to BentoML, whatever it is
     classify = CIFAR10.apis["classify"]
